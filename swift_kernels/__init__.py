@@ -1,0 +1,19 @@
+"""swift_kernels: GPU kernels for 2K image-to-video by Conditional Segment-wise Generation (SwiftI2V).
+
+Every op has a plain PyTorch reference, a Triton kernel and, where it pays, a CUDA C++ kernel in the
+compiled extension ``swift_kernels._C``. Importing this package never requires the extension.
+"""
+
+from ._backend import BackendUnavailableError, extension_available
+from .attention import CSGLayout, allowed_pairs, csg_attention, frame_block_attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "CSGLayout",
+    "allowed_pairs",
+    "csg_attention",
+    "extension_available",
+    "frame_block_attention",
+]
