@@ -1,0 +1,377 @@
+"""Public fused DiT elementwise ops: ``adaln_modulate``, ``gated_residual``, ``qk_norm_rope``.
+
+Each op validates its arguments, resolves the backend (``"torch"`` reference or ``"triton"`` kernel; no
+CUDA C++ kernel exists for these yet) and runs through a ``torch.library`` custom op, so that autograd
+works on every backend (analytic fp32 backward formulas from :mod:`.reference`) and ``torch.compile``
+traces the op as one node.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .._backend import resolve_backend
+from . import reference as ref
+
+SUPPORTED_BACKENDS = ("torch", "triton")
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The Triton kernels handle the GPU dtypes; float64 goes through the reference only.
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# validation
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_tensor(name: str, t, ndim: int | tuple[int, ...] | None = None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating tensor (fp16/bf16/fp32/fp64), got {t.dtype}")
+    if ndim is not None:
+        dims = (ndim,) if isinstance(ndim, int) else ndim
+        if t.dim() not in dims:
+            raise ValueError(f"{name} must have {' or '.join(map(str, dims))} dims, got shape {tuple(t.shape)}")
+
+
+def _check_same_device(ref_name: str, ref_t: torch.Tensor, **others) -> None:
+    for name, t in others.items():
+        if t is not None and t.device != ref_t.device:
+            raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref_t.device}")
+
+
+def _check_modulation(name: str, m, x: torch.Tensor) -> None:
+    """A modulation vector is per sample ``[B, 1, C]`` or per token ``[B, L, C]`` for ``x [B, L, C]``."""
+    _check_tensor(name, m, 3)
+    B, L, C = x.shape
+    if m.shape[0] != B or m.shape[2] != C or m.shape[1] not in (1, L):
+        raise ValueError(
+            f"{name} must have shape [{B}, 1, {C}] (per sample) or [{B}, {L}, {C}] (per token), "
+            f"got {tuple(m.shape)}"
+        )
+    if m.shape[-1] > 1 and m.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dim (stride(-1) == 1), got strides {m.stride()}")
+
+
+def _check_x(name: str, x) -> None:
+    _check_tensor(name, x, 3)
+    if x.shape[-1] > 1 and x.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dim (stride(-1) == 1), got strides {x.stride()}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+
+
+def _check_out_dtype(out_dtype) -> None:
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be a floating dtype or None, got {out_dtype!r}")
+
+
+def _check_eps(eps) -> float:
+    if not isinstance(eps, (int, float)) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    return float(eps)
+
+
+def _resolve(backend, device, op, *tensors) -> str:
+    chosen = resolve_backend(backend, device, supported=SUPPORTED_BACKENDS, op=op)
+    if chosen == "triton" and any(t is not None and t.dtype not in TRITON_DTYPES for t in tensors):
+        if backend is None:
+            return "torch"  # automatic choice: float64 falls back to the reference
+        raise TypeError(f"{op}: backend 'triton' supports {TRITON_DTYPES}, got a float64 tensor")
+    return chosen
+
+
+def _triton():
+    from . import triton_kernels
+
+    return triton_kernels
+
+
+# ------------------------------------------------------------------------------------------------
+# torch.library ops
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("swift_kernels::adaln_modulate", mutates_args=())
+def _adaln_modulate_op(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, out_dtype: Optional[torch.dtype], backend: str
+) -> torch.Tensor:
+    if backend == "triton":
+        return _triton().adaln_modulate(x, shift, scale, eps, out_dtype)
+    return ref.adaln_modulate(x, shift, scale, eps, out_dtype).contiguous()
+
+
+@_adaln_modulate_op.register_fake
+def _(x, shift, scale, eps, out_dtype, backend):
+    return torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
+
+
+def _adaln_setup(ctx, inputs, output):
+    x, shift, scale, eps, _, _ = inputs
+    ctx.save_for_backward(x, shift, scale)
+    ctx.eps = eps
+
+
+def _adaln_backward(ctx, grad):
+    x, shift, scale = ctx.saved_tensors
+    dx, dshift, dscale = ref.adaln_modulate_backward(grad, x, shift, scale, ctx.eps)
+    return dx, dshift, dscale, None, None, None
+
+
+_adaln_modulate_op.register_autograd(_adaln_backward, setup_context=_adaln_setup)
+
+
+@torch.library.custom_op("swift_kernels::gated_residual", mutates_args=())
+def _gated_residual_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, backend: str) -> torch.Tensor:
+    if backend == "triton":
+        return _triton().gated_residual(x, y, gate)
+    return ref.gated_residual(x, y, gate).contiguous()
+
+
+@_gated_residual_op.register_fake
+def _(x, y, gate, backend):
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+def _gr_setup(ctx, inputs, output):
+    x, y, gate, _ = inputs
+    ctx.save_for_backward(x, y, gate)
+
+
+def _gr_backward(ctx, grad):
+    x, y, gate = ctx.saved_tensors
+    dx, dy, dgate = ref.gated_residual_backward(grad, x, y, gate)
+    return dx, dy, dgate, None
+
+
+_gated_residual_op.register_autograd(_gr_backward, setup_context=_gr_setup)
+
+
+@torch.library.custom_op("swift_kernels::gated_residual_adaln", mutates_args=())
+def _gated_residual_adaln_op(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    out_dtype: Optional[torch.dtype],
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        return _triton().gated_residual(x, y, gate, shift, scale, eps, out_dtype)
+    new_x, mod = ref.gated_residual_adaln(x, y, gate, shift, scale, eps, out_dtype)
+    return new_x.contiguous(), mod.contiguous()
+
+
+@_gated_residual_adaln_op.register_fake
+def _(x, y, gate, shift, scale, eps, out_dtype, backend):
+    return (
+        torch.empty(x.shape, dtype=x.dtype, device=x.device),
+        torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device),
+    )
+
+
+def _gra_setup(ctx, inputs, output):
+    x, y, gate, shift, scale, eps, _, _ = inputs
+    new_x, _ = output
+    ctx.save_for_backward(x, y, gate, shift, scale, new_x)
+    ctx.eps = eps
+
+
+def _gra_backward(ctx, grad_new_x, grad_mod):
+    x, y, gate, shift, scale, new_x = ctx.saved_tensors
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    g = grad_new_x.to(ct) if grad_new_x is not None else torch.zeros(x.shape, dtype=ct, device=x.device)
+    dshift = dscale = None
+    if grad_mod is not None:
+        # new_x feeds both outputs: the modulated branch adds its input gradient to new_x's gradient
+        dnx, dshift, dscale = ref.adaln_modulate_backward(grad_mod, new_x.to(ct), shift, scale, ctx.eps)
+        g = g + dnx
+    dx, dy, dgate = ref.gated_residual_backward(g, x, y, gate)
+    return dx, dy, dgate, dshift, dscale, None, None, None
+
+
+_gated_residual_adaln_op.register_autograd(_gra_backward, setup_context=_gra_setup)
+
+
+@torch.library.custom_op("swift_kernels::qk_norm_rope", mutates_args=())
+def _qk_norm_rope_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weight_q: torch.Tensor,
+    weight_k: torch.Tensor,
+    freqs: torch.Tensor,
+    eps: float,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        return _triton().qk_norm_rope(q, k, weight_q, weight_k, freqs, eps)
+    return ref.qk_norm_rope(q, k, weight_q, weight_k, freqs, eps)
+
+
+@_qk_norm_rope_op.register_fake
+def _(q, k, weight_q, weight_k, freqs, eps, backend):
+    return (
+        torch.empty(q.shape, dtype=q.dtype, device=q.device),
+        torch.empty(k.shape, dtype=k.dtype, device=k.device),
+    )
+
+
+def _qk_setup(ctx, inputs, output):
+    q, k, wq, wk, freqs, eps, _ = inputs
+    ctx.save_for_backward(q, k, wq, wk, freqs)
+    ctx.eps = eps
+
+
+def _qk_backward(ctx, grad_q, grad_k):
+    q, k, wq, wk, freqs = ctx.saved_tensors
+    dq = dwq = dk = dwk = None
+    if grad_q is not None:
+        dq, dwq = ref.rms_norm_rope_backward(grad_q, q, wq, freqs, ctx.eps)
+    if grad_k is not None:
+        dk, dwk = ref.rms_norm_rope_backward(grad_k, k, wk, freqs, ctx.eps)
+    return dq, dk, dwq, dwk, None, None, None
+
+
+_qk_norm_rope_op.register_autograd(_qk_backward, setup_context=_qk_setup)
+
+
+# ------------------------------------------------------------------------------------------------
+# public API
+# ------------------------------------------------------------------------------------------------
+
+
+def adaln_modulate(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+    *,
+    out_dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """LayerNorm (no affine) + AdaLN modulation in one pass: ``LN(x) * (1 + scale) + shift``.
+
+    Args:
+        x: ``[B, L, C]`` activations (fp16/bf16/fp32; fp64 through the reference), last dim contiguous.
+        shift, scale: ``[B, 1, C]`` (per sample) or ``[B, L, C]`` (per token, Wan2.2), any float dtype,
+            last dim contiguous (strided views such as ``e.chunk(6, dim=1)`` are fine).
+        eps: LayerNorm epsilon.
+        out_dtype: dtype of the result (the GEMM input dtype); default ``x.dtype``.
+        backend: ``None | "torch" | "triton"`` (see :func:`swift_kernels._backend.resolve_backend`).
+
+    Statistics and math are fp32 (the result is rounded once). Differentiable w.r.t. x, shift, scale.
+    Returns a contiguous ``[B, L, C]`` tensor.
+    """
+    _check_x("x", x)
+    _check_modulation("shift", shift, x)
+    _check_modulation("scale", scale, x)
+    _check_same_device("x", x, shift=shift, scale=scale)
+    _check_out_dtype(out_dtype)
+    eps = _check_eps(eps)
+    chosen = _resolve(backend, x.device, "adaln_modulate", x, shift, scale)
+    return _adaln_modulate_op(x, shift, scale, eps, out_dtype, chosen)
+
+
+def gated_residual(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    *,
+    shift: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    out_dtype: torch.dtype | None = None,
+    backend: str | None = None,
+):
+    """Gated residual ``x + gate * y`` (fp32 math, result in ``x.dtype``), optionally fused with AdaLN.
+
+    Args:
+        x: ``[B, L, C]`` residual stream; y: ``[B, L, C]`` branch output (any float dtype).
+        gate: ``[B, 1, C]`` or ``[B, L, C]``.
+        shift, scale: when both are given, the next block's modulation is computed in the same pass.
+        eps, out_dtype: as in :func:`adaln_modulate`.
+
+    Returns ``new_x`` alone, or ``(new_x, adaln_modulate(new_x, shift, scale, eps, out_dtype=out_dtype))``
+    when shift and scale are given; the modulation reads the *rounded* new_x, so the fused result equals
+    the unfused sequence. Differentiable w.r.t. all tensor inputs.
+    """
+    _check_x("x", x)
+    _check_tensor("y", y, 3)
+    if y.shape != x.shape:
+        raise ValueError(f"y must have the shape of x {tuple(x.shape)}, got {tuple(y.shape)}")
+    if y.stride(-1) != 1 and y.shape[-1] > 1:
+        raise ValueError(f"y must have a contiguous last dim (stride(-1) == 1), got strides {y.stride()}")
+    _check_modulation("gate", gate, x)
+    _check_same_device("x", x, y=y, gate=gate, shift=shift, scale=scale)
+    if (shift is None) != (scale is None):
+        raise ValueError("shift and scale must be given together (or neither)")
+    _check_out_dtype(out_dtype)
+    eps = _check_eps(eps)
+    if shift is None:
+        if out_dtype is not None:
+            raise ValueError("out_dtype applies to the fused modulation only; pass shift and scale too")
+        chosen = _resolve(backend, x.device, "gated_residual", x, y, gate)
+        return _gated_residual_op(x, y, gate, chosen)
+    _check_modulation("shift", shift, x)
+    _check_modulation("scale", scale, x)
+    chosen = _resolve(backend, x.device, "gated_residual", x, y, gate, shift, scale)
+    return _gated_residual_adaln_op(x, y, gate, shift, scale, eps, out_dtype, chosen)
+
+
+def qk_norm_rope(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    weight_q: torch.Tensor,
+    weight_k: torch.Tensor,
+    freqs: torch.Tensor,
+    eps: float = 1e-6,
+    *,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm of q and k over the whole hidden width ``H*D`` (across heads, as Wan), then 3D RoPE.
+
+    Args:
+        q, k: ``[B, L, H, D]``, same shape/dtype/device, last dim contiguous; other strides are free (a
+            view of the ``[B, L, H*D]`` projection output is typical).
+        weight_q, weight_k: RMSNorm weights ``[H*D]``.
+        freqs: float32 (cos, sin) table ``[L, D//2, 2]`` or ``[B, L, D//2, 2]`` (see
+            :func:`swift_kernels.dit_ops.rope.rope_table`); pairs are adjacent elements (2i, 2i+1).
+        eps: RMSNorm epsilon.
+
+    Math in fp32; the normalised value is rounded to the input dtype before the weight, as
+    ``WanRMSNorm`` does. Returns ``(q_out, k_out)`` contiguous ``[B, L, H, D]`` in the input dtype.
+    Differentiable w.r.t. q, k and the weights (not freqs). The Triton kernel needs D a power of two.
+    """
+    _check_tensor("q", q, 4)
+    _check_tensor("k", k, 4)
+    if k.shape != q.shape or k.dtype != q.dtype:
+        raise ValueError(f"k must match q in shape and dtype: q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}")
+    B, L, H, D = q.shape
+    if D % 2:
+        raise ValueError(f"head dim of q must be even for RoPE pairs, got {D}")
+    for name, t in (("q", q), ("k", k)):
+        if t.stride(-1) != 1:
+            raise ValueError(f"{name} must have a contiguous last dim (stride(-1) == 1), got strides {t.stride()}")
+    for name, w in (("weight_q", weight_q), ("weight_k", weight_k)):
+        _check_tensor(name, w, 1)
+        if w.shape[0] != H * D:
+            raise ValueError(f"{name} must have shape [{H * D}] (H*D), got {tuple(w.shape)}")
+    _check_tensor("freqs", freqs, (3, 4))
+    if freqs.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"freqs must be float32 (cos, sin) pairs, got {freqs.dtype}")
+    if tuple(freqs.shape[-3:]) != (L, D // 2, 2) or (freqs.dim() == 4 and freqs.shape[0] not in (1, B)):
+        raise ValueError(f"freqs must have shape [{L}, {D // 2}, 2] or [{B}, {L}, {D // 2}, 2], got {tuple(freqs.shape)}")
+    _check_same_device("q", q, k=k, weight_q=weight_q, weight_k=weight_k, freqs=freqs)
+    eps = _check_eps(eps)
+    chosen = _resolve(backend, q.device, "qk_norm_rope", q, k, weight_q, weight_k)
+    if chosen == "triton" and (D & (D - 1)):
+        if backend is None:
+            chosen = "torch"
+        else:
+            raise ValueError(f"qk_norm_rope: backend 'triton' needs a power-of-two head dim, got {D}")
+    return _qk_norm_rope_op(q, k, weight_q, weight_k, freqs, eps, chosen)

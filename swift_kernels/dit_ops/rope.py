@@ -1,0 +1,71 @@
+"""Wan's 3D rotary position table.
+
+A token at patch position (f, h, w) of a grid of ``F x Hh x Ww`` patches (tokens ordered f, h, w
+row-major) rotates the pairs (2i, 2i+1) of each head. The head dim ``d`` is split over time, height and
+width into parts of ``d - 4*(d//6)``, ``2*(d//6)`` and ``2*(d//6)`` dims (44/42/42 for d = 128, as in
+Wan); a part of ``n`` dims has ``n/2`` pairs with angles ``pos * theta ** (-2j/n)``, j = 0..n/2-1. The
+table is computed in float64 and stored as float32 (cos, sin).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+
+def rope_split(head_dim: int) -> tuple[int, int, int]:
+    """Dims of the (t, h, w) parts of a head of ``head_dim`` dims."""
+    part = 2 * (head_dim // 6)
+    return head_dim - 2 * part, part, part
+
+
+def _angles(pos: torch.Tensor, n: int, theta: float) -> torch.Tensor:
+    # [len(pos), n/2] angles in float64
+    inv = 1.0 / torch.pow(torch.tensor(theta, dtype=torch.float64), torch.arange(0, n, 2, dtype=torch.float64) / n)
+    return pos.to(torch.float64)[:, None] * inv[None, :]
+
+
+def rope_table(
+    grid: Sequence[int],
+    head_dim: int,
+    *,
+    frame_positions: Sequence[float] | torch.Tensor | None = None,
+    theta: float = 10000.0,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The (cos, sin) RoPE table of a ``grid = (F, Hh, Ww)`` of patches: float32 ``[F*Hh*Ww, head_dim//2, 2]``.
+
+    ``frame_positions`` (length F) gives the temporal position of each frame; by default ``0..F-1``.
+    CSG windows pass the clip positions of their blocks (e.g. anchor 0, then 5, 6, 7, 8), so a window
+    sees the same relative positions as the whole clip would.
+    """
+    if len(grid) != 3:
+        raise ValueError(f"grid must be (frames, height, width) in patches, got {tuple(grid)}")
+    F, Hh, Ww = (int(g) for g in grid)
+    if min(F, Hh, Ww) < 1:
+        raise ValueError(f"grid sizes must be positive, got {tuple(grid)}")
+    if not isinstance(head_dim, int) or head_dim < 6 or head_dim % 2:
+        raise ValueError(f"head_dim must be an even int >= 6, got {head_dim!r}")
+    if theta <= 0:
+        raise ValueError(f"theta must be positive, got {theta}")
+    if frame_positions is None:
+        tpos = torch.arange(F, dtype=torch.float64)
+    else:
+        tpos = torch.as_tensor(frame_positions, dtype=torch.float64).flatten().cpu()
+        if tpos.numel() != F:
+            raise ValueError(f"frame_positions must have {F} entries (one per frame), got {tpos.numel()}")
+    nt, nh, nw = rope_split(head_dim)
+    at = _angles(tpos, nt, theta)  # [F, nt/2]
+    ah = _angles(torch.arange(Hh), nh, theta)  # [Hh, nh/2]
+    aw = _angles(torch.arange(Ww), nw, theta)  # [Ww, nw/2]
+    ang = torch.cat(
+        (
+            at[:, None, None, :].expand(F, Hh, Ww, -1),
+            ah[None, :, None, :].expand(F, Hh, Ww, -1),
+            aw[None, None, :, :].expand(F, Hh, Ww, -1),
+        ),
+        dim=-1,
+    ).reshape(F * Hh * Ww, head_dim // 2)
+    table = torch.stack((torch.cos(ang), torch.sin(ang)), dim=-1).to(torch.float32)
+    return table.to(device) if device is not None else table
