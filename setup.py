@@ -6,6 +6,11 @@ op then runs on its Triton or PyTorch path.
 
 Environment switches:
     SWIFT_KERNELS_NO_CUDA=1       never build the extension
+    SWIFT_KERNELS_CUDA_ARCHS=...  the GPU architectures to compile for, separated by ';' or ',' (default
+                                  "80;90a": the sm_80 cubin also runs on sm_86/sm_89); entries of
+                                  TORCH_CUDA_ARCH_LIST (e.g. "8.9;9.0a") are added to them
+    SWIFT_KERNELS_NO_BACKWARD=1   leave the attention backward kernels out (a shorter build; the extension
+                                  then has no ``bwd`` and autograd falls back to another backend)
 """
 
 from __future__ import annotations
@@ -51,8 +56,43 @@ def _find_cuda_home() -> str | None:
     return os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
 
 
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0") not in ("", "0")
+
+
+def _cuda_archs() -> list[str]:
+    """Architectures to compile for, as nvcc spells them ("80", "90a").
+
+    SWIFT_KERNELS_CUDA_ARCHS (default "80;90a") plus every entry of TORCH_CUDA_ARCH_LIST ("8.9", "9.0a",
+    "8.6+PTX"; "+PTX" is ignored: we ship cubins only).
+    """
+    archs: list[str] = []
+
+    def add(arch: str) -> None:
+        arch = arch.strip().lower().replace("sm_", "").replace("compute_", "")
+        if arch.endswith("+ptx"):
+            arch = arch[: -len("+ptx")]
+        arch = arch.replace(".", "")
+        if not arch:
+            return
+        if not re.fullmatch(r"\d{2,3}[af]?", arch):
+            raise ValueError(f"unrecognised CUDA architecture {arch!r}")
+        if int(re.sub(r"[af]$", "", arch)) < 80:
+            raise ValueError(f"CUDA architecture {arch!r} is not supported (the kernels need sm_80 or newer)")
+        if arch not in archs:
+            archs.append(arch)
+
+    for arch in re.split(r"[;, ]+", os.environ.get("SWIFT_KERNELS_CUDA_ARCHS", "80;90a")):
+        add(arch)
+    for arch in re.split(r"[;, ]+", os.environ.get("TORCH_CUDA_ARCH_LIST", "")):
+        add(arch)
+    if not archs:
+        raise ValueError("SWIFT_KERNELS_CUDA_ARCHS selects no architecture")
+    return archs
+
+
 def _extension_build():
-    if os.environ.get("SWIFT_KERNELS_NO_CUDA", "0") not in ("", "0"):
+    if _flag("SWIFT_KERNELS_NO_CUDA"):
         _log("SWIFT_KERNELS_NO_CUDA is set: installing without the CUDA extension")
         return [], {}
     sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True))
@@ -75,11 +115,29 @@ def _extension_build():
     os.environ["CUDA_HOME"] = cuda_home  # must precede the import of cpp_extension, which reads it once
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    _log(f"building swift_kernels._C with the CUDA toolkit in {cuda_home}")
+    archs = _cuda_archs()
+    no_backward = _flag("SWIFT_KERNELS_NO_BACKWARD")
+    if no_backward:
+        sources = [src for src in sources if not os.path.basename(src).endswith("_bwd.cu")]
+    _log(
+        f"building swift_kernels._C with the CUDA toolkit in {cuda_home} for sm_{', sm_'.join(archs)}"
+        + (" (no backward)" if no_backward else "")
+    )
+    defines = ["-DSWIFT_KERNELS_NO_BACKWARD"] if no_backward else []
+    # Explicit -gencode flags: torch.utils.cpp_extension then adds none of its own (it would otherwise
+    # compile for every arch of TORCH_CUDA_ARCH_LIST or of the local GPU, which CI does not have).
+    gencode = []
+    for arch in archs:
+        gencode += ["-gencode", f"arch=compute_{arch},code=sm_{arch}"]
     ext = CUDAExtension(
         name="swift_kernels._C",
         sources=sources,
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": ["-O3", "-std=c++17", "-lineinfo"]},
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={
+            # torch's headers need C++20; the .cu files include no torch header and build as C++17.
+            "cxx": ["-O3", "-std=c++20"] + defines,
+            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + defines + gencode,
+        },
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 

@@ -168,3 +168,17 @@ def pytest_terminal_summary(terminalreporter):
             f"{(e['group'] or ''):<28} {info.get('impl', ''):<8} {1e3 * e['stats']['median']:10.3f} ms "
             f"{info['tflops_median']:9.3f} TFLOP/s{share}  {ratios}"
         )
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (skipped without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    # Full-size cases marked `gpu` would try to build 14B-parameter models on a CPU: skip them there.
+    if ON_GPU:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

@@ -14,7 +14,14 @@ import os
 import torch
 
 from .layout import CSGLayout
-from .._backend import ENV_VAR, BackendUnavailableError, backend_unavailable_reason, resolve_backend, warn_once
+from .._backend import (
+    ENV_VAR,
+    BackendUnavailableError,
+    backend_unavailable_reason,
+    extension,
+    resolve_backend,
+    warn_once,
+)
 
 _BACKEND_MODULES = {
     "torch": "swift_kernels.attention.reference",
@@ -113,6 +120,11 @@ def _fba_backward(
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if backend == "cuda" and not getattr(extension(), "HAS_BACKWARD", True):
+        # An extension built with SWIFT_KERNELS_NO_BACKWARD=1 has forward kernels only; every backward
+        # consumes the same (out, natural-log lse) contract, so another backend can take over.
+        backend = "triton" if backend_unavailable_reason("triton", q.device) is None else "torch"
+        warn_once("fba-no-cuda-backward", f"the CUDA extension has no backward kernels; using {backend!r}")
     dq, dk, dv = _backend_module(backend).backward(dout, q, k, v, out, lse, block_mask, block_tokens, scale)
     return dq, dk, dv
 

@@ -1,0 +1,82 @@
+"""The ``"cuda"`` backend of frame-block-sparse attention: the compiled extension ``swift_kernels._C``.
+
+The kernels (``csrc/attention/``) are FlashAttention-2 style ``mma.sync`` kernels for sm_80 and newer
+(Ampere, Ada, and Hopper through the sm_90a build): fp16 and bf16, head_dim 64 and 128, forward and
+backward. A Hopper-specific kernel (TMA + wgmma, warp-specialised) is not written yet.
+
+They are driven by the CSR tile schedule of :mod:`swift_kernels.attention.schedule`, built (and cached)
+here with the tile sizes the extension reports:
+
+* the forward and the dQ kernel walk ``schedule.by_query`` of a schedule with ``_C.tile_sizes(D)``
+  (128-token query tiles, 64-token key tiles);
+* the dK/dV kernel walks ``schedule.by_key`` of a schedule with ``_C.bwd_tile_sizes(D)`` (64-token query
+  tiles, 128-token key tiles), so each CTA owns 128 keys.
+
+Work order: a kernel's grid is (tile, batch * heads) with the tile index fastest, so the CTAs running at
+one time are neighbouring tiles of one head; they read mostly the same key (or query) tiles, and the
+anchor block, which every tile reads, stays in L2.
+
+This module follows the backend contract of :mod:`swift_kernels.attention.api`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .._backend import extension
+from .schedule import get_schedule
+
+SUPPORTED_HEAD_DIMS = (64, 128)
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.Tensor, block_tokens: int) -> None:
+    if q.device.type != "cuda":
+        raise ValueError(f"q must be a CUDA tensor for the cuda backend, got device {q.device}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"q must be float16 or bfloat16 for the cuda backend, got {q.dtype}")
+    if q.dim() != 4 or q.shape[-1] not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(f"q must be [batch, tokens, heads, head_dim] with head_dim in {SUPPORTED_HEAD_DIMS}, got {tuple(q.shape)}")
+    if block_mask.dim() != 2 or block_mask.shape[0] != block_mask.shape[1]:
+        raise ValueError(f"block_mask must be a square [n_blocks, n_blocks] table, got {tuple(block_mask.shape)}")
+    if q.shape[1] != block_mask.shape[0] * block_tokens:
+        raise ValueError(
+            f"q has {q.shape[1]} tokens but block_mask has {block_mask.shape[0]} blocks of {block_tokens} tokens"
+        )
+
+
+def _mask_i8(block_mask: torch.Tensor, device: torch.device) -> torch.Tensor:
+    return block_mask.detach().to(device=device, dtype=torch.int8).contiguous()
+
+
+def forward(q, k, v, block_mask, block_tokens, scale):
+    """Forward: ``(out [B, L, H, D] in q.dtype, lse fp32 [B, H, L])`` (natural-log log-sum-exp)."""
+    _check(q, k, v, block_mask, block_tokens)
+    ext = extension()
+    tile_q, tile_k = ext.tile_sizes(q.shape[-1])
+    sched = get_schedule(block_mask, block_tokens, q.shape[1], tile_q, tile_k, q.device).by_query
+    return ext.fwd(
+        q, k, v, _mask_i8(block_mask, q.device), int(block_tokens), float(scale),
+        sched.indptr, sched.num_full, sched.indices,
+    )
+
+
+def backward(dout, q, k, v, out, lse, block_mask, block_tokens, scale):
+    """Backward: ``(dq, dk, dv)`` in the input dtype; rows with ``lse = -inf`` contribute nothing."""
+    _check(q, k, v, block_mask, block_tokens)
+    ext = extension()
+    if not getattr(ext, "HAS_BACKWARD", False):
+        raise NotImplementedError(
+            "the extension swift_kernels._C was built with SWIFT_KERNELS_NO_BACKWARD=1 and has no backward; "
+            "use backend='triton' or 'torch' for gradients, or rebuild without that flag"
+        )
+    head_dim = q.shape[-1]
+    fq, fk = ext.tile_sizes(head_dim)
+    bq, bk = ext.bwd_tile_sizes(head_dim)
+    by_query = get_schedule(block_mask, block_tokens, q.shape[1], fq, fk, q.device).by_query
+    by_key = get_schedule(block_mask, block_tokens, q.shape[1], bq, bk, q.device).by_key
+    return ext.bwd(
+        dout, q, k, v, out, lse, _mask_i8(block_mask, q.device), int(block_tokens), float(scale),
+        by_query.indptr, by_query.num_full, by_query.indices,
+        by_key.indptr, by_key.num_full, by_key.indices,
+    )

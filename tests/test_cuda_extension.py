@@ -1,0 +1,263 @@
+"""The compiled CUDA extension ``swift_kernels._C`` (frame-block-sparse attention, mma.sync kernels).
+
+On a CPU-only machine: the package imports without the extension, and, when the extension was built
+(CI compiles it), it loads, exposes its ops, and validates arguments before touching a GPU. On a GPU
+(tests marked ``gpu``): forward and backward against the fp32 PyTorch reference with the FlashAttention
+error rule of DESIGN.md, for both dtypes and head dims, blocks that straddle tiles, random masks, query
+rows with no allowed key, batch and heads > 1, misaligned inputs, and bad arguments.
+
+Under the sanitizers, on a GPU:
+    compute-sanitizer --tool memcheck  python -m pytest tests/test_cuda_extension.py -m gpu -x -q
+    compute-sanitizer --tool racecheck python -m pytest tests/test_cuda_extension.py -m gpu -x -q -k "200"
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import swift_kernels
+from swift_kernels._backend import BackendUnavailableError, _extension_import_error, extension, extension_available
+from swift_kernels.attention import reference
+from swift_kernels.attention.schedule import get_schedule
+
+needs_ext = pytest.mark.skipif(
+    not extension_available(), reason=f"swift_kernels._C was not built ({_extension_import_error()})"
+)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CPU side
+
+
+_WITHOUT_EXTENSION = """
+import sys
+sys.modules["swift_kernels._C"] = None  # any import of the extension now fails, as on a CPU-only install
+import torch
+import swift_kernels
+from swift_kernels._backend import BackendUnavailableError, extension
+assert not swift_kernels.extension_available()
+try:
+    extension()
+except BackendUnavailableError:
+    pass
+else:
+    raise AssertionError("extension() did not raise")
+q = torch.randn(1, 8, 1, 64)
+mask = torch.ones(2, 2, dtype=torch.bool)
+try:
+    swift_kernels.frame_block_attention(q, q, q, mask, 4, backend="cuda")
+except BackendUnavailableError:
+    pass
+else:
+    raise AssertionError("backend='cuda' did not raise")
+out = swift_kernels.frame_block_attention(q, q, q, mask, 4)  # the automatic choice still works
+assert out.shape == q.shape
+print("ok")
+"""
+
+
+def test_package_imports_without_extension():
+    """Importing the package and its CPU paths never need the extension (checked in a fresh process in
+    which the extension cannot be imported, whether or not it was built here)."""
+    proc = subprocess.run([sys.executable, "-c", _WITHOUT_EXTENSION], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout + proc.stderr
+
+
+@needs_ext
+def test_extension_exposes_ops():
+    ext = extension()
+    for name in ("fwd", "tile_sizes", "bwd_tile_sizes"):
+        assert callable(getattr(ext, name)), name
+    if ext.HAS_BACKWARD:
+        assert callable(ext.bwd)
+    assert tuple(ext.SUPPORTED_HEAD_DIMS) == (64, 128)
+    for d in (64, 128):
+        tq, tk = ext.tile_sizes(d)
+        bq, bk = ext.bwd_tile_sizes(d)
+        # The kernels assume these exact tiles (8 warps x 16 rows; 64-wide partner tiles).
+        assert (tq, tk) == (128, 64)
+        assert (bq, bk) == (64, 128)
+    with pytest.raises(ValueError, match="head_dim"):
+        ext.tile_sizes(96)
+
+
+@needs_ext
+def test_extension_rejects_cpu_tensors():
+    """Argument checks run before any CUDA call, so they are testable on a CPU."""
+    ext = extension()
+    q = torch.randn(1, 256, 2, 64, dtype=torch.float16)
+    mask = torch.ones(2, 2, dtype=torch.int8)
+    idx = torch.zeros(3, dtype=torch.int32)
+    with pytest.raises(ValueError, match="q must be a CUDA tensor"):
+        ext.fwd(q, q, q, mask, 128, 0.125, idx, idx[:2], idx)
+
+
+@needs_ext
+def test_backend_module_contract():
+    from swift_kernels.attention import cuda_backend
+
+    assert cuda_backend.SUPPORTED_HEAD_DIMS == (64, 128)
+    assert cuda_backend.SUPPORTED_DTYPES == (torch.float16, torch.bfloat16)
+    with pytest.raises(ValueError, match="CUDA"):
+        q = torch.randn(1, 8, 1, 64, dtype=torch.float16)
+        cuda_backend.forward(q, q, q, torch.ones(2, 2, dtype=torch.bool), 4, 0.125)
+
+
+# ---------------------------------------------------------------------------------------------------
+# GPU side
+
+EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
+
+
+def _poison_allocator(nbytes: int) -> None:
+    """Fill the CUDA caching allocator's free memory with NaN, so outputs the kernel fails to write show up.
+
+    The extension allocates its outputs with torch.empty; they reuse these freed, NaN-filled blocks.
+    """
+    junk = torch.full((nbytes // 4 + 1024,), float("nan"), device="cuda")
+    del junk
+
+
+def _random_mask(n: int, gen: torch.Generator, empty_rows: int = 1) -> torch.Tensor:
+    mask = torch.rand(n, n, generator=gen) < 0.55
+    mask |= torch.eye(n, dtype=torch.bool)
+    mask[:, 0] = True  # the anchor
+    for r in torch.randperm(n, generator=gen)[:empty_rows].tolist():
+        mask[r] = False  # a query block with no allowed key
+    return mask
+
+
+def _inputs(batch, blocks, block_tokens, heads, head_dim, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, blocks * block_tokens, heads, head_dim)
+    q, k, v, dout = (torch.randn(shape, generator=gen).to("cuda", dtype) for _ in range(4))
+    return q, k, v, dout, gen
+
+
+def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def _check_rule(name, got, ref32, ref_low, dtype):
+    """DESIGN.md: error <= 2 x PyTorch's own low-precision error + a rounding floor."""
+    err = _max_err(got, ref32)
+    torch_err = _max_err(ref_low, ref32)
+    floor = 4 * EPS[dtype] * max(1.0, ref32.abs().max().item())
+    assert math.isfinite(err), f"{name}: non-finite values"
+    assert err <= 2 * torch_err + floor, f"{name}: error {err:.3e} > 2 x {torch_err:.3e} + {floor:.3e}"
+
+
+CASES = [
+    # (batch, blocks, block_tokens, heads) -- 200 straddles every tile size; 3520 is the 2K frame.
+    pytest.param(2, 5, 200, 3, id="P200-B2-H3"),
+    pytest.param(1, 3, 3520, 2, id="P3520-B1-H2"),
+]
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("batch,blocks,block_tokens,heads", CASES)
+def test_forward_backward_vs_reference(batch, blocks, block_tokens, heads, dtype, head_dim):
+    from swift_kernels.attention import cuda_backend
+
+    q, k, v, dout, gen = _inputs(batch, blocks, block_tokens, heads, head_dim, dtype, seed=blocks * 7 + head_dim)
+    mask = _random_mask(blocks, gen)
+    scale = head_dim**-0.5
+
+    _poison_allocator(8 * q.numel() * 4)
+    out, lse = cuda_backend.forward(q, k, v, mask, block_tokens, scale)
+    ref_out, ref_lse = reference.forward(q.float(), k.float(), v.float(), mask, block_tokens, scale)
+    # PyTorch's own low-precision computation of the same thing (dense, in the input dtype).
+    ql, kl, vl = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    low_out = reference.dense_attention(ql, kl, vl, mask, block_tokens, scale)
+    _check_rule("out", out, ref_out, low_out, dtype)
+
+    assert lse.dtype == torch.float32 and lse.shape == (batch, heads, q.shape[1])
+    empty = ~mask.any(dim=1)
+    row_empty = empty.repeat_interleave(block_tokens).to("cuda")
+    assert torch.isneginf(lse[:, :, row_empty]).all()
+    assert (out[:, row_empty] == 0).all()
+    assert torch.isfinite(lse[:, :, ~row_empty]).all()
+    torch.testing.assert_close(lse[:, :, ~row_empty], ref_lse[:, :, ~row_empty], atol=2e-2, rtol=0)
+
+    if not extension().HAS_BACKWARD:
+        pytest.skip("built with SWIFT_KERNELS_NO_BACKWARD=1")
+    _poison_allocator(8 * q.numel() * 4)
+    dq, dk, dv = cuda_backend.backward(dout, q, k, v, out, lse, mask, block_tokens, scale)
+    rdq, rdk, rdv = reference.backward(
+        dout.float(), q.float(), k.float(), v.float(), ref_out, ref_lse, mask, block_tokens, scale
+    )
+    low_out.backward(dout)
+    for name, got, r32, rlow in (("dq", dq, rdq, ql.grad), ("dk", dk, rdk, kl.grad), ("dv", dv, rdv, vl.grad)):
+        assert got.dtype == dtype and got.shape == q.shape
+        _check_rule(name, got, r32, rlow, dtype)
+    assert (dq[:, row_empty] == 0).all()
+    unseen = ~mask.any(dim=0)  # key blocks nobody attends
+    if unseen.any():
+        col = unseen.repeat_interleave(block_tokens).to("cuda")
+        assert (dk[:, col] == 0).all() and (dv[:, col] == 0).all()
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_public_api_autograd_and_misaligned_inputs():
+    """backend='cuda' through the public op (autograd included), with inputs at odd offsets and strides."""
+    dtype, head_dim, block_tokens, blocks = torch.float16, 64, 96, 4
+    gen = torch.Generator().manual_seed(11)
+    mask = _random_mask(blocks, gen, empty_rows=0)
+    tokens = blocks * block_tokens
+    # Views one element into a larger buffer: only 2-byte aligned, so the extension must copy them; the
+    # gradients flow back into the buffer.
+    n = 2 * tokens * head_dim
+    buf = torch.randn(3 * n + 1, generator=gen).to("cuda", dtype).requires_grad_(True)
+    q, k, v = (buf[1 + i * n : 1 + (i + 1) * n].view(1, tokens, 2, head_dim) for i in range(3))
+    assert q.data_ptr() % 16 != 0
+    out = swift_kernels.frame_block_attention(q, k, v, mask, block_tokens, backend="cuda")
+    refs = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    ref = reference.dense_attention(*refs, mask, block_tokens)
+    assert _max_err(out, ref) < 1e-2
+    dout = torch.randn(out.shape, generator=gen).to("cuda", dtype)
+    out.backward(dout)
+    ref.backward(dout.double())
+    for i, r in enumerate(refs):
+        grad = buf.grad[1 + i * n : 1 + (i + 1) * n].view(r.shape)
+        assert _max_err(grad, r.grad) < 2e-2
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_bad_inputs_raise():
+    ext = extension()
+    block_tokens, blocks = 128, 2
+    q = torch.randn(1, blocks * block_tokens, 2, 64, device="cuda", dtype=torch.float16)
+    mask = torch.ones(blocks, blocks, dtype=torch.bool)
+    sched = get_schedule(mask, block_tokens, q.shape[1], *ext.tile_sizes(64), q.device).by_query
+    m8 = mask.to("cuda", torch.int8)
+    args = (m8, block_tokens, 0.125, sched.indptr, sched.num_full, sched.indices)
+    with pytest.raises(TypeError, match="q must be float16 or bfloat16"):
+        ext.fwd(q.float(), q.float(), q.float(), *args)
+    with pytest.raises(TypeError, match="k must have the dtype"):
+        ext.fwd(q, q.bfloat16(), q, *args)
+    with pytest.raises(ValueError, match="stride"):
+        qt = q.transpose(2, 3).contiguous().transpose(2, 3)
+        ext.fwd(qt, q, q, *args)
+    with pytest.raises(ValueError, match="shape of q"):
+        ext.fwd(q, q[:, :128], q, *args)
+    with pytest.raises(ValueError, match="head_dim"):
+        q96 = torch.randn(1, blocks * block_tokens, 2, 96, device="cuda", dtype=torch.float16)
+        ext.fwd(q96, q96, q96, *args)
+    with pytest.raises(ValueError, match="tokens"):
+        ext.fwd(q, q, q, torch.ones(3, 3, dtype=torch.int8, device="cuda"), *args[1:])
+    with pytest.raises(TypeError, match="mask_i8 must be int8"):
+        ext.fwd(q, q, q, mask.cuda(), *args[1:])
+    with pytest.raises(ValueError, match="q_indptr"):
+        ext.fwd(q, q, q, m8, block_tokens, 0.125, sched.indptr[:-1], sched.num_full, sched.indices)
+    with pytest.raises(TypeError, match="q_indices must be int32"):
+        ext.fwd(q, q, q, m8, block_tokens, 0.125, sched.indptr, sched.num_full, sched.indices.long())
