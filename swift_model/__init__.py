@@ -1,0 +1,58 @@
+"""swift_model: the two-stage SwiftI2V network on swift_kernels.
+
+- The DiT: a Wan2.1/Wan2.2-compatible transformer (``WanDiT``, ``WanDiTConfig``), checkpoint loading in
+  the diffusers and original Wan formats, LoRA merging.
+- The pipeline: Stage I (motion at 360P), the hybrid reference, Stage II by Conditional Segment-wise
+  Generation, the Wan VAEs, the encoders, mp4 output and the ``swift-i2v`` command line.
+
+The pipeline names are imported on first use, so ``import swift_model`` for the DiT alone does not load
+diffusers' VAE code or transformers' encoders.
+"""
+
+import importlib
+
+from .checkpoint import load_dit, load_state_dict, save_dit, to_diffusers_keys, to_wan_keys
+from .config import WanDiTConfig
+from .dit import ContextCache, WanDiT
+from .lora import load_lora, merge_lora
+
+# name -> submodule that defines it (imported lazily, see __getattr__)
+_LAZY = {
+    "SwiftI2VPipeline": "pipeline",
+    "GenerationResult": "pipeline",
+    "CSGPlan": "csg",
+    "CSGWindow": "csg",
+    "run_csg": "csg",
+    "flow_steps": "csg",
+    "WanVAE": "vae",
+    "TextEncoder": "encoders",
+    "ImageEncoder": "encoders",
+    "load_prompt_embeds": "encoders",
+    "save_prompt_embeds": "encoders",
+    "hybrid_reference": "bridge",
+    "read_image": "video",
+    "write_mp4": "video",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "ContextCache",
+    "WanDiT",
+    "WanDiTConfig",
+    "load_dit",
+    "load_lora",
+    "load_state_dict",
+    "merge_lora",
+    "save_dit",
+    "to_diffusers_keys",
+    "to_wan_keys",
+    *sorted(_LAZY),
+]

@@ -1,0 +1,572 @@
+"""A Wan-compatible diffusion transformer (Wan2.1 / Wan2.2) on swift_kernels' fused ops.
+
+The network computes what the original Wan ``WanModel`` and diffusers' ``WanTransformer3DModel`` compute; the
+parameter names are diffusers' (so a diffusers state dict loads as is; :mod:`swift_model.checkpoint` maps the
+original Wan names both ways). What differs is how it runs:
+
+- self-attention goes through :func:`swift_kernels.frame_block_attention` with a block mask (dense by default,
+  a :class:`~swift_kernels.CSGLayout`'s when given), so one CSG window, packed windows or a whole clip with
+  the CSG mask are all one call;
+- RoPE positions of each latent frame come from the caller (a CSG window's blocks keep their clip positions);
+- the elementwise chains are fused: LayerNorm + AdaLN (:func:`~swift_kernels.dit_ops.adaln_modulate`), each
+  gated residual fused with the *next* norm (self-attn residual + cross-attn LayerNorm, cross-attn residual +
+  FFN AdaLN, FFN residual + the next block's AdaLN or the head's), RMSNorm of q/k + 3D RoPE in one pass
+  (:func:`~swift_kernels.dit_ops.qk_norm_rope`);
+- the per-token timestep embedding (Wan2.2 TI2V, CSG windows) is computed once per distinct timestep value;
+- text/image cross-attention keys and values can be computed once (:meth:`WanDiT.precompute_context`) and
+  reused across steps and segments.
+
+Numerics: timestep embedding, modulation and norms in fp32 (as the originals); matmuls in the parameter
+dtype (bf16 on a GPU by default through :meth:`WanDiT.from_pretrained`, fp32 on a CPU).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from swift_kernels import CSGLayout, frame_block_attention
+from swift_kernels.dit_ops import adaln_modulate, gated_residual, qk_norm_rope, rope_table
+
+from .config import WanDiTConfig
+
+# Parameters kept in fp32 whatever the model dtype (diffusers' _keep_in_fp32_modules and the original's fp32
+# autocast regions): the timestep MLP, the modulation tables and the affine LayerNorms.
+FP32_PARAM_PATTERNS = ("condition_embedder.time_embedder.", "condition_embedder.time_proj.", "scale_shift_table",
+                       ".norm2.", "image_embedder.norm1.", "image_embedder.norm2.")
+
+
+def keeps_fp32(name: str) -> bool:
+    """Whether the parameter ``name`` stays fp32 when the model is cast to a low precision."""
+    return any(p in name for p in FP32_PARAM_PATTERNS) or name.startswith("scale_shift_table")
+
+
+# -------------------------------------------------------------------------------------------------------------
+# modules (names follow diffusers' WanTransformer3DModel)
+# -------------------------------------------------------------------------------------------------------------
+
+
+class _RMSNorm(nn.Module):
+    """Wan's RMSNorm across the whole width: ``norm(x.float()).type_as(x) * weight``."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        n = (xf * torch.rsqrt(xf.square().mean(dim=-1, keepdim=True) + self.eps)).type_as(x)
+        return n * self.weight.to(x.dtype)
+
+
+class _LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in fp32, result in the input dtype (diffusers' FP32LayerNorm)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).type_as(x)
+
+
+class _Proj(nn.Module):
+    """``Linear`` followed by GELU (diffusers' ``GELU`` activation module, holding ``proj``)."""
+
+    def __init__(self, dim_in: int, dim_out: int, approximate: str) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out)
+        self.approximate = approximate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x), approximate=self.approximate)
+
+
+class _FeedForward(nn.Module):
+    """``net.0.proj`` -> GELU -> ``net.2`` (index 1 is diffusers' dropout slot)."""
+
+    def __init__(self, dim: int, inner: int, dim_out: int | None = None, approximate: str = "tanh") -> None:
+        super().__init__()
+        self.net = nn.ModuleList([_Proj(dim, inner, approximate), nn.Identity(), nn.Linear(inner, dim_out or dim)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net[2](self.net[0](x))
+
+
+class _Attention(nn.Module):
+    """Projections and q/k norms of one attention (self or cross); the attention itself is in the block."""
+
+    def __init__(self, dim: int, eps: float, added_kv_dim: int | None = None) -> None:
+        super().__init__()
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
+        self.norm_q = _RMSNorm(dim, eps)
+        self.norm_k = _RMSNorm(dim, eps)
+        if added_kv_dim is not None:
+            self.add_k_proj = nn.Linear(added_kv_dim, dim)
+            self.add_v_proj = nn.Linear(added_kv_dim, dim)
+            self.norm_added_k = _RMSNorm(dim, eps)
+        else:
+            self.add_k_proj = self.add_v_proj = self.norm_added_k = None
+
+
+class _Block(nn.Module):
+    def __init__(self, cfg: WanDiTConfig) -> None:
+        super().__init__()
+        d = cfg.dim
+        self.attn1 = _Attention(d, cfg.eps)
+        self.attn2 = _Attention(d, cfg.eps, added_kv_dim=d if cfg.image_dim is not None else None)
+        self.norm2 = _LayerNorm(d, eps=cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else None
+        self.ffn = _FeedForward(d, cfg.ffn_dim, approximate="tanh")
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+
+
+class _TimeEmbedder(nn.Module):
+    def __init__(self, freq_dim: int, dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(freq_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+
+class _TextEmbedder(nn.Module):
+    def __init__(self, text_dim: int, dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(text_dim, dim)
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
+
+
+class _ImageEmbedder(nn.Module):
+    def __init__(self, image_dim: int, dim: int) -> None:
+        super().__init__()
+        self.norm1 = _LayerNorm(image_dim)
+        self.ff = _FeedForward(image_dim, image_dim, dim_out=dim, approximate="none")
+        self.norm2 = _LayerNorm(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm2(self.ff(self.norm1(x)))
+
+
+class _ConditionEmbedder(nn.Module):
+    def __init__(self, cfg: WanDiTConfig) -> None:
+        super().__init__()
+        self.time_embedder = _TimeEmbedder(cfg.freq_dim, cfg.dim)
+        self.time_proj = nn.Linear(cfg.dim, 6 * cfg.dim)
+        self.text_embedder = _TextEmbedder(cfg.text_dim, cfg.dim)
+        self.image_embedder = _ImageEmbedder(cfg.image_dim, cfg.dim) if cfg.image_dim is not None else None
+
+
+# -------------------------------------------------------------------------------------------------------------
+# helpers
+# -------------------------------------------------------------------------------------------------------------
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Wan's timestep embedding ``[cos(t*w), sin(t*w)]``, ``w_i = 10000^(-i/(dim/2))``, computed in float64."""
+    half = dim // 2
+    freqs = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    ang = t.to(torch.float64)[:, None] * freqs[None, :]
+    return torch.cat((torch.cos(ang), torch.sin(ang)), dim=1).float()
+
+
+def _linear32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    return F.linear(x, layer.weight.float(), None if layer.bias is None else layer.bias.float())
+
+
+class _Modulation:
+    """Timestep-dependent modulation: per sample (``inv is None``) or per token through a gather.
+
+    ``e`` is the projected embedding ``[K, 6, dim]`` of the K distinct timestep values (per token) or
+    ``[B, 6, dim]`` (per sample); ``temb`` ``[K or B, dim]``; ``inv`` ``[B, L]`` maps tokens to values.
+    """
+
+    def __init__(self, temb: torch.Tensor, e: torch.Tensor, inv: torch.Tensor | None) -> None:
+        self.temb, self.e, self.inv = temb, e, inv
+
+    def _expand(self, m: torch.Tensor) -> torch.Tensor:
+        # m: [K or B, dim] -> [B, 1, dim] (per sample) or [B, L, dim] (per token)
+        return m[:, None, :] if self.inv is None else m[self.inv]
+
+    def get(self, table: torch.Tensor, j: int) -> torch.Tensor:
+        """``table[0, j] + e[:, j]`` laid out for the fused ops (fp32)."""
+        return self._expand(table[0, j].float() + self.e[:, j])
+
+    def head(self, table: torch.Tensor, j: int) -> torch.Tensor:
+        """The head's shift (j=0) / scale (j=1): ``table[0, j] + temb``."""
+        return self._expand(table[0, j].float() + self.temb)
+
+
+@dataclass
+class ContextCache:
+    """Cross-attention keys/values of every block for one text (and image) conditioning.
+
+    ``kv[i] = (k, v, k_img, v_img)`` with ``k, v`` ``[B, text_len, H, D]`` (``k_img``/``v_img`` ``None``
+    without image tokens). Reusable across steps and CSG segments with the same conditioning.
+    """
+
+    kv: list
+    batch: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+# -------------------------------------------------------------------------------------------------------------
+# the model
+# -------------------------------------------------------------------------------------------------------------
+
+
+class WanDiT(nn.Module):
+    """Wan-class DiT (Wan2.1 T2V/I2V, Wan2.2 I2V/TI2V) running on swift_kernels.
+
+    Args:
+        config: a :class:`WanDiTConfig` (e.g. ``WanDiTConfig.preset("wan2.2-ti2v-5b")``).
+
+    Parameters are created with PyTorch's default initialisation (plus Wan's for the modulation tables);
+    :meth:`reset_parameters` re-draws them (useful after ``to_empty``). Use :meth:`from_pretrained` to load
+    public checkpoints.
+    """
+
+    def __init__(self, config: WanDiTConfig) -> None:
+        super().__init__()
+        if not isinstance(config, WanDiTConfig):
+            raise TypeError(f"config must be a WanDiTConfig, got {type(config).__name__}")
+        self.config = config
+        d = config.dim
+        self.patch_embedding = nn.Conv3d(config.in_channels, d, kernel_size=config.patch_size, stride=config.patch_size)
+        self.condition_embedder = _ConditionEmbedder(config)
+        self.blocks = nn.ModuleList([_Block(config) for _ in range(config.num_layers)])
+        self.proj_out = nn.Linear(d, config.out_channels * math.prod(config.patch_size))
+        self.scale_shift_table = nn.Parameter(torch.randn(1, 2, d) / d**0.5)
+        self._rope_cache: dict[Any, torch.Tensor] = {}
+
+    # -- bookkeeping ----------------------------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the matmuls (that of the projection weights)."""
+        return self.proj_out.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.proj_out.weight.device
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> "WanDiT":
+        """Re-draw every parameter in place (works on any device, e.g. after ``to_empty``).
+
+        Linear/conv weights ~ N(0, 1/fan_in) (so activations keep unit scale through random blocks), biases
+        small, norm weights 1 (LayerNorm biases 0), modulation tables N(0, 1/dim) as in Wan.
+        """
+        def randn(p):
+            # draw on the parameter's own device unless a (CPU) generator asks for reproducibility
+            if generator is None:
+                return torch.randn(p.shape, device=p.device, dtype=p.dtype)
+            return torch.randn(p.shape, generator=generator, device=generator.device).to(p)
+
+        for name, p in self.named_parameters():
+            if name.endswith("scale_shift_table"):
+                p.copy_(randn(p) / self.config.dim**0.5)
+            elif p.dim() >= 2:
+                p.copy_(randn(p) / p[0].numel() ** 0.5)
+            elif ".norm" in name or "norm_" in name:
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                p.copy_(randn(p) * 0.02)
+        return self
+
+    def to_dtype(self, dtype: torch.dtype) -> "WanDiT":
+        """Cast the parameters to ``dtype`` except those kept in fp32 (timestep MLP, modulation, LayerNorms)."""
+        for name, p in self.named_parameters():
+            target = torch.float32 if keeps_fp32(name) else dtype
+            if p.dtype != target:
+                p.data = p.data.to(target)
+        self._rope_cache.clear()
+        return self
+
+    # -- conditioning ---------------------------------------------------------------------------------
+
+    def _embed_text(self, context, batch: int) -> torch.Tensor:
+        cfg = self.config
+        if isinstance(context, (list, tuple)):  # one [L_i, text_dim] tensor per sample (the original's form)
+            context = torch.stack([self._pad_text(c, f"context[{i}]") for i, c in enumerate(context)])
+        else:
+            if not isinstance(context, torch.Tensor):
+                raise TypeError(f"context must be a tensor [B, L_text, {cfg.text_dim}] or a list, got {type(context).__name__}")
+            if context.dim() == 2:
+                context = context.unsqueeze(0)
+            if context.dim() != 3 or context.shape[-1] != cfg.text_dim:
+                raise ValueError(f"context must be [B, L_text, {cfg.text_dim}], got {tuple(context.shape)}")
+            context = torch.stack([self._pad_text(c, "context") for c in context])
+        if context.shape[0] not in (1, batch):
+            raise ValueError(f"context batch ({context.shape[0]}) must be 1 or the latents' batch ({batch})")
+        return self.condition_embedder.text_embedder(context.to(self.device, self.dtype))
+
+    def _pad_text(self, c: torch.Tensor, name: str) -> torch.Tensor:
+        cfg = self.config
+        if not isinstance(c, torch.Tensor) or c.dim() != 2 or c.shape[-1] != cfg.text_dim:
+            raise ValueError(f"{name} must be [L_text, {cfg.text_dim}] per sample, got {getattr(c, 'shape', type(c))}")
+        c = c[: cfg.text_len]
+        if c.shape[0] < cfg.text_len:  # zero padding, as the original (the padding still goes through the MLP)
+            c = torch.cat((c, c.new_zeros(cfg.text_len - c.shape[0], c.shape[1])))
+        return c
+
+    @torch.no_grad()
+    def precompute_context(self, context, clip_fea: torch.Tensor | None = None, *, batch: int | None = None) -> ContextCache:
+        """Cross-attention keys/values of every block for ``context`` (and ``clip_fea``), to pass as
+        ``forward(..., context_cache=...)``: saves the text MLP and 2-4 projections per block and step.
+
+        Args:
+            context: ``[B, L_text, text_dim]`` text embeddings (padded/truncated to ``text_len``).
+            clip_fea: ``[B, 257, image_dim]`` CLIP image tokens, required by Wan2.1-I2V-class models.
+        """
+        B = batch if batch is not None else (len(context) if isinstance(context, (list, tuple)) else
+                                            (context.shape[0] if isinstance(context, torch.Tensor) and context.dim() == 3 else 1))
+        return self._context_kv(context, clip_fea, B)
+
+    def _context_kv(self, context, clip_fea, batch: int) -> ContextCache:
+        cfg = self.config
+        H, D = cfg.num_heads, cfg.head_dim
+        ctx = self._embed_text(context, batch)
+        img = None
+        if cfg.image_dim is not None:
+            if clip_fea is None:
+                raise ValueError(f"this model ({cfg.name}) needs clip_fea [B, {cfg.image_len}, {cfg.image_dim}] (CLIP image tokens)")
+            if not isinstance(clip_fea, torch.Tensor) or clip_fea.dim() != 3 or clip_fea.shape[-1] != cfg.image_dim:
+                raise ValueError(f"clip_fea must be [B, N, {cfg.image_dim}], got {getattr(clip_fea, 'shape', type(clip_fea))}")
+            if clip_fea.shape[0] not in (1, batch):
+                raise ValueError(f"clip_fea batch ({clip_fea.shape[0]}) must be 1 or {batch}")
+            img = self.condition_embedder.image_embedder(clip_fea.to(self.device, self.dtype))
+        elif clip_fea is not None:
+            raise ValueError(f"this model ({cfg.name}) takes no CLIP image tokens; pass clip_fea=None")
+        kv = []
+        for blk in self.blocks:
+            a = blk.attn2
+            k = a.norm_k(a.to_k(ctx)).unflatten(-1, (H, D))
+            v = a.to_v(ctx).unflatten(-1, (H, D))
+            ki = vi = None
+            if img is not None:
+                ki = a.norm_added_k(a.add_k_proj(img)).unflatten(-1, (H, D))
+                vi = a.add_v_proj(img).unflatten(-1, (H, D))
+            kv.append((k, v, ki, vi))
+        return ContextCache(kv=kv, batch=ctx.shape[0], dtype=self.dtype, device=self.device)
+
+    def _time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(temb [N, dim], e [N, 6, dim]) of timesteps ``t`` [N], fp32."""
+        ce = self.condition_embedder
+        s = sinusoidal_embedding(t, self.config.freq_dim)
+        temb = _linear32(ce.time_embedder.linear_2, F.silu(_linear32(ce.time_embedder.linear_1, s)))
+        e = _linear32(ce.time_proj, F.silu(temb)).unflatten(1, (6, self.config.dim))
+        return temb, e
+
+    def _modulation(self, timestep, B: int, F_: int, P: int, device) -> _Modulation:
+        L = F_ * P
+        t = torch.as_tensor(timestep, device=device)
+        if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
+            raise TypeError(f"timestep must be a float or integer tensor, got {t.dtype}")
+        if t.dim() == 0:
+            t = t.expand(B)
+        if t.dim() == 1:
+            if t.shape[0] == 1:
+                t = t.expand(B)
+            if t.shape[0] != B:
+                raise ValueError(f"timestep [B] must have B={B} entries, got {tuple(t.shape)}")
+            temb, e = self._time(t)
+            return _Modulation(temb, e, None)
+        if t.dim() != 2 or t.shape[0] not in (1, B) or t.shape[1] not in (L, F_):
+            raise ValueError(f"timestep must be [B], [B, L] (L={L} tokens) or [B, F] (F={F_} frames), got {tuple(t.shape)}")
+        if t.shape[1] != L:  # per frame -> per token
+            t = t[:, :, None].expand(t.shape[0], F_, P).reshape(t.shape[0], L)
+        t = t.expand(B, L)
+        # Per-token timesteps take few distinct values (0 for conditioning tokens, the step's t otherwise):
+        # embed each value once and gather, instead of running the MLPs on every token.
+        uniq, inv = torch.unique(t, return_inverse=True)
+        temb, e = self._time(uniq)
+        if uniq.numel() == 1:  # one value everywhere: the cheaper per-sample layout, same numbers
+            return _Modulation(temb.expand(B, -1), e.expand(B, -1, -1), None)
+        return _Modulation(temb, e, inv)
+
+    def _rope(self, grid: tuple[int, int, int], positions: torch.Tensor | None, device) -> torch.Tensor:
+        key = (grid, None if positions is None else tuple(positions.tolist()), str(device))
+        tab = self._rope_cache.get(key)
+        if tab is None:
+            tab = rope_table(grid, self.config.head_dim, frame_positions=positions, theta=self.config.rope_theta, device=device)
+            if len(self._rope_cache) > 64:
+                self._rope_cache.clear()
+            self._rope_cache[key] = tab
+        return tab
+
+    # -- forward ---------------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timestep,
+        context=None,
+        clip_fea: torch.Tensor | None = None,
+        *,
+        layout: CSGLayout | None = None,
+        block_mask: torch.Tensor | None = None,
+        block_tokens: int | None = None,
+        frame_positions: Sequence[int] | torch.Tensor | None = None,
+        context_cache: ContextCache | None = None,
+        attention_backend: str | None = None,
+    ) -> torch.Tensor:
+        """Velocity prediction for ``latents``.
+
+        Args:
+            latents: ``[B, C_in, F, H, W]`` (H, W multiples of the patch). With a layout, F is the number of
+                blocks of the layout's sequence (one block = one latent frame).
+            timestep: ``[B]`` (per sample), ``[B, L]`` (per token, ``L = F*H*W/4``, Wan2.2 TI2V / CSG) or
+                ``[B, F]`` (per latent frame), float or int; a scalar is broadcast.
+            context: ``[B, L_text, text_dim]`` text embeddings (or a list of ``[L_i, text_dim]``), padded with
+                zeros / truncated to ``text_len``. Not needed with ``context_cache``.
+            clip_fea: ``[B, 257, image_dim]`` CLIP image tokens (Wan2.1 I2V class only).
+            layout: a :class:`~swift_kernels.CSGLayout`: its ``block_mask`` drives the self-attention and its
+                ``block_ids`` are the RoPE frame positions.
+            block_mask, block_tokens: a raw block mask instead of a layout (``block_tokens`` defaults to the
+                tokens of one latent frame).
+            frame_positions: ``[F]`` RoPE frame index of each latent frame (default ``arange(F)``, or
+                ``layout.block_ids``).
+            context_cache: the result of :meth:`precompute_context`.
+            attention_backend: forwarded to :func:`~swift_kernels.frame_block_attention`.
+
+        Returns:
+            ``[B, C_out, F, H, W]`` in ``latents.dtype``.
+        """
+        cfg = self.config
+        if not isinstance(latents, torch.Tensor):
+            raise TypeError(f"latents must be a torch.Tensor, got {type(latents).__name__}")
+        if latents.dim() != 5:
+            raise ValueError(f"latents must be [B, C, F, H, W], got shape {tuple(latents.shape)}")
+        if not latents.is_floating_point():
+            raise TypeError(f"latents must be a floating-point tensor, got {latents.dtype}")
+        B, C, Fr, Hl, Wl = latents.shape
+        if C != cfg.in_channels:
+            raise ValueError(f"latents must have {cfg.in_channels} channels (config.in_channels), got {C}")
+        pt, ph, pw = cfg.patch_size
+        if Fr % pt or Hl % ph or Wl % pw:
+            raise ValueError(f"latents' (F, H, W) = {(Fr, Hl, Wl)} must be multiples of the patch {cfg.patch_size}")
+        Fp, Hp, Wp = Fr // pt, Hl // ph, Wl // pw
+        P = Hp * Wp
+        L = Fp * P
+        H, D = cfg.num_heads, cfg.head_dim
+        device, dtype = self.device, self.dtype
+        if latents.device != device:
+            raise ValueError(f"latents are on {latents.device} but the model is on {device}")
+
+        # -- attention layout and RoPE positions
+        if layout is not None:
+            if not isinstance(layout, CSGLayout):
+                raise TypeError(f"layout must be a CSGLayout, got {type(layout).__name__}")
+            if block_mask is not None or block_tokens is not None:
+                raise ValueError("pass either layout or block_mask/block_tokens, not both")
+            if layout.num_seq_blocks != Fp or layout.block_tokens != P:
+                raise ValueError(
+                    f"layout lays out {layout.num_seq_blocks} blocks of {layout.block_tokens} tokens, but the latents "
+                    f"have {Fp} latent frames of {P} tokens"
+                )
+            mask, btok = layout.block_mask, P
+            if frame_positions is None:
+                frame_positions = layout.block_ids
+        elif block_mask is not None:
+            btok = P if block_tokens is None else block_tokens
+            mask = block_mask
+        else:
+            if block_tokens is not None:
+                raise ValueError("block_tokens needs a block_mask")
+            mask, btok = torch.ones(1, 1, dtype=torch.bool), L
+        pos = None
+        if frame_positions is not None:
+            pos = torch.as_tensor(frame_positions).flatten().cpu()
+            if pos.numel() != Fp:
+                raise ValueError(f"frame_positions must have {Fp} entries (one per latent frame), got {pos.numel()}")
+        freqs = self._rope((Fp, Hp, Wp), pos, device)
+
+        # -- conditioning
+        if context_cache is None:
+            if context is None:
+                raise ValueError("context (text embeddings) is required unless context_cache is given")
+            context_cache = self._context_kv(context, clip_fea, B)
+        elif not isinstance(context_cache, ContextCache):
+            raise TypeError(f"context_cache must come from precompute_context, got {type(context_cache).__name__}")
+        elif context_cache.batch not in (1, B):
+            raise ValueError(f"context_cache was built for batch {context_cache.batch}, latents have batch {B}")
+        mod = self._modulation(timestep, B, Fp, P, device)
+
+        # -- patch embedding: [B, C, F, H, W] -> [B, L, dim]
+        x = self.patch_embedding(latents.to(dtype)).flatten(2).transpose(1, 2).contiguous()
+
+        eps = cfg.eps
+        ones = torch.ones(B, 1, cfg.dim, device=device, dtype=torch.float32)
+        blocks = list(self.blocks)
+        xm = adaln_modulate(x, mod.get(blocks[0].scale_shift_table, 0), mod.get(blocks[0].scale_shift_table, 1), eps)
+        for i, blk in enumerate(blocks):
+            table = blk.scale_shift_table
+            # self-attention
+            a1 = blk.attn1
+            q = a1.to_q(xm).view(B, L, H, D)
+            k = a1.to_k(xm).view(B, L, H, D)
+            v = a1.to_v(xm).view(B, L, H, D)
+            q, k = qk_norm_rope(q, k, a1.norm_q.weight, a1.norm_k.weight, freqs, eps)
+            o = frame_block_attention(q, k, v, mask, btok, backend=attention_backend)
+            y = a1.to_out[0](o.reshape(B, L, cfg.dim))
+            gate = mod.get(table, 2)
+            if blk.norm2 is not None:
+                # LN(x)*w + b written as an AdaLN with scale = w - 1, shift = b, fused into the residual pass.
+                w = (blk.norm2.weight.float() - 1.0).expand(B, 1, cfg.dim)
+                b = blk.norm2.bias.float().expand(B, 1, cfg.dim)
+                x, xn = gated_residual(x, y, gate, shift=b, scale=w, eps=blk.norm2.eps)
+            else:
+                x = gated_residual(x, y, gate)
+                xn = x
+            # cross-attention
+            a2 = blk.attn2
+            kc, vc, ki, vi = context_cache.kv[i]
+            q = a2.norm_q(a2.to_q(xn)).view(B, L, H, D).transpose(1, 2)
+            o = F.scaled_dot_product_attention(q, kc.transpose(1, 2).expand(B, -1, -1, -1),
+                                               vc.transpose(1, 2).expand(B, -1, -1, -1))
+            if ki is not None:
+                o = o + F.scaled_dot_product_attention(q, ki.transpose(1, 2).expand(B, -1, -1, -1),
+                                                       vi.transpose(1, 2).expand(B, -1, -1, -1))
+            y = a2.to_out[0](o.transpose(1, 2).reshape(B, L, cfg.dim))
+            x, xm = gated_residual(x, y, ones, shift=mod.get(table, 3), scale=mod.get(table, 4), eps=eps)
+            # feed-forward; its residual is fused with the next block's (or the head's) AdaLN
+            y = blk.ffn(xm)
+            if i + 1 < len(blocks):
+                nt = blocks[i + 1].scale_shift_table
+                x, xm = gated_residual(x, y, mod.get(table, 5), shift=mod.get(nt, 0), scale=mod.get(nt, 1), eps=eps)
+            else:
+                x, xm = gated_residual(x, y, mod.get(table, 5), shift=mod.head(self.scale_shift_table, 0),
+                                       scale=mod.head(self.scale_shift_table, 1), eps=eps)
+        out = self.proj_out(xm)
+        # unpatchify: features are ordered (pt, ph, pw, c)
+        out = out.view(B, Fp, Hp, Wp, pt, ph, pw, cfg.out_channels).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return out.reshape(B, cfg.out_channels, Fr, Hl, Wl).to(latents.dtype)
+
+    # -- loading ---------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        lora=None,
+        lora_scale: float = 1.0,
+        config: WanDiTConfig | None = None,
+        extra_in_channels: int = 0,
+    ) -> "WanDiT":
+        """Load a public checkpoint (see :func:`swift_model.checkpoint.load_dit`)."""
+        from .checkpoint import load_dit
+
+        return load_dit(path, device=device, dtype=dtype, lora=lora, lora_scale=lora_scale, config=config,
+                        extra_in_channels=extra_in_channels)
