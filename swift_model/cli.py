@@ -1,0 +1,159 @@
+"""The ``swift-i2v`` command line: ``generate`` (real checkpoints) and ``demo`` (tiny random weights, CPU).
+
+Bad input gets a one-line ``error: ...`` on stderr and exit status 2, never a traceback, and never a
+half-written mp4 (the video is written to a temporary file and renamed when complete).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+DEMO_TEXT = ("swift-i2v demo: the whole two-stage pipeline on TINY RANDOM-WEIGHT models on the CPU. "
+             "The weights are random, so the video is noise-like: this shows the machinery runs, not quality.")
+
+
+def _add_common(p: argparse.ArgumentParser, *, frames: int, width: int, height: int) -> None:
+    p.add_argument("--out", required=True, help="output .mp4 path")
+    p.add_argument("--frames", type=int, default=frames, help=f"frame count, 4k+1 (default {frames})")
+    p.add_argument("--width", type=int, default=width, help=f"output width (default {width})")
+    p.add_argument("--height", type=int, default=height, help=f"output height (default {height})")
+    p.add_argument("--steps", type=int, default=4, help="sampling steps per stage (default 4)")
+    p.add_argument("--shift", type=float, default=5.0, help="flow-matching timestep shift (default 5)")
+    p.add_argument("--segment-blocks", type=int, default=2, help="M: latent frames per CSG segment (default 2)")
+    p.add_argument("--neighbors", default="1,0", help="NL,NR: clean neighbour blocks left,right (default 1,0)")
+    p.add_argument("--joint", action="store_true", help="denoise all segments at once (clip-mode attention)")
+    p.add_argument("--start-sigma", type=float, default=0.6, help="start noise level of the refine kind (default 0.6)")
+    p.add_argument("--step-mode", choices=("renoise", "euler"), default="renoise")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fps", type=int, default=16)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--report", default=None, help="also write the timing/memory summary as JSON to this file")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--guidance", type=float, default=None,
+                   help="classifier-free guidance scale in both stages (default: off; 1 is off; costs a second "
+                        "DiT call per step)")
+    p.add_argument("--negative-prompt", default="", help="negative prompt of the guidance (default: empty)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swift-i2v", description="High-resolution image-to-video by SwiftI2V "
+                                     "(two stages, Conditional Segment-wise Generation).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    g = sub.add_parser("generate", help="generate a video from an image and a prompt with real checkpoints")
+    g.add_argument("--image", required=True, help="input image (any format Pillow reads)")
+    g.add_argument("--prompt", default=None, help="text prompt (needs the text encoder)")
+    g.add_argument("--prompt-embeds", default=None, help="precomputed prompt embeddings (.safetensors, tensor "
+                   "'prompt_embeds'), instead of running the text encoder")
+    g.add_argument("--negative-prompt-embeds", default=None,
+                   help="precomputed negative prompt embeddings (.safetensors) for --guidance without the text encoder")
+    g.add_argument("--stage1", default=None, help="Stage I checkpoint folder (Wan2.1-I2V-14B class)")
+    g.add_argument("--stage1-lora", default=None, help="LoRA merged into Stage I (e.g. 4-step distillation)")
+    g.add_argument("--lora-scale", type=float, default=1.0)
+    g.add_argument("--stage2", default=None, help="Stage II checkpoint folder (Wan2.2-TI2V-5B class)")
+    g.add_argument("--stage2-kind", choices=("swift", "refine"), default="refine")
+    g.add_argument("--text-encoder", default=None, help="UMT5 folder (default: the Stage I folder)")
+    g.add_argument("--offload", action="store_true", help="keep the stage not in use on the CPU")
+    g.add_argument("--tiny", action="store_true", help="use the tiny random-weight models (no checkpoints)")
+    _add_common(g, frames=81, width=2560, height=1408)
+    d = sub.add_parser("demo", help="run the whole pipeline on tiny random-weight models on the CPU")
+    d.add_argument("--image", default=None, help="input image (default: a generated test pattern)")
+    d.add_argument("--prompt", default="a red fox running through fresh snow, cinematic")
+    d.add_argument("--stage2-kind", choices=("swift", "refine"), default="swift")
+    _add_common(d, frames=17, width=256, height=128)
+    d.set_defaults(out="swift-i2v-demo.mp4")
+    for action in d._actions:
+        if action.dest == "out":
+            action.required = False
+            action.help = "output .mp4 path (default swift-i2v-demo.mp4)"
+    return parser
+
+
+def _demo_image(width: int, height: int):
+    """A smooth synthetic test picture (gradients and a disc), so the demo needs no input file."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    r = 255 * x / max(1, width - 1)
+    g = 255 * y / max(1, height - 1)
+    disc = ((x - width * 0.6) ** 2 + (y - height * 0.5) ** 2) < (min(width, height) * 0.25) ** 2
+    b = np.where(disc, 230, 60)
+    return Image.fromarray(np.stack([r, g, b], -1).astype(np.uint8))
+
+
+def _summary(result) -> str:
+    s = result.seconds
+    parts = ", ".join(f"{k} {v:.2f}s" for k, v in s.items() if k != "total")
+    return (f"done: {result.output} ({result.info['frames']} frames, {result.info['width']}x{result.info['height']}); "
+            f"total {s['total']:.2f}s ({parts}); peak memory {result.peak_memory_bytes / 2**30:.2f} GiB "
+            f"on {result.info['device']}")
+
+
+def _run(args) -> int:
+    import torch
+
+    from .pipeline import SwiftI2VPipeline
+    from .video import check_output_path, read_image
+
+    out = check_output_path(args.out)
+    if args.report is not None:
+        folder = os.path.dirname(os.path.abspath(args.report)) or "."
+        if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+            raise ValueError(f"cannot write the report to {args.report}")
+    if args.device is not None and args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise ValueError(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda asked for, but no CUDA GPU is available")
+    if args.guidance is not None and not args.guidance > 0:
+        raise ValueError(f"--guidance must be > 0, got {args.guidance}")
+    demo = args.command == "demo"
+    device = args.device or ("cpu" if demo else None)
+    image = read_image(args.image) if args.image else _demo_image(args.width, args.height)
+
+    if demo or args.tiny:
+        print(DEMO_TEXT if demo else "swift-i2v: using the tiny RANDOM-WEIGHT models (--tiny).", file=sys.stderr)
+        pipe = SwiftI2VPipeline.tiny(seed=0, stage2_kind=args.stage2_kind, device=device)
+    else:
+        if not args.stage1 or not args.stage2:
+            raise ValueError("generate needs --stage1 and --stage2 checkpoint folders (or --tiny)")
+        if args.prompt is None and args.prompt_embeds is None:
+            raise ValueError("generate needs --prompt or --prompt-embeds")
+        pipe = SwiftI2VPipeline.from_pretrained(
+            args.stage1, args.stage2, stage1_lora=args.stage1_lora, lora_scale=args.lora_scale,
+            stage2_kind=args.stage2_kind, text_encoder=args.text_encoder,
+            load_text_encoder=args.prompt_embeds is None, device=device, offload=args.offload)
+    pipe.check_inputs(args.frames, args.width, args.height)
+    result = pipe.generate(
+        image, getattr(args, "prompt", None), prompt_embeds=getattr(args, "prompt_embeds", None), frames=args.frames,
+        width=args.width, height=args.height, steps=args.steps, shift=args.shift, segment_blocks=args.segment_blocks,
+        neighbors=args.neighbors, joint=args.joint, start_sigma=args.start_sigma, seed=args.seed,
+        step_mode=args.step_mode, output=out, fps=args.fps, progress=not args.quiet, free_text_encoder=True,
+        guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
+        negative_prompt_embeds=getattr(args, "negative_prompt_embeds", None))
+    print(_summary(result))
+    if args.report is not None:
+        with open(args.report, "w") as f:
+            json.dump(result.report(), f, indent=2)
+    return 0
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``swift-i2v`` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, FileNotFoundError, PermissionError, IsADirectoryError, OSError) as exc:
+        msg = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,444 @@
+"""SwiftI2VPipeline: image + prompt -> high-resolution video by the two-stage SwiftI2V method.
+
+1. Stage I (motion): a large I2V DiT samples the whole clip at a quarter of the output size per side.
+2. Bridge: decode, bicubic upsample, frame 0 := full-resolution image, encode with the Stage II VAE (``z_ref``).
+3. Stage II (detail): a small DiT generates the full-size latents segment by segment (CSG, :mod:`.csg`).
+4. Decode with the Stage II VAE, streaming in time and tiled in space; write the mp4 atomically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import resource
+import sys
+import time
+
+import torch
+
+from .bridge import hybrid_reference
+from .csg import CSGPlan, STAGE2_KINDS, flow_steps, flow_update, gaussian, parse_neighbors, run_csg
+from .encoders import ImageEncoder, TextEncoder, load_prompt_embeds
+from .vae import WanVAE
+from .video import image_to_tensor, read_image, write_mp4
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    """What :meth:`SwiftI2VPipeline.generate` returns."""
+
+    frames: torch.Tensor | None  # uint8 [F, H, W, 3] on the CPU (None when streamed to ``output``)
+    output: str | None  # the mp4 written, if any
+    latents: torch.Tensor  # Stage II latents [1, C, T, h, w]
+    seconds: dict  # seconds per stage and "total"
+    peak_memory_bytes: int  # peak device memory (CUDA) or peak process RSS (CPU)
+    info: dict  # sizes, plan, settings
+
+    def report(self) -> dict:
+        """A JSON-serialisable summary."""
+        return dict(output=self.output, seconds=self.seconds, peak_memory_bytes=self.peak_memory_bytes,
+                    peak_memory_gib=self.peak_memory_bytes / 2**30, **self.info)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(kib * (1 if sys.platform == "darwin" else 1024))
+
+
+def _tqdm(enabled: bool, **kw):
+    from tqdm.auto import tqdm
+
+    return tqdm(disable=not enabled, dynamic_ncols=True, **kw)
+
+
+class SwiftI2VPipeline:
+    """The two-stage image-to-video pipeline.
+
+    Args:
+        stage1: the Stage I ``WanDiT`` (Wan2.1-I2V style, input ``2*z + 4`` channels: latents, mask and image
+            latents; or Wan2.2-TI2V style, input ``z`` channels with the image latent as frame 0).
+        stage2: the Stage II ``WanDiT`` (input ``2*z2`` channels for ``stage2_kind="swift"``: latents
+            concatenated with ``z_ref``; ``z2`` channels for ``"refine"``).
+        vae1, vae2: the :class:`~swift_model.vae.WanVAE` of each stage.
+        text_encoder: a :class:`~swift_model.encoders.TextEncoder` (optional when prompt embeddings are given).
+        image_encoder: a CLIP :class:`~swift_model.encoders.ImageEncoder` for Stage I DiTs with image tokens.
+        stage2_kind: ``"swift"`` or ``"refine"``.
+        device: where the models run (default: CUDA when available, else CPU).
+        offload: keep the stage not in use (and the encoders) on the CPU.
+        random_weights: a flag carried into reports (the tiny demo models).
+    """
+
+    def __init__(self, stage1, stage2, vae1: WanVAE, vae2: WanVAE, text_encoder: TextEncoder | None = None,
+                 image_encoder: ImageEncoder | None = None, *, stage2_kind: str = "swift", device=None,
+                 offload: bool = False, random_weights: bool = False) -> None:
+        if stage2_kind not in STAGE2_KINDS:
+            raise ValueError(f"stage2_kind must be one of {STAGE2_KINDS}, got {stage2_kind!r}")
+        self.stage1, self.stage2 = stage1.eval(), stage2.eval()
+        self.vae1, self.vae2 = vae1, vae2
+        self.text_encoder, self.image_encoder = text_encoder, image_encoder
+        self.stage2_kind = stage2_kind
+        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.offload = offload
+        self.random_weights = random_weights
+        self._check_models()
+        if not offload:
+            for m in self._modules():
+                m.to(self.device)
+
+    # -- construction ---------------------------------------------------------------------------------
+
+    def _modules(self):
+        mods = [self.stage1, self.stage2, self.vae1.model, self.vae2.model]
+        if self.text_encoder is not None:
+            mods.append(self.text_encoder.model)
+        if self.image_encoder is not None:
+            mods.append(self.image_encoder.model)
+        return mods
+
+    def _check_models(self) -> None:
+        c1, c2 = self.stage1.config, self.stage2.config
+        z1, z2 = self.vae1.z_dim, self.vae2.z_dim
+        if c1.in_channels not in (z1, 2 * z1 + 4) or c1.out_channels != z1:
+            raise ValueError(f"stage1 checkpoint of the wrong kind: a DiT with in/out channels {c1.in_channels}/{c1.out_channels} "
+                             f"does not fit a {z1}-channel VAE (expected in {2 * z1 + 4} or {z1}, out {z1})")
+        want = 2 * z2 if self.stage2_kind == "swift" else z2
+        if c2.in_channels != want or c2.out_channels != z2:
+            raise ValueError(f"stage2 checkpoint of the wrong kind for stage2_kind={self.stage2_kind!r}: in/out channels "
+                             f"{c2.in_channels}/{c2.out_channels}, expected {want}/{z2} for a {z2}-channel VAE")
+
+    @classmethod
+    def tiny(cls, *, seed: int = 0, stage2_kind: str = "swift", device=None, offload: bool = False) -> "SwiftI2VPipeline":
+        """The whole pipeline on tiny random-weight models (for demos and tests; the output is noise-like)."""
+        from .config import WanDiTConfig
+        from .dit import WanDiT
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            c1 = WanDiTConfig.preset("tiny-i2v")
+            c2 = WanDiTConfig.preset("tiny-ti2v")
+            if stage2_kind == "swift":
+                c2 = c2.widened_input(extra_in_channels=c2.in_channels)
+            stage1, stage2 = WanDiT(c1), WanDiT(c2)
+        vae1 = WanVAE.tiny(16, seed=seed)
+        vae2 = WanVAE.tiny(48, seed=seed + 1)
+        text = TextEncoder.tiny(dim=c1.text_dim, seed=seed)
+        if c2.text_dim != c1.text_dim:
+            raise ValueError("tiny presets must share the text width")
+        image_dim = getattr(c1, "image_dim", None)
+        image = ImageEncoder.tiny(dim=image_dim, seed=seed) if image_dim else None
+        return cls(stage1, stage2, vae1, vae2, text, image, stage2_kind=stage2_kind, device=device, offload=offload,
+                   random_weights=True)
+
+    @classmethod
+    def from_pretrained(cls, stage1: str, stage2: str, *, stage1_lora: str | None = None, lora_scale: float = 1.0,
+                        stage2_kind: str = "refine", text_encoder: str | None = None, load_text_encoder: bool = True,
+                        device=None, dtype=None, offload: bool = False) -> "SwiftI2VPipeline":
+        """Load both stages from diffusers-format or original Wan folders.
+
+        Args:
+            stage1: Stage I folder (e.g. Wan2.1-I2V-14B): DiT, VAE, and, when present, text and image encoders.
+            stage2: Stage II folder (Wan2.2-TI2V-5B for ``"refine"``, SwiftI2V's own weights for ``"swift"``).
+            stage1_lora: an optional LoRA (e.g. a 4-step distillation LoRA) merged into Stage I.
+            stage2_kind: ``"refine"`` (public 5B, training-free) or ``"swift"`` (widened input).
+            text_encoder: folder of the UMT5 encoder + tokenizer (default: ``stage1``'s).
+            load_text_encoder: False to run from precomputed prompt embeddings only.
+            offload: keep the stage not in use on the CPU.
+        """
+        from .dit import WanDiT
+
+        for name, p in (("stage1", stage1), ("stage2", stage2)):
+            if not isinstance(p, (str, os.PathLike)) or not os.path.exists(p):
+                raise ValueError(f"{name} checkpoint not found: {p}")
+        dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if dtype is None:
+            dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        load_dev = "cpu" if offload else dev
+        s1 = WanDiT.from_pretrained(stage1, device=load_dev, dtype=dtype, lora=stage1_lora, lora_scale=lora_scale)
+        s2 = WanDiT.from_pretrained(stage2, device=load_dev, dtype=dtype,
+                                    extra_in_channels=0)
+        if stage2_kind == "swift" and s2.config.in_channels == s2.config.out_channels:
+            # A public checkpoint used as the method's network: widen the input, extra channels start at zero.
+            s2 = WanDiT.from_pretrained(stage2, device=load_dev, dtype=dtype, extra_in_channels=s2.config.in_channels)
+        vae1 = WanVAE.from_pretrained(stage1, device=load_dev)
+        vae2 = WanVAE.from_pretrained(stage2, device=load_dev)
+        text = None
+        if load_text_encoder:
+            text = TextEncoder.from_pretrained(text_encoder or stage1, device="cpu", dtype=dtype)
+        image = None
+        if getattr(s1.config, "image_dim", None):
+            image = ImageEncoder.from_pretrained(stage1, device="cpu", dtype=dtype)
+        return cls(s1, s2, vae1, vae2, text, image, stage2_kind=stage2_kind, device=dev, offload=offload)
+
+    # -- helpers --------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _on_device(self, *modules):
+        """Move ``modules`` to the device for the block (and back to the CPU afterwards when offloading)."""
+        if self.offload:
+            for m in modules:
+                m.to(self.device)
+        try:
+            yield
+        finally:
+            if self.offload:
+                for m in modules:
+                    m.to("cpu")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    def check_inputs(self, frames: int, width: int, height: int) -> None:
+        """``ValueError`` when the pipeline cannot produce a ``frames`` x ``width`` x ``height`` video."""
+        for name, v in (("frames", frames), ("width", width), ("height", height)):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        if frames < 5 or (frames - 1) % 4:
+            raise ValueError(f"frames must be 4k+1 and at least 5 (e.g. 81), got {frames}")
+        m2 = self.vae2.size_multiple
+        m1 = self.vae1.size_multiple * 4
+        m = max(m1, m2)
+        if width < m or height < m or width % m or height % m:
+            raise ValueError(f"width and height must be positive multiples of {m} (Stage I runs at a quarter per "
+                             f"side, multiples of {self.vae1.size_multiple}), got {width}x{height}")
+
+    # -- generation -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(self, image, prompt: str | None = None, *, prompt_embeds=None, frames: int = 81, width: int = 2560,
+                 height: int = 1408, steps: int = 4, shift: float = 5.0, segment_blocks: int = 2, neighbors=(1, 0),
+                 stage2_kind: str | None = None, joint: bool = False, start_sigma: float = 0.6, seed: int = 0,
+                 step_mode: str = "renoise", output: str | None = None, fps: int = 16,
+                 progress: bool = True, free_text_encoder: bool = False, guidance_scale: float | None = None,
+                 negative_prompt: str = "", negative_prompt_embeds=None, image_embeds=None) -> GenerationResult:
+        """Generate a video from ``image`` (a path or a PIL image) and a prompt.
+
+        ``prompt_embeds`` (a ``[1, L, dim]`` tensor or a safetensors path) replaces the text encoder.
+        ``guidance_scale``: classifier-free guidance in both stages (``None`` or 1.0: off, the default; the
+        4-step models are distilled without it); the unconditional branch uses ``negative_prompt`` (empty by
+        default) or ``negative_prompt_embeds``, and costs a second DiT call per step.
+        ``image_embeds``: CLIP image tokens ``[1, N, image_dim]`` for a Stage I DiT that takes them, in place of
+        the CLIP image encoder.
+        ``output``: write the mp4 there (decoded frames stream into the file). See the class and the CLI for
+        the other options. Returns a :class:`GenerationResult`.
+        """
+        kind = stage2_kind or self.stage2_kind
+        if kind != self.stage2_kind:
+            raise ValueError(f"this pipeline's Stage II DiT is built for stage2_kind={self.stage2_kind!r}, got {kind!r}")
+        self.check_inputs(frames, width, height)
+        neighbors = parse_neighbors(neighbors)
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+        if guidance_scale is not None:
+            if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not guidance_scale > 0:
+                raise ValueError(f"guidance_scale must be a positive float or None, got {guidance_scale!r}")
+            guidance_scale = None if float(guidance_scale) == 1.0 else float(guidance_scale)
+        if not isinstance(negative_prompt, str):
+            raise ValueError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
+        if output is not None:
+            from .video import check_output_path
+
+            output = check_output_path(output)
+        if isinstance(image, (str, os.PathLike)):
+            image = read_image(image)
+        dev = self.device
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+        seconds: dict[str, float] = {}
+        t_start = time.perf_counter()
+        w1, h1 = width // 4, height // 4
+        img_full = image_to_tensor(image, width, height)
+        img_low = image_to_tensor(image, w1, h1)
+
+        # -- conditioning --
+        t0 = time.perf_counter()
+        if prompt_embeds is None:
+            if self.text_encoder is None:
+                raise ValueError("no text encoder loaded: pass prompt_embeds (a tensor or a safetensors file)")
+            if not isinstance(prompt, str):
+                raise ValueError("prompt must be a string")
+            with self._on_device(self.text_encoder.model):
+                context = self.text_encoder.encode(prompt)
+        elif isinstance(prompt_embeds, (str, os.PathLike)):
+            context = load_prompt_embeds(prompt_embeds)
+        else:
+            context = prompt_embeds.float()
+        if context.dim() != 3 or context.shape[-1] != self.stage1.config.text_dim:
+            raise ValueError(f"prompt embeddings must be [1, L, {self.stage1.config.text_dim}], got {tuple(context.shape)}")
+        neg_context = None
+        if guidance_scale is not None:
+            if negative_prompt_embeds is not None:
+                neg_context = (load_prompt_embeds(negative_prompt_embeds)
+                               if isinstance(negative_prompt_embeds, (str, os.PathLike)) else negative_prompt_embeds.float())
+            elif self.text_encoder is not None:
+                with self._on_device(self.text_encoder.model):
+                    neg_context = self.text_encoder.encode(negative_prompt)
+            else:
+                raise ValueError("guidance needs a negative prompt: load a text encoder or pass negative_prompt_embeds")
+            if neg_context.dim() != 3 or neg_context.shape[-1] != context.shape[-1]:
+                raise ValueError(f"negative prompt embeddings must be [1, L, {context.shape[-1]}], got {tuple(neg_context.shape)}")
+        if free_text_encoder:
+            self.text_encoder = None
+        clip_fea = None
+        image_dim = getattr(self.stage1.config, "image_dim", None)
+        if image_embeds is not None:
+            if not isinstance(image_embeds, torch.Tensor) or image_embeds.dim() != 3 or image_embeds.shape[-1] != image_dim:
+                raise ValueError(f"image_embeds must be a [1, N, {image_dim}] tensor for this Stage I DiT, got "
+                                 f"{getattr(image_embeds, 'shape', type(image_embeds).__name__)}")
+            clip_fea = image_embeds
+        elif self.image_encoder is not None:
+            with self._on_device(self.image_encoder.model):
+                clip_fea = self.image_encoder.encode(img_low)
+        elif image_dim:
+            raise ValueError("this Stage I DiT takes CLIP image tokens: load a CLIP image encoder or pass image_embeds")
+        seconds["encode_prompt"] = time.perf_counter() - t0
+
+        # -- Stage I --
+        t0 = time.perf_counter()
+        sched = flow_steps(steps, shift)
+        with self._on_device(self.stage1, self.vae1.model):
+            z1 = self._stage1(img_low, context, clip_fea, frames, h1, w1, sched, seed, step_mode, progress,
+                              neg_context, guidance_scale)
+            _sync(dev)
+        seconds["stage1"] = time.perf_counter() - t0
+
+        # -- bridge --
+        t0 = time.perf_counter()
+        with self._on_device(self.vae1.model, self.vae2.model):
+            z_ref = hybrid_reference(z1, self.vae1, self.vae2, img_full, height, width)
+            _sync(dev)
+        seconds["bridge"] = time.perf_counter() - t0
+
+        # -- Stage II --
+        t0 = time.perf_counter()
+        T, hh, ww = z_ref.shape[2:]
+        plan = CSGPlan(T, segment_blocks, neighbors, block_tokens=(hh // 2) * (ww // 2))
+        sched2 = flow_steps(steps, shift, start_sigma=start_sigma if kind == "refine" else 1.0)
+        with self._on_device(self.stage2):
+            z2 = self._stage2(z_ref.to(dev), context, plan, sched2, kind, joint, start_sigma, seed, step_mode, progress,
+                              neg_context, guidance_scale)
+            _sync(dev)
+        seconds["stage2"] = time.perf_counter() - t0
+
+        # -- decode + write --
+        t0 = time.perf_counter()
+        with self._on_device(self.vae2.model):
+            bar = _tqdm(progress, total=T, desc="decode", unit="latent frame")
+
+            def chunks():
+                for c in self.vae2.decode_stream(z2[:1]):
+                    bar.update(c.shape[2] and 1)
+                    yield ((c[0].permute(1, 2, 3, 0) + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8).cpu()
+
+            try:
+                if output is not None:
+                    write_mp4(chunks(), output, fps=fps)
+                    video = None
+                else:
+                    video = torch.cat(list(chunks()), 0)
+            finally:
+                bar.close()
+            _sync(dev)
+        seconds["decode"] = time.perf_counter() - t0
+        seconds["total"] = time.perf_counter() - t_start
+        info = dict(frames=frames, width=width, height=height, steps=steps, seed=seed, stage2_kind=kind, joint=joint,
+                    segment_blocks=segment_blocks, neighbors=list(neighbors), segments=plan.num_segments,
+                    stage1_size=[w1, h1], latent_frames=T, max_window_tokens=plan.max_window_tokens,
+                    guidance_scale=guidance_scale, device=str(dev), random_weights=self.random_weights)
+        return GenerationResult(video, output, z2.cpu(), seconds, _peak_memory(dev), info)
+
+    __call__ = generate
+
+    # -- stages ---------------------------------------------------------------------------------------
+
+    def _stage1(self, img_low, context, clip_fea, frames, h1, w1, sched, seed, step_mode, progress,
+                neg_context=None, guidance=None):
+        dev = self.device
+        dit = self.stage1
+        dtype = next(dit.parameters()).dtype
+        vae = self.vae1
+        C, T, h, w = vae.latent_shape(frames, h1, w1)
+        ti2v = dit.config.in_channels == C
+        if ti2v:
+            # Wan2.2 TI2V conditioning: the image latent is frame 0, clean, at timestep 0.
+            cond = vae.encode(img_low[None, :, None]).to(dev)
+        else:
+            # Wan2.1 I2V conditioning: 4 mask channels (1 on the image frame) + latents of [image, black...].
+            video = torch.zeros(1, 3, frames, h1, w1)
+            video[0, :, 0] = img_low
+            y = vae.encode(video).to(dev)
+            mask = torch.zeros(1, 4, T, h, w, device=dev)
+            mask[:, :, 0] = 1.0
+            cond = torch.cat([mask, y], 1).to(dtype)
+        clip = None if clip_fea is None else clip_fea.to(dev, dtype)
+        cache = dit.precompute_context(context.to(dev, dtype), clip)
+        # The unconditional branch keeps the image conditioning (and CLIP tokens) and drops the prompt only.
+        neg_cache = dit.precompute_context(neg_context.to(dev, dtype), clip) if guidance is not None else None
+        x = gaussian((1, C, T, h, w), seed, 1, dev, torch.float32)
+        numel = x.numel()
+        L = T * (h // 2) * (w // 2)
+        for i, (t, sigma, sigma_next) in enumerate(_tqdm(progress, iterable=sched, desc="stage I", unit="step")):
+            if ti2v:
+                x[:, :, :1] = cond
+                tt = torch.full((1, L), float(t), device=dev)
+                tt[:, : (h // 2) * (w // 2)] = 0.0
+                inp = x.to(dtype)
+            else:
+                tt = torch.full((1,), float(t), device=dev)
+                inp = torch.cat([x.to(dtype), cond], 1)
+            v = dit(inp, tt, None, context_cache=cache).float()
+            g = {}
+            if guidance is not None:
+                g = dict(v_uncond=dit(inp, tt, None, context_cache=neg_cache).float(), guidance=guidance)
+            x = flow_update(x, v, sigma, sigma_next, mode=step_mode, seed=seed, offset=(i + 1) * numel, **g)
+        if ti2v:
+            x[:, :, :1] = cond
+        return x
+
+    def _stage2(self, z_ref, context, plan, sched, kind, joint, start_sigma, seed, step_mode, progress,
+                neg_context=None, guidance=None):
+        dev = self.device
+        dit = self.stage2
+        dtype = next(dit.parameters()).dtype
+        C = z_ref.shape[1]
+        cache = dit.precompute_context(context.to(dev, dtype), None)
+        neg_cache = dit.precompute_context(neg_context.to(dev, dtype), None) if guidance is not None else None
+
+        def model_fn(inp, ref, tt, positions, layout):
+            # "swift": inp is the model input cat([state, z_ref window]) already in the DiT's dtype, written
+            # by the sampler step itself (run_csg(fuse_ref=True)); "refine": inp is the state.
+            inp = inp.to(dtype)
+            v = dit(inp, tt, None, layout=layout, frame_positions=positions, context_cache=cache)[:, :C].float()
+            if guidance is None:
+                return v
+            vu = dit(inp, tt, None, layout=layout, frame_positions=positions, context_cache=neg_cache)[:, :C].float()
+            return v, vu
+
+        n_units = 1 if joint else plan.num_segments
+        seg_bar = _tqdm(progress, total=n_units, desc="stage II (joint)" if joint else "stage II", unit="segment")
+        step_bar = _tqdm(progress, total=len(sched), desc="  steps", unit="step", leave=False)
+
+        def on_progress(event, index, total):
+            if event == "segment":
+                if index > 0:
+                    seg_bar.update(1)
+                step_bar.reset(total=len(sched))
+            else:
+                step_bar.update(1)
+
+        try:
+            # seed + 1: Stage II draws its own Philox stream, independent of Stage I's.
+            out = run_csg(model_fn, z_ref.float(), plan, sched, kind=kind, start_sigma=start_sigma, seed=seed + 1,
+                          step_mode=step_mode, joint=joint, progress=on_progress, fuse_ref=kind == "swift",
+                          input_dtype=dtype, guidance=guidance)
+            seg_bar.update(1)
+        finally:
+            step_bar.close()
+            seg_bar.close()
+        return out

@@ -1,0 +1,216 @@
+"""The pipeline pieces: VAE wrapper, bridge, video I/O, and the tiny end-to-end pipeline on CPU."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from swift_model.bridge import reference_video
+from swift_model.vae import WanVAE
+from swift_model.video import read_image, read_mp4, write_mp4
+
+
+@pytest.fixture(scope="module")
+def vae16():
+    return WanVAE.tiny(16, seed=0)
+
+
+@pytest.fixture(scope="module")
+def vae48():
+    return WanVAE.tiny(48, seed=1)
+
+
+def test_vae_stream_decode_equals_diffusers(vae16, vae48):
+    for vae in (vae16, vae48):
+        m = vae.size_multiple
+        video = torch.rand(1, 3, 5, m, 2 * m) * 2 - 1
+        z = vae.encode(video)
+        assert z.shape == (1, vae.z_dim, 2, m // vae.spatial_factor, 2 * m // vae.spatial_factor)
+        ref = vae.model.decode(vae.denormalize(z)).sample
+        out = vae.decode(z)
+        assert out.shape == (1, 3, 5, m, 2 * m)
+        # The streaming decoder is the library's causal decoder, frame by frame (fp32 rounding only).
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        frames = vae.decode_uint8(z)
+        assert frames.shape == (5, m, 2 * m, 3) and frames.dtype == torch.uint8
+
+
+def test_vae_tiled_decode_blends_tiles(vae16):
+    # With overlapping tiles every output pixel is a convex blend of the tiles covering it: a tiling whose
+    # tiles are wide enough to see the whole latent reproduces the untiled decode exactly.
+    z = torch.randn(1, 16, 2, 4, 8)
+    whole = vae16.decode(z)
+    tiled = WanVAE(vae16.model, tile_latent=8, tile_overlap=4).decode(z)
+    torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-5)
+    small = WanVAE(vae16.model, tile_latent=4, tile_overlap=2).decode(z)
+    assert small.shape == whole.shape and torch.isfinite(small).all()
+
+
+def test_vae_normalisation_roundtrip():
+    vae = WanVAE.tiny(16)
+    vae._mean = torch.randn_like(vae._mean)
+    vae._std = torch.rand_like(vae._std) + 0.5
+    z = torch.randn(1, 16, 2, 3, 3)
+    torch.testing.assert_close(vae.denormalize(vae.normalize(z)), z)
+
+
+def test_vae_size_checks(vae16, vae48):
+    with pytest.raises(ValueError, match="4k\\+1"):
+        vae16.check_size(80, 64, 64)
+    with pytest.raises(ValueError, match="multiples of 16"):
+        vae16.check_size(81, 64, 72)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        vae48.check_size(81, 48, 64)
+    assert vae48.latent_shape(81, 1408, 2560) == (48, 21, 88, 160)
+    assert vae16.latent_shape(81, 352, 640) == (16, 21, 44, 80)
+
+
+def test_bridge_frame0_is_full_res_image(vae16):
+    # Stage I at a quarter per side; frame 0 of the reference video is the full-resolution image exactly
+    # (the other frames are the upsampled Stage I decode).
+    z1 = torch.randn(1, 16, 2, 2, 4)  # 5 frames of 16x32
+    image = torch.rand(3, 64, 128) * 2 - 1
+    video = reference_video(z1, vae16, image, 64, 128)
+    assert video.shape == (1, 3, 5, 64, 128)
+    assert torch.equal(video[0, :, 0], image)
+    low = vae16.decode(z1)
+    up = torch.nn.functional.interpolate(low[0, :, 1:].permute(1, 0, 2, 3), size=(64, 128), mode="bicubic",
+                                         align_corners=False).clamp(-1, 1).permute(1, 0, 2, 3)
+    torch.testing.assert_close(video[0, :, 1:], up)
+
+
+def test_bridge_shapes_2k():
+    # Shapes of the 2K bridge from the latent shapes (no 2K decode on CPU).
+    vae1, vae2 = WanVAE.tiny(16), WanVAE.tiny(48)
+    assert vae1.latent_shape(81, 352, 640)[1:] == (21, 44, 80)
+    assert vae2.latent_shape(81, 1408, 2560) == (48, 21, 88, 160)
+    with pytest.raises(ValueError, match="image"):
+        reference_video(torch.randn(1, 16, 1, 2, 2), vae1, torch.rand(3, 32, 32), 64, 64)
+
+
+def test_write_mp4_atomic(tmp_path):
+    frames = torch.randint(0, 256, (5, 32, 48, 3), dtype=torch.uint8)
+    out = tmp_path / "a.mp4"
+    write_mp4([frames[:2], frames[2:]], str(out))
+    back = read_mp4(str(out))
+    assert back.shape == (5, 32, 48, 3)
+
+    def broken():
+        yield frames[:2]
+        raise RuntimeError("boom")
+
+    bad = tmp_path / "b.mp4"
+    with pytest.raises(RuntimeError, match="boom"):
+        write_mp4(broken(), str(bad))
+    assert not bad.exists()
+    assert sorted(os.listdir(tmp_path)) == ["a.mp4"]  # no temporary file left behind
+    with pytest.raises(ValueError, match="folder does not exist"):
+        write_mp4([frames], str(tmp_path / "missing" / "c.mp4"))
+    with pytest.raises(ValueError, match="mp4"):
+        write_mp4([frames], str(tmp_path / "c.avi"))
+
+
+def test_read_image_errors(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        read_image(str(tmp_path / "nope.png"))
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot read image"):
+        read_image(str(junk))
+
+
+# -- the tiny pipeline end to end --------------------------------------------------------------------------
+
+SMALL = dict(frames=5, width=64, height=64, progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    from swift_model.pipeline import SwiftI2VPipeline
+
+    return SwiftI2VPipeline.tiny(seed=0, device="cpu")
+
+
+def _image(seed):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (48, 80, 3), dtype=np.uint8))
+
+
+def test_tiny_pipeline_shapes_and_seeds(tiny_pipe):
+    img = _image(0)
+    a = tiny_pipe.generate(img, "a cat", seed=1, **SMALL)
+    assert a.frames.shape == (5, 64, 64, 3) and a.frames.dtype == torch.uint8
+    assert a.latents.shape == (1, 48, 2, 4, 4)
+    assert set(a.seconds) >= {"stage1", "bridge", "stage2", "decode", "total"}
+    b = tiny_pipe.generate(img, "a cat", seed=1, **SMALL)
+    c = tiny_pipe.generate(img, "a cat", seed=2, **SMALL)
+    assert torch.equal(a.latents, b.latents) and torch.equal(a.frames, b.frames)
+    assert not torch.equal(a.latents, c.latents)
+
+
+def test_tiny_pipeline_joint_and_neighbors(tiny_pipe):
+    img = _image(1)
+    j = tiny_pipe.generate(img, "x", joint=True, frames=9, width=64, height=64, progress=False)
+    s = tiny_pipe.generate(img, "x", segment_blocks=1, neighbors=(1, 1), frames=9, width=64, height=64,
+                           progress=False)
+    assert j.latents.shape == s.latents.shape == (1, 48, 3, 4, 4)
+    assert j.info["segments"] == 1 and s.info["segments"] == 2  # T=3: one segment of M=2; two of M=1
+
+
+def test_pipeline_rejects_wrong_kind_and_sizes(tiny_pipe):
+    from swift_model.pipeline import SwiftI2VPipeline
+
+    with pytest.raises(ValueError, match="stage2 checkpoint of the wrong kind"):
+        SwiftI2VPipeline(tiny_pipe.stage1, tiny_pipe.stage2, tiny_pipe.vae1, tiny_pipe.vae2, stage2_kind="refine")
+    with pytest.raises(ValueError, match="stage1 checkpoint of the wrong kind"):
+        SwiftI2VPipeline(tiny_pipe.stage2, tiny_pipe.stage2, tiny_pipe.vae1, tiny_pipe.vae2)
+    with pytest.raises(ValueError, match="4k\\+1"):
+        tiny_pipe.check_inputs(8, 64, 64)
+    with pytest.raises(ValueError, match="multiples of 64"):
+        tiny_pipe.check_inputs(5, 96, 64)
+
+
+def test_tiny_pipeline_guidance(tiny_pipe):
+    img = _image(2)
+    base = tiny_pipe.generate(img, "a cat", seed=1, **SMALL)
+    one = tiny_pipe.generate(img, "a cat", seed=1, guidance_scale=1.0, negative_prompt="blur", **SMALL)
+    assert torch.equal(base.latents, one.latents)  # guidance 1 is exactly no guidance
+    g = tiny_pipe.generate(img, "a cat", seed=1, guidance_scale=4.0, **SMALL)
+    g_neg = tiny_pipe.generate(img, "a cat", seed=1, guidance_scale=4.0, negative_prompt="blur", **SMALL)
+    assert not torch.allclose(g.latents, base.latents)
+    assert not torch.allclose(g.latents, g_neg.latents)  # the negative prompt matters
+    assert g.info["guidance_scale"] == 4.0 and base.info["guidance_scale"] is None
+    with pytest.raises(ValueError, match="guidance_scale"):
+        tiny_pipe.generate(img, "a cat", guidance_scale=-2.0, **SMALL)
+    emb = torch.randn(1, 8, tiny_pipe.stage1.config.text_dim)
+    no_text = _copy_without_text(tiny_pipe)
+    with pytest.raises(ValueError, match="negative"):
+        no_text.generate(img, prompt_embeds=emb, guidance_scale=3.0, **SMALL)
+    r = no_text.generate(img, prompt_embeds=emb, guidance_scale=3.0, negative_prompt_embeds=torch.zeros_like(emb), **SMALL)
+    assert torch.isfinite(r.latents).all()
+
+
+def _copy_without_text(pipe):
+    import copy
+
+    p = copy.copy(pipe)
+    p.text_encoder = None
+    return p
+
+
+def test_tiny_pipeline_image_embeds(tiny_pipe):
+    img = _image(3)
+    dim = tiny_pipe.stage1.config.image_dim
+    clip = torch.randn(1, 5, dim)
+    a = tiny_pipe.generate(img, "x", seed=0, image_embeds=clip, **SMALL)
+    b = tiny_pipe.generate(img, "x", seed=0, image_embeds=clip * -1, **SMALL)
+    assert not torch.equal(a.latents, b.latents)  # the image tokens reach Stage I
+    with pytest.raises(ValueError, match="image_embeds"):
+        tiny_pipe.generate(img, "x", image_embeds=torch.randn(1, 5, dim + 1), **SMALL)
+    p = _copy_without_text(tiny_pipe)
+    p.text_encoder, p.image_encoder = tiny_pipe.text_encoder, None
+    with pytest.raises(ValueError, match="CLIP image tokens"):
+        p.generate(img, "x", **SMALL)
