@@ -120,7 +120,14 @@ class WanVAE:
                 raise ValueError(f"no VAE found in {path} (expected vae/config.json or a *VAE*.pth file)")
             path = os.path.join(path, files[-1])
         name = os.path.basename(path).lower()
-        config = WAN22_CONFIG if "2.2" in name or "2_2" in name else WAN21_CONFIG
+        if "2.2" in name or "2_2" in name:
+            # The 48 per-channel latent mean/std of the Wan2.2 VAE are not stored in its original file;
+            # they come with the diffusers config, so normalisation would silently be wrong here.
+            raise ValueError(
+                f"{path}: original-format Wan2.2 VAE files are not supported (they lack the latent "
+                "normalisation constants); pass the diffusers-format VAE folder (vae/config.json + weights)"
+            )
+        config = WAN21_CONFIG
         # Original files: build the architecture and let diffusers convert the original key names.
         from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
         from diffusers.models.modeling_utils import load_state_dict
