@@ -76,6 +76,29 @@ def _element_mask(mask_tab, row_tok, col_tok, row0, col0, L, P, NB,
 
 
 @triton.jit
+def _load_kv_tile(k_base, v_base, stride_kl, stride_vl, tile_ids, i, offs_d, L,
+                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
+    """K and V of the ``i``-th scheduled key tile: its first token, token offsets, and the two tiles.
+
+    Partial (MASKED) tiles may run past the sequence: those rows read as zeros, never as garbage that
+    could turn into NaN in ``P @ V``.
+    """
+    col0 = tl.load(tile_ids + i) * BLOCK_N
+    start_n = col0.to(tl.int64)  # 64-bit for the pointer arithmetic
+    offs_n = tl.arange(0, BLOCK_N)
+    k_ptrs = k_base + start_n * stride_kl + offs_n[:, None] * stride_kl + offs_d[None, :]
+    v_ptrs = v_base + start_n * stride_vl + offs_n[:, None] * stride_vl + offs_d[None, :]
+    if MASKED:
+        in_n = (col0 + offs_n) < L
+        k = tl.load(k_ptrs, mask=in_n[:, None], other=0.0)
+        v = tl.load(v_ptrs, mask=in_n[:, None], other=0.0)
+    else:
+        k = tl.load(k_ptrs)
+        v = tl.load(v_ptrs)
+    return col0, offs_n, k, v
+
+
+@triton.jit
 def _fwd_tiles(
     acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, tile_ids, lo, hi, offs_m, offs_d,
     mask_tab, L, P, NB, qk_scale,
@@ -83,19 +106,9 @@ def _fwd_tiles(
 ):
     """Online-softmax update of one query tile over the key tiles ``tile_ids[lo:hi]``."""
     for i in range(lo, hi):
-        kt = tl.load(tile_ids + i)
-        col0 = kt * BLOCK_N
-        start_n = col0.to(tl.int64)  # 64-bit for the pointer arithmetic
-        offs_n = tl.arange(0, BLOCK_N)
-        k_ptrs = k_base + start_n * stride_kl + offs_n[:, None] * stride_kl + offs_d[None, :]
-        v_ptrs = v_base + start_n * stride_vl + offs_n[:, None] * stride_vl + offs_d[None, :]
-        if MASKED:
-            in_n = (col0 + offs_n) < L
-            k = tl.load(k_ptrs, mask=in_n[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=in_n[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        col0, offs_n, k, v = _load_kv_tile(
+            k_base, v_base, stride_kl, stride_vl, tile_ids, i, offs_d, L, BLOCK_N, MASKED
+        )
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
             allowed = _element_mask(mask_tab, offs_m, col0 + offs_n, row0, col0, L, P, NB, False, TWO_BLOCKS)
@@ -301,19 +314,9 @@ def _dq_tiles(
 ):
     """Accumulate dQ of one query tile over the key tiles ``tile_ids[lo:hi]``."""
     for i in range(lo, hi):
-        kt = tl.load(tile_ids + i)
-        col0 = kt * BLOCK_N
-        start_n = col0.to(tl.int64)  # 64-bit for the pointer arithmetic
-        offs_n = tl.arange(0, BLOCK_N)
-        k_ptrs = k_base + start_n * stride_kl + offs_n[:, None] * stride_kl + offs_d[None, :]
-        v_ptrs = v_base + start_n * stride_vl + offs_n[:, None] * stride_vl + offs_d[None, :]
-        if MASKED:
-            in_n = (col0 + offs_n) < L
-            k = tl.load(k_ptrs, mask=in_n[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=in_n[:, None], other=0.0)
-        else:
-            k = tl.load(k_ptrs)
-            v = tl.load(v_ptrs)
+        col0, offs_n, k, v = _load_kv_tile(
+            k_base, v_base, stride_kl, stride_vl, tile_ids, i, offs_d, L, BLOCK_N, MASKED
+        )
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
         if MASKED:
