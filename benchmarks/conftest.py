@@ -17,6 +17,8 @@ of the run.
 from __future__ import annotations
 
 import datetime
+import json
+import os
 import platform
 
 import pytest
@@ -182,3 +184,41 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Results streamed as they come (SWIFT_BENCH_PARTIAL=<file.jsonl>): pytest-benchmark writes its JSON only at
+# the end of a session, and not at all when the session is interrupted (a device call that runs out of time).
+# With the variable set, every finished benchmark appends one JSON line (name, outcome, stats, extra_info), so
+# a run cut short still returns what it measured.
+# ---------------------------------------------------------------------------------------------------
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    path = os.environ.get("SWIFT_BENCH_PARTIAL")
+    if not path or call.when != "call":
+        return
+    report = outcome.get_result()
+    bench = getattr(item, "funcargs", {}).get("benchmark")
+    if bench is None:
+        return
+    stats = None
+    meta = getattr(bench, "stats", None)
+    if meta is not None and getattr(meta.stats, "data", None):
+        st = meta.stats
+        stats = {k: float(getattr(st, k)) for k in ("min", "max", "mean", "median", "stddev")}
+        stats["rounds"] = int(st.rounds)
+    line = {
+        "name": item.nodeid,
+        "outcome": report.outcome,
+        "duration_s": float(call.duration),
+        "group": getattr(bench, "group", None),
+        "stats": stats,
+        "extra_info": dict(getattr(bench, "extra_info", {}) or {}),
+    }
+    if report.failed:
+        line["error"] = str(report.longrepr)[-2000:]
+    with open(path, "a") as f:
+        f.write(json.dumps(line, default=str) + "\n")

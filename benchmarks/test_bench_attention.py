@@ -248,7 +248,12 @@ def test_attention(benchmark, record, timer, case, pass_, impl):
                 return fn(q, k, v)
 
     benchmark.group = f"{case} {pass_}"
-    timer(benchmark, run)
+    if ON_GPU and impl == "torch":
+        # The fp32 block-by-block reference is a correctness baseline, not a contender: at clip size one
+        # fwd+bwd takes around a second, so 3 timed rounds (not 10) keep the attention phase inside its budget.
+        timer(benchmark, run, rounds=3, warmup_rounds=1)
+    else:
+        timer(benchmark, run)
 
     pairs = BATCH * allowed_pairs(layout.block_mask, layout.block_tokens)
     flops = 4.0 * HEADS * HEAD_DIM * pairs * (3.5 if grad else 1.0)

@@ -10,7 +10,7 @@ GPU cases (bf16, random weights; time does not depend on the values):
 - ``i2v-14b-360p``: the Stage I call, Wan2.1-I2V-14B preset (CLIP image tokens) on the whole 81-frame 360P
   clip: latent ``[1, 36, 21, 44, 80]`` (640x352 / 8) = 21 x 22 x 40 = 18,480 tokens.
 
-The model is built on the ``meta`` device and materialised on the GPU (``to_empty`` + random init); diffusers'
+The model is built on the ``meta`` device, cast there, and materialised on the GPU (``to_empty`` + random init); diffusers'
 model gets the *same* tensors (``load_state_dict(assign=True)``), so both fit in memory together.
 
 Recorded in ``extra_info``: the case and shapes, ``flops`` (matmul FLOPs of the forward: projections, FFN,
@@ -95,9 +95,13 @@ def dit_flops(cfg: WanDiTConfig, tokens: int, pairs: int, text_len: int, image_l
 
 
 def _build(cfg: WanDiTConfig) -> WanDiT:
+    # Cast on the meta device first, then allocate: materialising in fp32 and casting afterwards would hold the
+    # 14B model in fp32 (56 GB) on the GPU before the cast, and leave the allocator's cache fragmented for the
+    # case after it. The random draw then happens in the final dtype (values do not matter for timing; diffusers
+    # gets the very same tensors).
     with torch.device("meta"):
         model = WanDiT(cfg)
-    model = model.to_empty(device=DEVICE).reset_parameters().to_dtype(DTYPE).eval().requires_grad_(False)
+    model = model.to_dtype(DTYPE).to_empty(device=DEVICE).reset_parameters().eval().requires_grad_(False)
     return model
 
 

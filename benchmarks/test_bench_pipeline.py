@@ -10,6 +10,8 @@ Stage II DiT step over the whole 73,920-token clip with dense attention (the end
 CSG window step, and reports the Stage II DiT time CSG buys.
 """
 
+import json
+import os
 import time
 
 import numpy as np
@@ -21,6 +23,38 @@ WIDTH, HEIGHT = 2560, 1408
 # Targets of the issue: time ratio to the 81-frame run, and peak memory within 10% of it.
 TIME_TARGETS = {161: 2.1, 241: 3.2}
 _RUNS: dict[int, dict] = {}
+# One untimed warm-up run (Triton compilation, cuDNN algorithm search) precedes the timed ones. Its frame count
+# is SWIFT_BENCH_WARMUP_FRAMES (default 21: every kernel and per-window shape of the timed runs is met already,
+# since Stage II windows have the same size at every length and the Stage I token count only scales; an 81-frame
+# warm-up would cost about as much as a timed 81-frame run, which a 10-minute device call cannot afford).
+WARMUP_FRAMES = int(os.environ.get("SWIFT_BENCH_WARMUP_FRAMES", "21"))
+# The 161/241-frame ratios need the 81-frame run. A device call of at most 10 minutes cannot hold all three, so
+# with SWIFT_BENCH_STATE_DIR set each run's totals are saved there and read back by a later process on the same
+# machine (same build, same GPU).
+_STATE_DIR = os.environ.get("SWIFT_BENCH_STATE_DIR")
+
+
+def _state_file() -> str | None:
+    return os.path.join(_STATE_DIR, "pipeline_runs.json") if _STATE_DIR else None
+
+
+def _load_runs() -> dict[int, dict]:
+    path = _state_file()
+    if path and os.path.exists(path):
+        with open(path) as f:
+            return {int(k): v for k, v in json.load(f).items()}
+    return {}
+
+
+def _save_run(frames: int, run: dict) -> None:
+    path = _state_file()
+    if not path:
+        return
+    runs = _load_runs()
+    runs[frames] = run
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump({str(k): v for k, v in runs.items()}, f, indent=2)
 
 
 def _image(w, h, seed=0):
@@ -59,13 +93,15 @@ def _random_init_(module: torch.nn.Module, seed: int) -> None:
 
 def _build_dit(config, device, dtype, seed):
     """A full-size DiT with random weights straight on the GPU: built on the meta device (no memory, no CPU
-    init), cast there to bf16 (so no fp32 copy ever exists: the 14B is 28 GB in bf16, 56 GB in fp32), then
+    init), cast there to bf16 (so no fp32 copy of the weights ever exists: the 14B is 28 GB in bf16, 56 GB in fp32), then
     storage on the GPU and an in-place random fill."""
     from swift_model.dit import WanDiT
 
     with torch.device("meta"):
         model = WanDiT(config)
-    model = model.to(dtype=dtype).to_empty(device=device)
+    # to_dtype, not .to(dtype): the parameters a real checkpoint keeps in fp32 (timestep MLP, modulation tables,
+    # LayerNorms; a few MB) stay fp32 here too, so the benchmark runs the same mixed precision as a real load.
+    model = model.to_dtype(dtype).to_empty(device=device)
     _random_init_(model, seed)
     return model.eval().requires_grad_(False)
 
@@ -109,15 +145,15 @@ def full_pipe():
     torch.cuda.synchronize()
     build_s = time.perf_counter() - t0
     weight_bytes = sum(p.numel() * p.element_size() for m in (s1, s2, vae1, vae2) for p in m.parameters())
-    # One cold run first (Triton compilation and autotuning, cuDNN algorithm search for the VAE convolutions):
-    # the timed runs are warm, so the 161/241-frame ratios compare like with like.
+    # One cold run first (Triton compilation, cuDNN algorithm search for the VAE convolutions): the timed runs
+    # are warm, so the 161/241-frame ratios compare like with like (see WARMUP_FRAMES).
     t0 = time.perf_counter()
-    pipe.generate(_image(WIDTH, HEIGHT), prompt_embeds=_prompt_embeds(c1.text_dim), frames=81, width=WIDTH,
+    pipe.generate(_image(WIDTH, HEIGHT), prompt_embeds=_prompt_embeds(c1.text_dim), frames=WARMUP_FRAMES, width=WIDTH,
                   height=HEIGHT, steps=STEPS, progress=False)
     torch.cuda.synchronize()
     cold_s = time.perf_counter() - t0
-    return pipe, dict(build_seconds=build_s, cold_run_seconds_81=cold_s, weight_bytes=weight_bytes,
-                      weight_gib=weight_bytes / 2**30)
+    return pipe, dict(build_seconds=build_s, cold_run_seconds=cold_s, cold_run_frames=WARMUP_FRAMES,
+                      weight_bytes=weight_bytes, weight_gib=weight_bytes / 2**30)
 
 
 def _prompt_embeds(dim: int) -> torch.Tensor:
@@ -213,8 +249,11 @@ def test_pipeline_full_size_gpu(benchmark, full_pipe, frames):
     info["torch"] = torch.__version__
     info["targets"] = dict(total_seconds_h100=111.0, peak_memory_gib=60.0)
     _RUNS[frames] = dict(total=result.seconds["total"], peak=result.peak_memory_bytes)
-    if frames in TIME_TARGETS and 81 in _RUNS:
-        base = _RUNS[81]
+    _save_run(frames, _RUNS[frames])
+    runs = {**_load_runs(), **_RUNS}  # this process's runs win over saved ones
+    if frames in TIME_TARGETS and 81 in runs:
+        base = runs[81]
+        info["baseline_81_from"] = "this process" if 81 in _RUNS else "SWIFT_BENCH_STATE_DIR"
         info["time_ratio_vs_81"] = result.seconds["total"] / base["total"]
         info["time_ratio_target"] = TIME_TARGETS[frames]
         info["peak_memory_ratio_vs_81"] = result.peak_memory_bytes / base["peak"]

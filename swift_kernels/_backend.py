@@ -90,6 +90,14 @@ def backend_unavailable_reason(backend: str, device: torch.device) -> str | None
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
 
 
+def backend_is_explicit(backend: str | None) -> bool:
+    """True when a backend was asked for, by the argument or by ``SWIFT_KERNELS_BACKEND``.
+
+    An explicit request that cannot be met raises; only the automatic choice may fall back quietly.
+    """
+    return backend is not None or bool(os.environ.get(ENV_VAR))
+
+
 def resolve_backend(
     backend: str | None,
     device: torch.device,

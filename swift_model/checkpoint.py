@@ -119,32 +119,28 @@ def diffusers_to_wan_name(name: str) -> str | None:
     return _map_param(name, _TOP_D2W, _BLK_D2W)
 
 
-def to_diffusers_keys(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """A state dict with original Wan keys renamed to diffusers' (= :class:`WanDiT`'s). Unknown keys raise."""
+def _rename_keys(state_dict: dict[str, Any], rename, target: str) -> dict[str, Any]:
+    """``state_dict`` with every key renamed by ``rename``; keys it does not know raise one ValueError."""
     out, unknown = {}, []
     for k, v in state_dict.items():
-        n = wan_to_diffusers_name(k)
+        n = rename(k)
         if n is None:
             unknown.append(k)
         else:
             out[n] = v
     if unknown:
-        raise ValueError(f"keys with no diffusers name: {_fmt(unknown)}")
+        raise ValueError(f"keys with no {target} name: {_fmt(unknown)}")
     return out
+
+
+def to_diffusers_keys(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A state dict with original Wan keys renamed to diffusers' (= :class:`WanDiT`'s). Unknown keys raise."""
+    return _rename_keys(state_dict, wan_to_diffusers_name, "diffusers")
 
 
 def to_wan_keys(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """A state dict with diffusers' (= :class:`WanDiT`'s) keys renamed to the original Wan ones."""
-    out, unknown = {}, []
-    for k, v in state_dict.items():
-        n = diffusers_to_wan_name(k)
-        if n is None:
-            unknown.append(k)
-        else:
-            out[n] = v
-    if unknown:
-        raise ValueError(f"keys with no original-Wan name: {_fmt(unknown)}")
-    return out
+    """A state dict with diffusers' (= :class:`WanDiT`'s) keys renamed to the original Wan ones. Unknown keys raise."""
+    return _rename_keys(state_dict, diffusers_to_wan_name, "original-Wan")
 
 
 def _fmt(keys, limit: int = 20) -> str:
@@ -405,12 +401,20 @@ def load_dit(
 
     Raises:
         FileNotFoundError: path or weight files missing.
-        ValueError: unknown format, missing/unexpected keys (listed), shape mismatches (listed).
+        TypeError: path, dtype or config of the wrong type.
+        ValueError: a bad device, unknown format, missing/unexpected keys (listed), shape mismatches (listed).
     """
     from .dit import WanDiT, keeps_fp32
     from .lora import LoraDeltas
 
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    if dtype is not None and (not isinstance(dtype, torch.dtype) or not dtype.is_floating_point):
+        raise TypeError(f"dtype must be a floating torch.dtype or None, got {dtype!r}")
+    try:
+        device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must name a torch device, got {device!r}") from exc
     dtype = dtype or _default_dtype(device)
     src, names, fmt, cfg_json = _open(path, device)
     unexpected = list(names.pop("__unexpected__"))

@@ -71,14 +71,17 @@ class CSGWindow:
 
     @property
     def targets(self) -> tuple[int, ...]:
+        """Clip blocks this call denoises (the noisy ones), in window order."""
         return tuple(b for b, n in zip(self.blocks, self.noisy) if n)
 
     @property
     def conditioning(self) -> tuple[int, ...]:
+        """Clip blocks this call only conditions on (anchors and clean neighbours), in window order."""
         return tuple(b for b, n in zip(self.blocks, self.noisy) if not n)
 
     @property
     def num_blocks(self) -> int:
+        """Blocks (latent frames) in this call's sequence."""
         return len(self.blocks)
 
     def frame_positions(self, device=None) -> torch.Tensor:
@@ -134,6 +137,7 @@ class CSGPlan:
 
     @property
     def num_segments(self) -> int:
+        """Segments (windows) of the plan."""
         return len(self.windows)
 
     @property
@@ -143,6 +147,7 @@ class CSGPlan:
 
     @property
     def max_window_tokens(self) -> int:
+        """Tokens of the largest window: the longest sequence one DiT call sees."""
         return self.max_window_blocks * self.block_tokens
 
     def __repr__(self) -> str:

@@ -256,6 +256,7 @@ class WanDiT(nn.Module):
 
     @property
     def device(self) -> torch.device:
+        """The device of the parameters."""
         return self.proj_out.weight.device
 
     @torch.no_grad()
@@ -368,7 +369,10 @@ class WanDiT(nn.Module):
 
     def _modulation(self, timestep, B: int, F_: int, P: int, device) -> _Modulation:
         L = F_ * P
-        t = torch.as_tensor(timestep, device=device)
+        try:
+            t = torch.as_tensor(timestep, device=device)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"timestep must be a number or a tensor, got {type(timestep).__name__}") from exc
         if not (t.is_floating_point() or t.dtype in (torch.int32, torch.int64)):
             raise TypeError(f"timestep must be a float or integer tensor, got {t.dtype}")
         if t.dim() == 0:
@@ -485,7 +489,10 @@ class WanDiT(nn.Module):
             mask, btok = torch.ones(1, 1, dtype=torch.bool), L
         pos = None
         if frame_positions is not None:
-            pos = torch.as_tensor(frame_positions).flatten().cpu()
+            try:
+                pos = torch.as_tensor(frame_positions).flatten().cpu()
+            except (TypeError, ValueError, RuntimeError) as exc:
+                raise TypeError(f"frame_positions must be numbers, got {frame_positions!r}") from exc
             if pos.numel() != Fp:
                 raise ValueError(f"frame_positions must have {Fp} entries (one per latent frame), got {pos.numel()}")
         freqs = self._rope((Fp, Hp, Wp), pos, device)
@@ -565,7 +572,16 @@ class WanDiT(nn.Module):
         config: WanDiTConfig | None = None,
         extra_in_channels: int = 0,
     ) -> "WanDiT":
-        """Load a public checkpoint (see :func:`swift_model.checkpoint.load_dit`)."""
+        """Load a public checkpoint: a diffusers-format folder or an original Wan file/folder.
+
+        ``path``: folder or file. ``device``: default CUDA when available, else CPU. ``dtype``: default bf16 on
+        CUDA, fp32 on CPU (the timestep MLP, modulation tables and affine LayerNorms stay fp32). ``lora``: a
+        LoRA path, state dict or list of ``(path_or_state_dict, scale)`` merged at load time, at ``lora_scale``.
+        ``config``: the architecture when the checkpoint has none. ``extra_in_channels``: zero-initialised extra
+        input channels (48 for the Stage II "swift" variant). Returns the model in eval-ready form on ``device``.
+        Raises ``FileNotFoundError`` (missing files), ``TypeError``/``ValueError`` (bad arguments, unknown
+        format, missing/unexpected keys, shape mismatches); see :func:`swift_model.checkpoint.load_dit`.
+        """
         from .checkpoint import load_dit
 
         return load_dit(path, device=device, dtype=dtype, lora=lora, lora_scale=lora_scale, config=config,

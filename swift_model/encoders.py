@@ -39,6 +39,177 @@ def _subfolder(path: str, name: str) -> str:
     return sub if os.path.isdir(sub) else path
 
 
+# -- original Wan checkpoints ------------------------------------------------------------------------
+# An original Wan folder holds the encoders as plain state dicts of Wan's own modules:
+# ``models_t5_umt5-xxl-enc-bf16.pth`` (``wan/modules/t5.py``: ``T5Encoder``) with its tokenizer folder
+# ``google/umt5-xxl``, and for Wan2.1 I2V ``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth``
+# (``wan/modules/clip.py``: ``XLMRobertaCLIP``, of which only the ``visual`` tower is used). They are renamed
+# to transformers' ``UMT5EncoderModel`` and ``CLIPVisionModel``, which compute the same functions.
+
+T5_ORIGINAL_PREFIX = "models_t5_"
+CLIP_ORIGINAL_PREFIX = "models_clip_"
+T5_TOKENIZER_DIR = os.path.join("google", "umt5-xxl")
+CLIP_NUM_HEADS = 16  # ViT-H/14 of Wan's CLIP (not recoverable from the weights' shapes)
+
+
+def find_original_file(path: str, prefix: str) -> str | None:
+    """The original Wan checkpoint file in folder ``path`` whose name starts with ``prefix`` (or None)."""
+    if not os.path.isdir(path):
+        return None
+    hits = [f for f in sorted(os.listdir(path)) if f.startswith(prefix) and f.endswith((".pth", ".safetensors"))]
+    return os.path.join(path, hits[0]) if hits else None
+
+
+def _config_model_type(folder: str) -> str | None:
+    """``model_type`` of a transformers ``config.json`` in ``folder`` (None when absent or not one: an
+    original Wan folder's config.json is its DiT's)."""
+    import json
+
+    try:
+        with open(os.path.join(folder, "config.json")) as f:
+            return json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _read_state(path: str) -> dict:
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        try:  # memory-map the (11 GB for UMT5-XXL) file instead of reading it twice
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"cannot read checkpoint {path}: {exc}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} does not hold a state dict")
+    return state
+
+
+def _load_into(model_cls, config, state: dict, dtype, what: str):
+    """Build ``model_cls(config)`` without random init (meta device) and assign ``state`` strictly."""
+    with torch.device("meta"):
+        model = model_cls(config)
+    own = model.state_dict()
+    # transformers may nest the weights under a sub-module name; follow the model's own key names.
+    prefix = ""
+    first = next(iter(state))
+    if first not in own:
+        prefix = next((k[: -len(first)] for k in own if k.endswith("." + first)), "")
+    cast: dict[int, torch.Tensor] = {}  # tied weights (UMT5's shared embedding) stay one tensor
+    state = {prefix + k: cast.setdefault(id(v), v.to(dtype)) for k, v in state.items()}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"not a {what} checkpoint: missing keys {missing[:4]}, unexpected keys {unexpected[:4]}")
+    for k, v in state.items():
+        if tuple(v.shape) != tuple(own[k].shape):
+            raise ValueError(f"not a {what} checkpoint: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
+    model.load_state_dict(state, strict=True, assign=True)
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:  # non-persistent buffers (position ids) are not in the state dict
+            mod_name, _, attr = name.rpartition(".")
+            mod = model.get_submodule(mod_name)
+            mod.register_buffer(attr, torch.arange(buf.shape[-1]).expand(buf.shape).clone(), persistent=False)
+    return model
+
+
+def umt5_config_from_original(state: dict):
+    """transformers ``UMT5Config`` of an original Wan ``T5Encoder`` state dict (sizes read from the shapes;
+    UMT5's fixed choices: gated tanh-GELU feed-forward, relative-position max distance 128, eps 1e-6)."""
+    from transformers import UMT5Config
+
+    if "token_embedding.weight" not in state or "blocks.0.pos_embedding.embedding.weight" not in state:
+        raise ValueError("not an original Wan UMT5 encoder checkpoint (no token_embedding / blocks.0.pos_embedding)")
+    vocab, dim = state["token_embedding.weight"].shape
+    buckets, heads = state["blocks.0.pos_embedding.embedding.weight"].shape
+    layers = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    return UMT5Config(vocab_size=vocab, d_model=dim, d_kv=state["blocks.0.attn.q.weight"].shape[0] // heads,
+                      d_ff=state["blocks.0.ffn.fc1.weight"].shape[0], num_layers=layers, num_heads=heads,
+                      relative_attention_num_buckets=buckets, relative_attention_max_distance=128,
+                      feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0,
+                      tie_word_embeddings=False)
+
+
+def convert_umt5_original(state: dict) -> dict:
+    """Rename an original Wan ``T5Encoder`` state dict to transformers ``UMT5EncoderModel`` keys.
+
+    Wan's feed-forward is ``fc2(fc1(x) * gelu(gate(x)))`` and transformers' ``wo(wi_1(x) * gelu(wi_0(x)))``;
+    every block has its own relative-position table (UMT5, unlike T5, does not share it).
+    """
+    out = {}
+    names = {"norm1.weight": "layer.0.layer_norm.weight", "attn.q.weight": "layer.0.SelfAttention.q.weight",
+             "attn.k.weight": "layer.0.SelfAttention.k.weight", "attn.v.weight": "layer.0.SelfAttention.v.weight",
+             "attn.o.weight": "layer.0.SelfAttention.o.weight",
+             "pos_embedding.embedding.weight": "layer.0.SelfAttention.relative_attention_bias.weight",
+             "norm2.weight": "layer.1.layer_norm.weight", "ffn.gate.0.weight": "layer.1.DenseReluDense.wi_0.weight",
+             "ffn.fc1.weight": "layer.1.DenseReluDense.wi_1.weight", "ffn.fc2.weight": "layer.1.DenseReluDense.wo.weight"}
+    for key, value in state.items():
+        if key == "token_embedding.weight":
+            out["shared.weight"] = value
+            out["encoder.embed_tokens.weight"] = value
+        elif key == "norm.weight":
+            out["encoder.final_layer_norm.weight"] = value
+        elif key.startswith("blocks."):
+            _, i, rest = key.split(".", 2)
+            out[f"encoder.block.{i}.{names.get(rest, rest)}"] = value
+        else:
+            out[key] = value  # unknown: left for the strict load to reject
+    return out
+
+
+def clip_vision_config_from_original(state: dict, num_heads: int = CLIP_NUM_HEADS):
+    """transformers ``CLIPVisionConfig`` of the ``visual`` tower of an original Wan CLIP state dict (sizes from
+    the shapes; exact GELU, LayerNorm eps 1e-5 as in Wan's ``clip_xlm_roberta_vit_h_14``)."""
+    from transformers import CLIPVisionConfig
+
+    if "visual.patch_embedding.weight" not in state or "visual.pos_embedding" not in state:
+        raise ValueError("not an original Wan CLIP checkpoint (no visual.patch_embedding / visual.pos_embedding)")
+    dim, _, patch, _ = state["visual.patch_embedding.weight"].shape
+    grid = int(round((state["visual.pos_embedding"].shape[1] - 1) ** 0.5))
+    layers = 1 + max(int(k.split(".")[2]) for k in state if k.startswith("visual.transformer."))
+    return CLIPVisionConfig(hidden_size=dim, intermediate_size=state["visual.transformer.0.mlp.0.weight"].shape[0],
+                            num_hidden_layers=layers, num_attention_heads=num_heads, image_size=grid * patch,
+                            patch_size=patch, hidden_act="gelu", layer_norm_eps=1e-5)
+
+
+def convert_clip_vision_original(state: dict) -> dict:
+    """Rename the ``visual.*`` keys of an original Wan CLIP state dict to transformers ``CLIPVisionModel`` keys
+    (the text tower, the logit scale and the projection head are dropped: Wan uses the penultimate block's
+    hidden states only). The packed ``to_qkv`` projection (rows ordered q, k, v) is split in three."""
+    out = {}
+    names = {"norm1": "layer_norm1", "norm2": "layer_norm2", "attn.proj": "self_attn.out_proj",
+             "mlp.0": "mlp.fc1", "mlp.2": "mlp.fc2"}
+    for key, value in state.items():
+        if not key.startswith("visual.") or key == "visual.head":
+            continue
+        rest = key[len("visual."):]
+        if rest == "cls_embedding":
+            out["embeddings.class_embedding"] = value.reshape(-1)
+        elif rest == "pos_embedding":
+            out["embeddings.position_embedding.weight"] = value.reshape(value.shape[-2], value.shape[-1])
+        elif rest == "patch_embedding.weight":
+            out["embeddings.patch_embedding.weight"] = value
+        elif rest.startswith("pre_norm."):
+            out["pre_layrnorm." + rest.split(".", 1)[1]] = value
+        elif rest.startswith("post_norm."):
+            out["post_layernorm." + rest.split(".", 1)[1]] = value
+        elif rest.startswith("transformer."):
+            _, i, sub = rest.split(".", 2)
+            mod, _, kind = sub.rpartition(".")
+            if mod == "attn.to_qkv":
+                for name, part in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, 0)):
+                    out[f"encoder.layers.{i}.self_attn.{name}.{kind}"] = part
+            else:
+                out[f"encoder.layers.{i}.{names.get(mod, mod)}.{kind}"] = value
+        else:
+            out[rest] = value
+    return out
+
+
 class TextEncoder:
     """UMT5 encoder + tokenizer producing Wan prompt embeddings ``[1, 512, dim]`` (zeros past the prompt)."""
 
@@ -53,13 +224,27 @@ class TextEncoder:
 
     @classmethod
     def from_pretrained(cls, path: str, *, device=None, dtype=torch.float32) -> "TextEncoder":
-        """Load UMT5 (transformers ``UMT5EncoderModel``) and its tokenizer from a checkpoint folder."""
+        """Load UMT5 (transformers ``UMT5EncoderModel``) and its tokenizer from a checkpoint folder: diffusers
+        (``text_encoder/`` + ``tokenizer/``), a transformers model folder, or an original Wan folder
+        (``models_t5_umt5-xxl-enc-bf16.pth`` + the tokenizer folder ``google/umt5-xxl``)."""
         from transformers import AutoTokenizer, UMT5EncoderModel
 
+        original = None if os.path.isdir(os.path.join(path, "text_encoder")) else find_original_file(path, T5_ORIGINAL_PREFIX)
+        if original is not None:
+            tok_dir = next((d for d in (os.path.join(path, T5_TOKENIZER_DIR), os.path.join(path, "tokenizer"))
+                            if os.path.isdir(d)), None)
+            if tok_dir is None:
+                raise ValueError(f"{original} found but no tokenizer folder {os.path.join(path, T5_TOKENIZER_DIR)}")
+            state = _read_state(original)
+            model = _load_into(UMT5EncoderModel, umt5_config_from_original(state), convert_umt5_original(state),
+                               dtype, f"UMT5 encoder ({original})")
+            del state
+            tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+            return cls(model.to(device) if device is not None else model, tokenizer)
         model_dir = _subfolder(path, "text_encoder")
-        if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        if _config_model_type(model_dir) not in ("umt5", "t5", "mt5"):
             raise ValueError(
-                f"no transformers text encoder in {path} (expected text_encoder/config.json); "
+                f"no text encoder in {path} (expected text_encoder/config.json or models_t5_umt5-xxl-enc-bf16.pth); "
                 "pass precomputed prompt embeddings instead (--prompt-embeds FILE.safetensors)")
         model = UMT5EncoderModel.from_pretrained(model_dir, torch_dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(_subfolder(path, "tokenizer"))
@@ -106,11 +291,22 @@ class ImageEncoder:
 
     @classmethod
     def from_pretrained(cls, path: str, *, device=None, dtype=torch.float32) -> "ImageEncoder":
+        """Load the CLIP vision tower from a diffusers folder (``image_encoder/``), a transformers model folder,
+        or an original Wan2.1 I2V folder (``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth``)."""
         from transformers import CLIPVisionModel
 
+        original = None if os.path.isdir(os.path.join(path, "image_encoder")) else find_original_file(path, CLIP_ORIGINAL_PREFIX)
+        if original is not None:
+            state = _read_state(original)
+            config = clip_vision_config_from_original(state)
+            model = _load_into(CLIPVisionModel, config, convert_clip_vision_original(state), dtype,
+                               f"CLIP vision ({original})")
+            del state
+            return cls(model.to(device) if device is not None else model, int(config.image_size))
         model_dir = _subfolder(path, "image_encoder")
-        if not os.path.isfile(os.path.join(model_dir, "config.json")):
-            raise ValueError(f"no CLIP vision encoder in {path} (expected image_encoder/config.json)")
+        if _config_model_type(model_dir) not in ("clip", "clip_vision_model"):
+            raise ValueError(f"no CLIP vision encoder in {path} (expected image_encoder/config.json or "
+                             "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth)")
         model = CLIPVisionModel.from_pretrained(model_dir, torch_dtype=dtype)
         return cls(model.to(device) if device is not None else model, int(model.config.image_size))
 

@@ -195,7 +195,9 @@ class SwiftI2VPipeline:
                     torch.cuda.empty_cache()
 
     def check_inputs(self, frames: int, width: int, height: int) -> None:
-        """``ValueError`` when the pipeline cannot produce a ``frames`` x ``width`` x ``height`` video."""
+        """Raise when the pipeline cannot produce a ``frames`` x ``width`` x ``height`` video: ``TypeError`` for a
+        non-int, ``ValueError`` for a value it cannot make (frames not ``4k + 1 >= 5``, sizes not multiples of
+        what the VAEs need)."""
         for name, v in (("frames", frames), ("width", width), ("height", height)):
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"{name} must be an int, got {type(v).__name__}")
@@ -217,16 +219,38 @@ class SwiftI2VPipeline:
                  step_mode: str = "renoise", output: str | None = None, fps: int = 16,
                  progress: bool = True, free_text_encoder: bool = False, guidance_scale: float | None = None,
                  negative_prompt: str = "", negative_prompt_embeds=None, image_embeds=None) -> GenerationResult:
-        """Generate a video from ``image`` (a path or a PIL image) and a prompt.
+        """Generate a video from ``image`` and a prompt.
 
-        ``prompt_embeds`` (a ``[1, L, dim]`` tensor or a safetensors path) replaces the text encoder.
-        ``guidance_scale``: classifier-free guidance in both stages (``None`` or 1.0: off, the default; the
-        4-step models are distilled without it); the unconditional branch uses ``negative_prompt`` (empty by
-        default) or ``negative_prompt_embeds``, and costs a second DiT call per step.
-        ``image_embeds``: CLIP image tokens ``[1, N, image_dim]`` for a Stage I DiT that takes them, in place of
-        the CLIP image encoder.
-        ``output``: write the mp4 there (decoded frames stream into the file). See the class and the CLI for
-        the other options. Returns a :class:`GenerationResult`.
+        Args:
+            image: a path or a PIL image (resized and centre-cropped to the output aspect).
+            prompt: the text prompt (needs the text encoder; ignored when ``prompt_embeds`` is given).
+            prompt_embeds: a float ``[1, L, text_dim]`` tensor or a safetensors path (tensor ``"prompt_embeds"``),
+                in place of the text encoder.
+            frames: output frames, ``4k + 1`` and ``>= 5`` (default 81).
+            width, height: output size in pixels (default 2560 x 1408); multiples of what both VAEs need
+                (:meth:`check_inputs` says). Stage I runs at a quarter of each side.
+            steps: sampling steps per stage (default 4); shift: flow-matching timestep shift (default 5.0).
+            segment_blocks: ``M``, latent frames per CSG segment (default 2); neighbors: ``(NL, NR)`` or
+                ``"NL,NR"``, clean neighbour latent frames each segment sees (default ``(1, 0)``).
+            stage2_kind: ``None`` (the pipeline's own) or the same kind it was built for.
+            joint: denoise all segments at once (clip-mode attention) instead of one window at a time.
+            start_sigma: the noise level each segment starts from, in ``(0, 1]`` (``"refine"`` kind only;
+                default 0.6).
+            seed: a non-negative int; the same seed gives the same video. step_mode: ``"renoise"`` or ``"euler"``.
+            output: write the mp4 there (decoded frames stream into a temporary file, renamed when complete).
+            fps: frame rate of the mp4, an int ``>= 1`` (default 16).
+            progress: show progress bars. free_text_encoder: drop the text encoder after encoding.
+            guidance_scale: classifier-free guidance in both stages (``None`` or 1.0: off, the default; the
+                4-step models are distilled without it); the unconditional branch uses ``negative_prompt``
+                (empty by default) or ``negative_prompt_embeds``, and costs a second DiT call per step.
+            image_embeds: CLIP image tokens ``[1, N, image_dim]`` for a Stage I DiT that takes them, in place of
+                the CLIP image encoder.
+
+        Returns:
+            a :class:`GenerationResult`: the video as a uint8 ``[frames, height, width, 3]`` tensor (``None``
+            when ``output`` is given), the output path, the Stage II latents, seconds per stage and peak memory.
+
+        Raises ``TypeError``/``ValueError`` naming the argument for bad input, before any model runs.
         """
         kind = stage2_kind or self.stage2_kind
         if kind != self.stage2_kind:
@@ -240,7 +264,25 @@ class SwiftI2VPipeline:
                 raise ValueError(f"guidance_scale must be a positive float or None, got {guidance_scale!r}")
             guidance_scale = None if float(guidance_scale) == 1.0 else float(guidance_scale)
         if not isinstance(negative_prompt, str):
-            raise ValueError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
+            raise TypeError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
+        if prompt_embeds is None and not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string (or pass prompt_embeds), got {type(prompt).__name__}")
+        for name, emb in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if emb is not None and not isinstance(emb, (str, os.PathLike)):
+                if not isinstance(emb, torch.Tensor) or not emb.is_floating_point():
+                    raise TypeError(f"{name} must be a float tensor or a safetensors path, got "
+                                    f"{getattr(emb, 'dtype', type(emb).__name__)}")
+        if isinstance(steps, bool) or not isinstance(steps, int):
+            raise TypeError(f"steps must be an int, got {type(steps).__name__}")
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        # checked for every kind, so a bad value is not silently ignored by the "swift" kind
+        if isinstance(start_sigma, bool) or not isinstance(start_sigma, (int, float)) or not 0 < start_sigma <= 1:
+            raise ValueError(f"start_sigma must be a number in (0, 1], got {start_sigma!r}")
+        if isinstance(fps, bool) or not isinstance(fps, int):
+            raise TypeError(f"fps must be an int, got {type(fps).__name__}")
+        if fps < 1:
+            raise ValueError(f"fps must be >= 1, got {fps}")
         if output is not None:
             from .video import check_output_path
 
@@ -261,8 +303,6 @@ class SwiftI2VPipeline:
         if prompt_embeds is None:
             if self.text_encoder is None:
                 raise ValueError("no text encoder loaded: pass prompt_embeds (a tensor or a safetensors file)")
-            if not isinstance(prompt, str):
-                raise ValueError("prompt must be a string")
             with self._on_device(self.text_encoder.model):
                 context = self.text_encoder.encode(prompt)
         elif isinstance(prompt_embeds, (str, os.PathLike)):

@@ -11,6 +11,7 @@ by a tile and a frame chunk, not by the clip. Decoded frames leave the device as
 from __future__ import annotations
 
 import os
+import re
 from typing import Iterator
 
 import torch
@@ -20,6 +21,94 @@ WAN21_CONFIG = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks
 WAN22_CONFIG = dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
                     temperal_downsample=[False, True, True], is_residual=True, patch_size=2,
                     scale_factor_spatial=16, in_channels=12, out_channels=12)
+
+# Per-channel latent statistics (latent = (mu - mean) / std). The original Wan ``.pth`` files do not store
+# them; they are constants of the Wan code: ``WanVAE.__init__`` in Wan-Video/Wan2.1 ``wan/modules/vae.py``
+# (16 values, also diffusers' ``AutoencoderKLWan`` defaults) and ``Wan2_2_VAE.__init__`` in
+# Wan-Video/Wan2.2 ``wan/modules/vae2_2.py`` (48 values, also ``latents_mean``/``latents_std`` of
+# Wan-AI/Wan2.2-TI2V-5B-Diffusers ``vae/config.json`` and diffusers' ``scripts/convert_wan_to_diffusers.py``).
+WAN21_LATENTS_MEAN = [
+    -0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
+    0.4134, -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921]
+WAN21_LATENTS_STD = [
+    2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
+    3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160]
+WAN22_LATENTS_MEAN = [
+    -0.2289, -0.0052, -0.1323, -0.2339, -0.2799, 0.0174, 0.1838, 0.1557,
+    -0.1382, 0.0542, 0.2813, 0.0891, 0.1570, -0.0098, 0.0375, -0.1825,
+    -0.2246, -0.1207, -0.0698, 0.5109, 0.2665, -0.2108, -0.2158, 0.2502,
+    -0.2055, -0.0322, 0.1109, 0.1567, -0.0729, 0.0899, -0.2799, -0.1230,
+    -0.0313, -0.1649, 0.0117, 0.0723, -0.2839, -0.2083, -0.0520, 0.3748,
+    0.0152, 0.1957, 0.1433, -0.2944, 0.3573, -0.0548, -0.1681, -0.0667]
+WAN22_LATENTS_STD = [
+    0.4765, 1.0364, 0.4514, 1.1677, 0.5313, 0.4990, 0.4818, 0.5013,
+    0.8158, 1.0344, 0.5894, 1.0901, 0.6885, 0.6165, 0.8454, 0.4978,
+    0.5759, 0.3523, 0.7135, 0.6804, 0.5833, 1.4146, 0.8986, 0.5659,
+    0.7069, 0.5338, 0.4889, 0.4917, 0.4069, 0.4999, 0.6866, 0.4093,
+    0.5709, 0.6065, 0.6415, 0.4944, 0.5726, 1.2042, 0.5458, 1.6887,
+    0.3971, 1.0600, 0.3943, 0.5537, 0.5444, 0.4089, 0.7468, 0.7744]
+
+# Sub-module names of the original Wan residual block (``residual`` is an nn.Sequential: RMS norm, SiLU,
+# conv, RMS norm, SiLU, dropout, conv) and their diffusers ``WanResidualBlock`` names.
+_RESIDUAL_NAMES = {"residual.0": "norm1", "residual.2": "conv1", "residual.3": "norm2", "residual.6": "conv2",
+                   "shortcut": "conv_shortcut"}
+
+
+def convert_wan22_vae_original(state: dict) -> dict:
+    """Rename the keys of an original Wan2.2 VAE state dict (``Wan2.2_VAE.pth``, ``vae2_2.py`` naming) to
+    diffusers' ``AutoencoderKLWan`` (``is_residual=True``) naming.
+
+    The Wan2.2 encoder stage ``i`` is ``encoder.downsamples.i.downsamples.j`` (residual blocks, then one
+    resample module); diffusers splits it into ``down_blocks.i.resnets.j`` and ``down_blocks.i.downsampler``
+    (the decoder likewise with ``upsamples``/``up_blocks``/``upsampler``). The parameter-free average
+    shortcuts have no keys. Unknown keys are kept as they are, so a wrong file fails the strict load.
+    """
+    top = {"conv1.": "quant_conv.", "conv2.": "post_quant_conv."}
+    out = {}
+    for key, value in state.items():
+        new = key
+        for a, b in top.items():
+            if key.startswith(a):
+                new = b + key[len(a):]
+        m = re.match(r"^(encoder|decoder)\.(.*)$", key)
+        if m:
+            part, rest = m.groups()
+            rest = re.sub(r"^conv1\.", "conv_in.", rest)
+            rest = re.sub(r"^head\.0\.", "norm_out.", rest)
+            rest = re.sub(r"^head\.2\.", "conv_out.", rest)
+            rest = re.sub(r"^middle\.1\.", "mid_block.attentions.0.", rest)
+            rest = re.sub(r"^middle\.([02])\.", lambda g: f"mid_block.resnets.{int(g.group(1)) // 2}.", rest)
+            st = re.match(r"^(downsamples|upsamples)\.(\d+)\.\1\.(\d+)\.(.*)$", rest)
+            if st:
+                kind, i, j, tail = st.groups()
+                blocks = "down_blocks" if kind == "downsamples" else "up_blocks"
+                if tail.startswith(("resample.", "time_conv.")):
+                    rest = f"{blocks}.{i}.{'downsampler' if kind == 'downsamples' else 'upsampler'}.{tail}"
+                else:
+                    rest = f"{blocks}.{i}.resnets.{j}.{tail}"
+            for a, b in _RESIDUAL_NAMES.items():
+                rest = re.sub(r"(^|\.)" + re.escape(a) + r"\.", lambda g, b=b: f"{g.group(1)}{b}.", rest)
+            new = f"{part}.{rest}"
+        out[new] = value
+    return out
+
+
+def _is_vae_config(path: str) -> bool:
+    """Whether ``path`` is a diffusers ``AutoencoderKLWan`` config (not, e.g., an original Wan DiT's config)."""
+    import json
+
+    if not os.path.isfile(path):
+        return False
+    try:
+        with open(path) as f:
+            return json.load(f).get("_class_name") == "AutoencoderKLWan"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _is_wan22_original(state: dict) -> bool:
+    """Wan2.2's VAE nests its stages (``encoder.downsamples.0.downsamples.0...``); Wan2.1's does not."""
+    return any(k.startswith("encoder.downsamples.0.downsamples.") for k in state)
 
 
 def _tiny_config(z_dim: int) -> dict:
@@ -102,9 +191,15 @@ class WanVAE:
         return cls(model, **kw)
 
     @classmethod
-    def from_pretrained(cls, path: str, *, device=None, dtype=torch.float32, **kw) -> "WanVAE":
+    def from_pretrained(cls, path: str, *, device=None, dtype=torch.float32, config: dict | None = None,
+                        **kw) -> "WanVAE":
         """Load from a diffusers folder (``config.json`` + weights, or a pipeline folder with ``vae/``) or an
-        original Wan VAE file (``Wan2.1_VAE.pth``, ``Wan2.2_VAE.pth``, or a folder holding one)."""
+        original Wan VAE file (``Wan2.1_VAE.pth``, ``Wan2.2_VAE.pth``, or a folder holding one).
+
+        ``config``: ``AutoencoderKLWan`` arguments for an original file whose architecture is not the public
+        one (default: :data:`WAN21_CONFIG` or :data:`WAN22_CONFIG`, told apart by the file's keys); the
+        latent statistics default to the public VAE's constants.
+        """
         from diffusers import AutoencoderKLWan
 
         if not os.path.exists(path):
@@ -112,29 +207,30 @@ class WanVAE:
         if os.path.isdir(path):
             if os.path.isfile(os.path.join(path, "vae", "config.json")):
                 path = os.path.join(path, "vae")
-            if os.path.isfile(os.path.join(path, "config.json")):
+            if _is_vae_config(os.path.join(path, "config.json")):
                 model = AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype)
                 return cls(model.to(device) if device is not None else model, **kw)
+            # An original Wan folder: its config.json (if any) is the DiT's, the VAE is a *VAE*.pth file.
             files = [f for f in sorted(os.listdir(path)) if "vae" in f.lower() and f.endswith((".pth", ".safetensors"))]
             if not files:
                 raise ValueError(f"no VAE found in {path} (expected vae/config.json or a *VAE*.pth file)")
             path = os.path.join(path, files[-1])
-        name = os.path.basename(path).lower()
-        if "2.2" in name or "2_2" in name:
-            # The 48 per-channel latent mean/std of the Wan2.2 VAE are not stored in its original file;
-            # they come with the diffusers config, so normalisation would silently be wrong here.
-            raise ValueError(
-                f"{path}: original-format Wan2.2 VAE files are not supported (they lack the latent "
-                "normalisation constants); pass the diffusers-format VAE folder (vae/config.json + weights)"
-            )
-        config = WAN21_CONFIG
-        # Original files: build the architecture and let diffusers convert the original key names.
+        # Original files: build the architecture and rename the original keys. The file's layout (not its
+        # name) tells Wan2.1 from Wan2.2; the latent statistics come from the constants above.
         from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
         from diffusers.models.modeling_utils import load_state_dict
 
-        state = load_state_dict(path)
-        model = AutoencoderKLWan(**config)
-        missing, unexpected = model.load_state_dict(convert_wan_vae_to_diffusers(state), strict=False)
+        try:
+            state = load_state_dict(path)
+        except Exception as exc:
+            raise ValueError(f"cannot read VAE checkpoint {path}: {exc}") from None
+        wan22 = _is_wan22_original(state)
+        arch = dict(config if config is not None else (WAN22_CONFIG if wan22 else WAN21_CONFIG))
+        arch.setdefault("latents_mean", WAN22_LATENTS_MEAN if wan22 else WAN21_LATENTS_MEAN)
+        arch.setdefault("latents_std", WAN22_LATENTS_STD if wan22 else WAN21_LATENTS_STD)
+        model = AutoencoderKLWan(**arch)
+        converted = convert_wan22_vae_original(state) if wan22 else convert_wan_vae_to_diffusers(state)
+        missing, unexpected = model.load_state_dict(converted, strict=False)
         if missing or unexpected:
             raise ValueError(f"{path} is not a Wan VAE checkpoint: missing keys {missing[:5]}..., "
                              f"unexpected keys {unexpected[:5]}...")

@@ -129,6 +129,8 @@ def _ok():
         (lambda a: a.__setitem__(4, 3), ValueError, "block_tokens"),
         (lambda a: a.__setitem__(4, 0), ValueError, "block_tokens"),
         (lambda a: a.__setitem__(4, 4.0), TypeError, "block_tokens"),
+        # head_dim 0: a named ValueError, not a ZeroDivisionError from the default scale
+        (lambda a: a.__setitem__(slice(0, 3), [t[..., :0] for t in a[:3]]), ValueError, "head_dim"),
     ],
 )
 def test_bad_inputs_raise_naming_the_argument(mutate, exc, word):
@@ -142,6 +144,14 @@ def test_bad_inputs_raise_naming_the_argument(mutate, exc, word):
 def test_bad_softmax_scale(scale, exc):
     with pytest.raises(exc, match="softmax_scale"):
         frame_block_attention(*_ok(), softmax_scale=scale)
+
+
+def test_numpy_int_block_tokens_is_an_int():
+    import numpy as np
+
+    q, k, v, mask, bt = _ok()
+    want = frame_block_attention(q, k, v, mask, bt, backend="torch")
+    assert torch.equal(frame_block_attention(q, k, v, mask, np.int64(bt), backend="torch"), want)
 
 
 def test_csg_attention_checks_layout_and_tokens():
@@ -165,7 +175,20 @@ def test_backend_selection(monkeypatch):
     monkeypatch.setenv("SWIFT_KERNELS_BACKEND", "nonsense")
     with pytest.raises(ValueError, match="SWIFT_KERNELS_BACKEND"):
         frame_block_attention(*args)
+    # A dtype the asked-for backend lacks is a TypeError (as in the other ops), a head_dim a ValueError,
+    # whether the backend comes from the argument or from the environment.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    _, _, _, mask, bt = args
+    q, k, v = _inputs(1, 2, 4, 2, 16, dtype=torch.float32)  # a head_dim the Triton kernels support
+    monkeypatch.setenv("SWIFT_KERNELS_BACKEND", "triton")
+    with pytest.raises(TypeError, match="dtype"):
+        frame_block_attention(q.double(), k.double(), v.double(), mask, bt)
     monkeypatch.delenv("SWIFT_KERNELS_BACKEND")
+    with pytest.raises(TypeError, match="dtype"):
+        frame_block_attention(q.double(), k.double(), v.double(), mask, bt, backend="triton")
+    with pytest.raises(ValueError, match="head_dim"):
+        frame_block_attention(q[..., :6], k[..., :6], v[..., :6], mask, bt, backend="triton")  # 6 unsupported
+    monkeypatch.delenv("TRITON_INTERPRET")
     # On a CPU the automatic choice is the reference, and it equals the explicit one.
     assert torch.equal(frame_block_attention(*args), frame_block_attention(*args, backend="torch"))
 

@@ -230,6 +230,24 @@ def test_bad_inputs():
     t2v = WanDiT(WanDiTConfig.preset("tiny-t2v"))
     with pytest.raises(ValueError, match="clip_fea"):
         t2v(torch.randn(1, 16, 1, 2, 2), t, ctx, clip)
+    # non-numeric timesteps and positions are named TypeErrors, not torch's "new(): invalid data type"
+    with pytest.raises(TypeError, match="timestep"):
+        model(x, "500", ctx, clip)
+    with pytest.raises(TypeError, match="frame_positions"):
+        model(x, t, ctx, clip, frame_positions="ab")
+
+
+def test_from_pretrained_checks_arguments(tmp_path):
+    with pytest.raises(TypeError, match="path"):
+        WanDiT.from_pretrained(5)
+    with pytest.raises(TypeError, match="dtype"):
+        WanDiT.from_pretrained(str(tmp_path), dtype="fp16")
+    with pytest.raises(TypeError, match="dtype"):
+        WanDiT.from_pretrained(str(tmp_path), dtype=torch.int8)
+    with pytest.raises(ValueError, match="device"):
+        WanDiT.from_pretrained(str(tmp_path), device="nowhere")
+    with pytest.raises(FileNotFoundError):
+        WanDiT.from_pretrained(str(tmp_path / "missing"))
 
 
 @pytest.mark.gpu

@@ -336,10 +336,66 @@ def test_validation_errors():
         qk_norm_rope(q, k, wq, wk, freqs[:-1])
     with pytest.raises(TypeError, match="freqs"):
         qk_norm_rope(q, k, wq, wk, freqs.half())
-    with pytest.raises(ValueError, match="k must match"):
+    with pytest.raises(TypeError, match="k must have the dtype of q"):
         qk_norm_rope(q, k.half(), wq, wk, freqs)
+    with pytest.raises(ValueError, match="k must have the shape of q"):
+        qk_norm_rope(q, k[:, :, :1], wq, wk, freqs)
     with pytest.raises(ValueError, match="power-of-two"):
         qk_norm_rope(q, k, wq, wk, freqs, backend="triton")
+
+
+def test_validation_names_the_argument():
+    """Non-tensors and bad scalars raise TypeError/ValueError naming the argument, before any device check."""
+    x, shift, scale, gate = _rand(2, 3, 8), _rand(2, 1, 8), _rand(2, 1, 8), _rand(2, 1, 8)
+    with pytest.raises(TypeError, match="shift"):
+        gated_residual(x, x, gate, shift=[0.0], scale=scale)
+    with pytest.raises(TypeError, match="scale"):
+        gated_residual(x, x, gate, shift=shift, scale="1")
+    with pytest.raises(TypeError, match="eps"):
+        adaln_modulate(x, shift, scale, True)
+    with pytest.raises(TypeError, match="eps"):
+        adaln_modulate(x, shift, scale, "1e-6")
+    for bad in (float("inf"), float("nan"), -1e-6):
+        with pytest.raises(ValueError, match="eps"):
+            adaln_modulate(x, shift, scale, bad)
+
+
+def test_env_backend_is_explicit(monkeypatch):
+    """SWIFT_KERNELS_BACKEND asks as firmly as the argument: an unmet request raises, it never falls back."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("SWIFT_KERNELS_BACKEND", "triton")
+    x, shift, scale = _rand(2, 3, 8, dtype=torch.float64), _rand(2, 1, 8), _rand(2, 1, 8)
+    with pytest.raises(TypeError, match="triton"):
+        adaln_modulate(x, shift, scale)
+    q, k, wq, wk = _qk_inputs(1, (1, 2, 2), 2, 12, torch.float32)
+    with pytest.raises(ValueError, match="power-of-two"):
+        qk_norm_rope(q, k, wq, wk, rope_table((1, 2, 2), 12))
+    monkeypatch.delenv("SWIFT_KERNELS_BACKEND")
+    out = adaln_modulate(x, shift, scale)  # automatic choice: float64 goes to the reference
+    assert out.dtype == torch.float64
+
+
+def test_rope_table_validation():
+    with pytest.raises(TypeError, match="grid"):
+        rope_table(5, 8)
+    with pytest.raises(TypeError, match="grid"):
+        rope_table((1.5, 2, 2), 8)
+    with pytest.raises(TypeError, match="head_dim"):
+        rope_table((1, 2, 2), True)
+    with pytest.raises(TypeError, match="theta"):
+        rope_table((1, 2, 2), 8, theta="big")
+    with pytest.raises(ValueError, match="theta"):
+        rope_table((1, 2, 2), 8, theta=float("nan"))
+    with pytest.raises(TypeError, match="frame_positions"):
+        rope_table((2, 2, 2), 8, frame_positions="ab")
+    with pytest.raises(ValueError, match="frame_positions"):
+        rope_table((2, 2, 2), 8, frame_positions=[0.0, float("nan")])
+    with pytest.raises(ValueError, match="device"):
+        rope_table((1, 2, 2), 8, device="nowhere")
+    import numpy as np
+
+    # integer-like sizes (NumPy ints, as from shapes) are ints
+    assert torch.equal(rope_table((np.int64(1), 2, 2), np.int64(8)), rope_table((1, 2, 2), 8))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -378,7 +434,7 @@ def test_gpu_dit_ops(dtype, gpu_device):
 
 # ----------------------------------------------------------------------------------------------
 # Without a GPU the interpreter cannot catch code the GPU compiler rejects: compile every kernel of
-# this issue ahead of time for Hopper (sm_90, bf16 and fp16) in a subprocess without the interpreter.
+# these ops ahead of time for Hopper (sm_90, bf16 and fp16) in a subprocess without the interpreter.
 # ----------------------------------------------------------------------------------------------
 
 _AOT_SCRIPT = r'''

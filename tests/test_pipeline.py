@@ -173,6 +173,26 @@ def test_pipeline_rejects_wrong_kind_and_sizes(tiny_pipe):
         tiny_pipe.check_inputs(5, 96, 64)
 
 
+@pytest.mark.parametrize(
+    "kwargs,exc,word",
+    [
+        (dict(fps=0), ValueError, "fps"),
+        (dict(steps=0), ValueError, "steps"),
+        (dict(start_sigma=5.0), ValueError, "start_sigma"),
+        (dict(fps=2.5), TypeError, "fps"),
+        (dict(prompt=5), TypeError, "prompt"),
+        (dict(negative_prompt=None), TypeError, "negative_prompt"),
+        (dict(prompt_embeds=[[0.0]]), TypeError, "prompt_embeds"),
+        (dict(prompt_embeds=torch.ones(1, 3, 32, dtype=torch.long)), TypeError, "prompt_embeds"),
+        (dict(guidance_scale=2.0, negative_prompt_embeds=[[0.0]]), TypeError, "negative_prompt_embeds"),
+    ],
+)
+def test_generate_rejects_bad_arguments_before_running(tiny_pipe, kwargs, exc, word):
+    kwargs = {"prompt": "a cat", **kwargs}
+    with pytest.raises(exc, match=word):
+        tiny_pipe.generate(_image(0), **kwargs, **SMALL)
+
+
 def test_tiny_pipeline_guidance(tiny_pipe):
     img = _image(2)
     base = tiny_pipe.generate(img, "a cat", seed=1, **SMALL)

@@ -342,6 +342,17 @@ def test_flow_step_validation():
         flow_step(x.transpose(3, 4), v.transpose(3, 4), 0.9, 0.5)
     with pytest.raises(ValueError, match="v is on"):
         flow_step(x, v.to("meta"), 0.9, 0.5)
+    with pytest.raises(ValueError, match="sigma <= 1"):
+        flow_step(x, v, 2.0, 0.5)
+    with pytest.raises(TypeError, match="seed"):
+        flow_step(x, v, 0.9, 0.5, seed=1.5)
+    with pytest.raises(TypeError, match="offset"):
+        flow_step(x, v, 0.9, 0.5, seed=1, offset=1.5)
+    # a non-tensor ref/out is named, not an AttributeError from the device check
+    with pytest.raises(TypeError, match="ref"):
+        flow_step(x, v, 0.9, 0.5, ref=[0.0])
+    with pytest.raises(TypeError, match="out"):
+        flow_step(x, v, 0.9, 0.5, out=[0.0])
     with pytest.raises(BackendUnavailableError):
         flow_step(x, v, 0.9, 0.5, backend="cuda")
 
@@ -399,3 +410,23 @@ def test_flow_step_opcheck():
         torch.ops.swift_kernels.flow_step_,
         (x, v, None, None, None, state, None, x0, 1, 0.9, 0.5, 1.0, 3, 0, "renoise", "torch"),
     )
+
+
+def test_flow_step_env_backend_is_explicit(monkeypatch):
+    """SWIFT_KERNELS_BACKEND=triton with float64 raises as backend='triton' does, instead of falling back."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("SWIFT_KERNELS_BACKEND", "triton")
+    x, v = (t.double() for t in _latent())
+    with pytest.raises(TypeError, match="triton"):
+        flow_step(x, v, 0.9, 0.5, seed=1)
+
+
+def test_flow_schedule_validation():
+    with pytest.raises(TypeError, match="shift"):
+        FlowSchedule(shift=True)
+    with pytest.raises(ValueError, match="shift"):
+        FlowSchedule(shift=float("inf"))
+    with pytest.raises(TypeError, match="timesteps"):
+        FlowSchedule("1000")
+    with pytest.raises(TypeError, match="timesteps"):
+        FlowSchedule(["a", "b"])

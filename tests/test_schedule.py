@@ -90,6 +90,17 @@ def test_allowed_pairs_counts_token_pairs():
     assert allowed_pairs(mask, 7) == 3 * 49
 
 
+def test_allowed_pairs_rejects_bad_arguments():
+    with pytest.raises(TypeError, match="block_mask"):
+        allowed_pairs(torch.ones(2, 2, dtype=torch.int64), 4)
+    with pytest.raises(TypeError, match="block_mask"):
+        allowed_pairs([[True]], 4)
+    with pytest.raises(TypeError, match="block_tokens"):
+        allowed_pairs(torch.ones(2, 2, dtype=torch.bool), 4.0)
+    with pytest.raises(ValueError, match="block_tokens"):
+        allowed_pairs(torch.ones(2, 2, dtype=torch.bool), 0)
+
+
 @pytest.mark.parametrize("density", [0.0, 1.0])
 def test_extremes(density):
     mask = torch.full((4, 4), bool(density))

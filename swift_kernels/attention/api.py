@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
+import operator
 
 import torch
 
 from .layout import CSGLayout
 from .._backend import (
-    ENV_VAR,
     BackendUnavailableError,
+    backend_is_explicit,
     backend_unavailable_reason,
     extension,
     resolve_backend,
@@ -34,14 +34,15 @@ def _backend_module(name: str):
     return importlib.import_module(_BACKEND_MODULES[name])
 
 
-def _unsupported(module, head_dim: int, dtype: torch.dtype) -> str | None:
-    """Why ``module`` cannot run this head_dim/dtype (None when it can)."""
+def _unsupported(module, head_dim: int, dtype: torch.dtype) -> tuple[type[Exception], str] | None:
+    """Why ``module`` cannot run this head_dim/dtype, as (the error type to raise, the reason); None when it can."""
     dims = getattr(module, "SUPPORTED_HEAD_DIMS", None)
     if dims is not None and head_dim not in dims:
-        return f"head_dim {head_dim} (supported: {tuple(dims)})"
+        return ValueError, f"head_dim {head_dim} (supported: {tuple(dims)})"
     dtypes = getattr(module, "SUPPORTED_DTYPES", None)
     if dtypes is not None and dtype not in dtypes:
-        return f"dtype {dtype} (supported: {tuple(dtypes)})"
+        # a dtype the backend lacks is a TypeError, as in the other ops
+        return TypeError, f"dtype {dtype} (supported: {tuple(dtypes)})"
     return None
 
 
@@ -58,7 +59,7 @@ def _choose_backend_for(backend, device, head_dim, dtype, empty) -> str:
     An explicit request (argument or ``SWIFT_KERNELS_BACKEND``) that cannot be met raises; the automatic
     choice falls back along CUDA extension -> Triton -> reference with a one-time warning.
     """
-    explicit = backend is not None or bool(os.environ.get(ENV_VAR))
+    explicit = backend_is_explicit(backend)
     name = resolve_backend(backend, device, op="frame_block_attention")
     if empty:
         return "torch"  # nothing to launch; the reference handles empty batches
@@ -81,7 +82,8 @@ def _choose_backend_for(backend, device, head_dim, dtype, empty) -> str:
                 )
             return candidate
         if candidate == name and explicit:
-            raise ValueError(f"frame_block_attention: backend {name!r} does not support {reason}")
+            error, why = reason
+            raise error(f"frame_block_attention: backend {name!r} does not support {why}")
     return "torch"
 
 
@@ -159,8 +161,8 @@ def _autograd_backward(ctx, dout, _dlse):
 _fba_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def _check_inputs(q, k, v, block_mask, block_tokens, softmax_scale) -> float:
-    """Validate the arguments of :func:`frame_block_attention`; returns the softmax scale."""
+def _check_inputs(q, k, v, block_mask, block_tokens, softmax_scale) -> tuple[int, float]:
+    """Validate the arguments of :func:`frame_block_attention`; returns (block_tokens, softmax scale)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -168,6 +170,8 @@ def _check_inputs(q, k, v, block_mask, block_tokens, softmax_scale) -> float:
             raise ValueError(f"{name} must be [batch, tokens, heads, head_dim], got shape {tuple(t.shape)}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if q.shape[-1] < 1:
+        raise ValueError(f"q must have head_dim >= 1, got shape {tuple(q.shape)}")
     for name, t in (("k", k), ("v", v)):
         if t.shape != q.shape:
             raise ValueError(f"{name} must have the shape of q {tuple(q.shape)}, got {tuple(t.shape)}")
@@ -175,8 +179,10 @@ def _check_inputs(q, k, v, block_mask, block_tokens, softmax_scale) -> float:
             raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
-    if isinstance(block_tokens, bool) or not isinstance(block_tokens, int):
+    # integer types other than int (NumPy's, from shapes) are accepted, as CSGLayout does
+    if isinstance(block_tokens, (bool, torch.Tensor)) or not hasattr(block_tokens, "__index__"):
         raise TypeError(f"block_tokens must be an int, got {type(block_tokens).__name__}")
+    block_tokens = operator.index(block_tokens)
     if block_tokens < 1:
         raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
     if not isinstance(block_mask, torch.Tensor):
@@ -195,12 +201,12 @@ def _check_inputs(q, k, v, block_mask, block_tokens, softmax_scale) -> float:
     if block_mask.device.type != "cpu" and block_mask.device != q.device:
         raise ValueError(f"block_mask must be on the CPU or on the device of q ({q.device}), got {block_mask.device}")
     if softmax_scale is None:
-        return q.shape[-1] ** -0.5
+        return block_tokens, q.shape[-1] ** -0.5
     if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
         raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
     if not math.isfinite(softmax_scale) or softmax_scale <= 0:
         raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale}")
-    return float(softmax_scale)
+    return block_tokens, float(softmax_scale)
 
 
 def frame_block_attention(q, k, v, block_mask, block_tokens, softmax_scale=None, backend=None):
@@ -218,8 +224,13 @@ def frame_block_attention(q, k, v, block_mask, block_tokens, softmax_scale=None,
 
     Returns:
         The attention output, same shape and dtype as ``q``; differentiable with respect to q, k and v.
+
+    Raises:
+        TypeError: a non-tensor, a non-float q/k/v, a non-bool block_mask, a dtype the requested backend lacks.
+        ValueError: mismatched shapes or devices, a bad block_tokens/softmax_scale, a head_dim the requested
+            backend lacks. ``BackendUnavailableError``: the requested backend cannot run here.
     """
-    scale = _check_inputs(q, k, v, block_mask, block_tokens, softmax_scale)
+    block_tokens, scale = _check_inputs(q, k, v, block_mask, block_tokens, softmax_scale)
     name = _choose_backend(backend, q)
     # Kernels need a unit stride in head_dim; everything else is passed through as strides.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -230,8 +241,16 @@ def frame_block_attention(q, k, v, block_mask, block_tokens, softmax_scale=None,
 def csg_attention(q, k, v, layout, softmax_scale=None, backend=None):
     """Attention laid out by a :class:`~swift_kernels.CSGLayout` (window, packed windows or whole clip).
 
-    Equal to ``frame_block_attention(q, k, v, layout.block_mask, layout.block_tokens, ...)``; ``q``, ``k``,
-    ``v`` are ``[batch, layout.num_tokens, heads, head_dim]``.
+    Equal to ``frame_block_attention(q, k, v, layout.block_mask, layout.block_tokens, softmax_scale, backend)``.
+
+    Args:
+        q, k, v: ``[batch, layout.num_tokens, heads, head_dim]`` tensors of one shape, dtype and device.
+        layout: the :class:`~swift_kernels.CSGLayout` of the sequence.
+        softmax_scale, backend: as in :func:`frame_block_attention` (defaults ``head_dim ** -0.5`` and the
+            automatic choice).
+
+    Returns:
+        The attention output, same shape and dtype as ``q``; differentiable with respect to q, k and v.
     """
     if not isinstance(layout, CSGLayout):
         raise TypeError(f"layout must be a CSGLayout, got {type(layout).__name__}")

@@ -154,5 +154,19 @@ def get_schedule(
 
 
 def allowed_pairs(block_mask: torch.Tensor, block_tokens: int) -> int:
-    """Number of (query token, key token) pairs the mask allows: the FLOP count's unit."""
+    """Number of (query token, key token) pairs a block mask allows: the FLOP count's unit.
+
+    Args:
+        block_mask: bool ``[n_blocks, n_blocks]`` (as for :func:`~swift_kernels.frame_block_attention`).
+        block_tokens: tokens per block, an int ``>= 1``.
+
+    Returns ``(allowed blocks) * block_tokens**2`` as a Python int (attention forward FLOPs are
+    ``4 * heads * head_dim * allowed_pairs`` per batch element).
+    """
+    if not isinstance(block_mask, torch.Tensor) or block_mask.dtype != torch.bool or block_mask.dim() != 2:
+        raise TypeError(f"block_mask must be a 2-D bool tensor, got {getattr(block_mask, 'dtype', type(block_mask).__name__)}")
+    if isinstance(block_tokens, bool) or not isinstance(block_tokens, int):
+        raise TypeError(f"block_tokens must be an int, got {type(block_tokens).__name__}")
+    if block_tokens < 1:
+        raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
     return int(block_mask.to(torch.int64).sum().item()) * int(block_tokens) ** 2

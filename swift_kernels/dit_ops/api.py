@@ -8,11 +8,12 @@ traces the op as one node.
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 
-from .._backend import resolve_backend
+from .._backend import backend_is_explicit, resolve_backend
 from . import reference as ref
 
 SUPPORTED_BACKENDS = ("torch", "triton")
@@ -70,15 +71,17 @@ def _check_out_dtype(out_dtype) -> None:
 
 
 def _check_eps(eps) -> float:
-    if not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative float, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__}")
+    if not 0 <= eps < math.inf:
+        raise ValueError(f"eps must be a non-negative finite float, got {eps!r}")
     return float(eps)
 
 
 def _resolve(backend, device, op, *tensors) -> str:
     chosen = resolve_backend(backend, device, supported=SUPPORTED_BACKENDS, op=op)
     if chosen == "triton" and any(t is not None and t.dtype not in TRITON_DTYPES for t in tensors):
-        if backend is None:
+        if not backend_is_explicit(backend):
             return "torch"  # automatic choice: float64 falls back to the reference
         raise TypeError(f"{op}: backend 'triton' supports {TRITON_DTYPES}, got a float64 tensor")
     return chosen
@@ -260,9 +263,12 @@ def adaln_modulate(
         x: ``[B, L, C]`` activations (fp16/bf16/fp32; fp64 through the reference), last dim contiguous.
         shift, scale: ``[B, 1, C]`` (per sample) or ``[B, L, C]`` (per token, Wan2.2), any float dtype,
             last dim contiguous (strided views such as ``e.chunk(6, dim=1)`` are fine).
-        eps: LayerNorm epsilon.
+        eps: LayerNorm epsilon (default 1e-6).
         out_dtype: dtype of the result (the GEMM input dtype); default ``x.dtype``.
-        backend: ``None | "torch" | "triton"`` (see :func:`swift_kernels._backend.resolve_backend`).
+        backend: ``None`` (``SWIFT_KERNELS_BACKEND`` if set, else Triton on a GPU and the reference on a
+            CPU; float64 goes to the reference) or ``"torch"`` / ``"triton"``. An explicit request (argument or
+            environment) that cannot run raises: ``BackendUnavailableError``, or ``TypeError`` for float64
+            on Triton.
 
     Statistics and math are fp32 (the result is rounded once). Differentiable w.r.t. x, shift, scale.
     Returns a contiguous ``[B, L, C]`` tensor.
@@ -294,7 +300,7 @@ def gated_residual(
         x: ``[B, L, C]`` residual stream; y: ``[B, L, C]`` branch output (any float dtype).
         gate: ``[B, 1, C]`` or ``[B, L, C]``.
         shift, scale: when both are given, the next block's modulation is computed in the same pass.
-        eps, out_dtype: as in :func:`adaln_modulate`.
+        eps, out_dtype, backend: as in :func:`adaln_modulate`.
 
     Returns ``new_x`` alone, or ``(new_x, adaln_modulate(new_x, shift, scale, eps, out_dtype=out_dtype))``
     when shift and scale are given; the modulation reads the *rounded* new_x, so the fused result equals
@@ -307,9 +313,12 @@ def gated_residual(
     if y.stride(-1) != 1 and y.shape[-1] > 1:
         raise ValueError(f"y must have a contiguous last dim (stride(-1) == 1), got strides {y.stride()}")
     _check_modulation("gate", gate, x)
-    _check_same_device("x", x, y=y, gate=gate, shift=shift, scale=scale)
     if (shift is None) != (scale is None):
         raise ValueError("shift and scale must be given together (or neither)")
+    if shift is not None:
+        _check_modulation("shift", shift, x)
+        _check_modulation("scale", scale, x)
+    _check_same_device("x", x, y=y, gate=gate, shift=shift, scale=scale)
     _check_out_dtype(out_dtype)
     eps = _check_eps(eps)
     if shift is None:
@@ -317,8 +326,6 @@ def gated_residual(
             raise ValueError("out_dtype applies to the fused modulation only; pass shift and scale too")
         chosen = _resolve(backend, x.device, "gated_residual", x, y, gate)
         return _gated_residual_op(x, y, gate, chosen)
-    _check_modulation("shift", shift, x)
-    _check_modulation("scale", scale, x)
     chosen = _resolve(backend, x.device, "gated_residual", x, y, gate, shift, scale)
     return _gated_residual_adaln_op(x, y, gate, shift, scale, eps, out_dtype, chosen)
 
@@ -339,9 +346,11 @@ def qk_norm_rope(
         q, k: ``[B, L, H, D]``, same shape/dtype/device, last dim contiguous; other strides are free (a
             view of the ``[B, L, H*D]`` projection output is typical).
         weight_q, weight_k: RMSNorm weights ``[H*D]``.
-        freqs: float32 (cos, sin) table ``[L, D//2, 2]`` or ``[B, L, D//2, 2]`` (see
-            :func:`swift_kernels.dit_ops.rope.rope_table`); pairs are adjacent elements (2i, 2i+1).
-        eps: RMSNorm epsilon.
+        freqs: float32 (or float64) (cos, sin) table ``[L, D//2, 2]``, ``[1, L, D//2, 2]`` or
+            ``[B, L, D//2, 2]`` (see :func:`swift_kernels.rope_table`); pairs are adjacent elements (2i, 2i+1).
+        eps: RMSNorm epsilon (default 1e-6).
+        backend: as in :func:`adaln_modulate`; the automatic choice also takes the reference for a head dim
+            that is not a power of two, an explicit ``"triton"`` raises ``ValueError`` there.
 
     Math in fp32; the normalised value is rounded to the input dtype before the weight, as
     ``WanRMSNorm`` does. Returns ``(q_out, k_out)`` contiguous ``[B, L, H, D]`` in the input dtype.
@@ -349,8 +358,10 @@ def qk_norm_rope(
     """
     _check_tensor("q", q, 4)
     _check_tensor("k", k, 4)
-    if k.shape != q.shape or k.dtype != q.dtype:
-        raise ValueError(f"k must match q in shape and dtype: q {tuple(q.shape)} {q.dtype}, k {tuple(k.shape)} {k.dtype}")
+    if k.shape != q.shape:
+        raise ValueError(f"k must have the shape of q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if k.dtype != q.dtype:
+        raise TypeError(f"k must have the dtype of q ({q.dtype}), got {k.dtype}")
     B, L, H, D = q.shape
     if D % 2:
         raise ValueError(f"head dim of q must be even for RoPE pairs, got {D}")
@@ -370,7 +381,7 @@ def qk_norm_rope(
     eps = _check_eps(eps)
     chosen = _resolve(backend, q.device, "qk_norm_rope", q, k, weight_q, weight_k)
     if chosen == "triton" and (D & (D - 1)):
-        if backend is None:
+        if not backend_is_explicit(backend):
             chosen = "torch"
         else:
             raise ValueError(f"qk_norm_rope: backend 'triton' needs a power-of-two head dim, got {D}")

@@ -1,7 +1,7 @@
 """PyTorch references of the fused DiT elementwise ops (the truth the kernels are tested against).
 
 All math is done in float32 (or in the dtype of the inputs when that is wider, e.g. float64 in tests);
-results are cast once at the end. The rounding points follow the Wan block where the issue asks for it:
+results are cast once at the end. The rounding points follow the Wan block where its numbers depend on them:
 ``qk_norm_rope`` rounds the RMS-normalised activations to the input dtype before the weight, as
 ``WanRMSNorm`` does (``self._norm(x.float()).type_as(x) * self.weight``).
 """

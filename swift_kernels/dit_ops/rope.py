@@ -9,9 +9,21 @@ table is computed in float64 and stored as float32 (cos, sin).
 
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Sequence
 
 import torch
+
+
+def _as_int(value, name: str) -> int:
+    """``value`` as an int (NumPy and other integer types too); bools, floats, strings raise TypeError."""
+    if isinstance(value, (bool, torch.Tensor)):
+        raise TypeError(f"{name} must hold ints, got {type(value).__name__}")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must hold ints, got {type(value).__name__}") from None
 
 
 def rope_split(head_dim: int) -> tuple[int, int, int]:
@@ -36,25 +48,47 @@ def rope_table(
 ) -> torch.Tensor:
     """The (cos, sin) RoPE table of a ``grid = (F, Hh, Ww)`` of patches: float32 ``[F*Hh*Ww, head_dim//2, 2]``.
 
-    ``frame_positions`` (length F) gives the temporal position of each frame; by default ``0..F-1``.
-    CSG windows pass the clip positions of their blocks (e.g. anchor 0, then 5, 6, 7, 8), so a window
-    sees the same relative positions as the whole clip would.
+    Args:
+        grid: three positive ints, the patch grid (frames, height, width); tokens are ordered f, h, w.
+        head_dim: the (even, ``>= 6``) head dim the table rotates.
+        frame_positions: the temporal position of each of the F frames (finite numbers); default ``0..F-1``.
+            CSG windows pass the clip positions of their blocks (e.g. anchor 0, then 5, 6, 7, 8), so a
+            window sees the same relative positions as the whole clip would.
+        theta: the RoPE base (default 10000, as Wan).
+        device: where to put the table (default: the CPU).
+
+    Returns the float32 table on ``device``; pairs of a head are (2i, 2i+1), ``[..., 0]`` is cos.
     """
+    if isinstance(grid, (str, bytes)) or not isinstance(grid, Sequence) and not isinstance(grid, torch.Size):
+        raise TypeError(f"grid must be a sequence (frames, height, width) of ints, got {type(grid).__name__}")
     if len(grid) != 3:
         raise ValueError(f"grid must be (frames, height, width) in patches, got {tuple(grid)}")
-    F, Hh, Ww = (int(g) for g in grid)
+    F, Hh, Ww = (_as_int(g, "grid") for g in grid)
     if min(F, Hh, Ww) < 1:
         raise ValueError(f"grid sizes must be positive, got {tuple(grid)}")
-    if not isinstance(head_dim, int) or head_dim < 6 or head_dim % 2:
+    head_dim = _as_int(head_dim, "head_dim")
+    if head_dim < 6 or head_dim % 2:
         raise ValueError(f"head_dim must be an even int >= 6, got {head_dim!r}")
-    if theta <= 0:
-        raise ValueError(f"theta must be positive, got {theta}")
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)):
+        raise TypeError(f"theta must be a float, got {type(theta).__name__}")
+    if not 0 < theta < math.inf:
+        raise ValueError(f"theta must be positive and finite, got {theta}")
+    if device is not None:
+        try:
+            device = torch.device(device)
+        except (RuntimeError, TypeError) as exc:
+            raise ValueError(f"device must name a torch device, got {device!r}") from exc
     if frame_positions is None:
         tpos = torch.arange(F, dtype=torch.float64)
     else:
-        tpos = torch.as_tensor(frame_positions, dtype=torch.float64).flatten().cpu()
+        try:
+            tpos = torch.as_tensor(frame_positions, dtype=torch.float64).flatten().cpu()
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"frame_positions must be numbers (one per frame), got {frame_positions!r}") from exc
         if tpos.numel() != F:
             raise ValueError(f"frame_positions must have {F} entries (one per frame), got {tpos.numel()}")
+        if not torch.isfinite(tpos).all():
+            raise ValueError(f"frame_positions must be finite, got {tpos.tolist()}")
     nt, nh, nw = rope_split(head_dim)
     at = _angles(tpos, nt, theta)  # [F, nt/2]
     ah = _angles(torch.arange(Hh), nh, theta)  # [Hh, nh/2]

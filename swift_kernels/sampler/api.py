@@ -7,7 +7,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .._backend import resolve_backend
+from .._backend import backend_is_explicit, resolve_backend
 from . import reference as ref_impl
 
 SUPPORTED_BACKENDS = ("torch", "triton")
@@ -77,7 +77,7 @@ def flow_step(
     All input tensors must be contiguous and on one device.
 
     Args:
-        sigma, sigma_next: noise levels of this step and the next, ``0 <= sigma_next <= sigma``
+        sigma, sigma_next: noise levels of this step and the next, ``0 <= sigma_next <= sigma <= 1``
             (Python floats or one-element tensors, e.g. from :class:`FlowSchedule`).
         mode: ``"renoise"`` (DMD-style, fresh noise) or ``"euler"`` (deterministic).
         seed, offset: the noise of element i (flat index into x) is ``randn(seed, i + offset)``, a
@@ -98,7 +98,10 @@ def flow_step(
             x itself for an in-place update). With ``ref``: the model-input buffer
             ``[B, C + C_ref, F, H, W]``. Default: new tensors (model input in x.dtype).
         return_x0: also return x0 (in x.dtype).
-        backend: ``None | "torch" | "triton"``.
+        backend: ``None`` (``SWIFT_KERNELS_BACKEND`` if set, else Triton on a GPU and the reference on a
+            CPU; float64 goes to the reference) or ``"torch"`` / ``"triton"``. An explicit request (argument or
+            environment) that cannot run raises: ``BackendUnavailableError``, or ``TypeError`` for float64
+            on Triton.
 
     Returns:
         The new state tensor when neither ``ref`` nor ``return_x0`` is given; otherwise a
@@ -114,8 +117,8 @@ def flow_step(
         raise ValueError("x must not be empty")
     sigma = _as_float("sigma", sigma)
     sigma_next = _as_float("sigma_next", sigma_next)
-    if not 0.0 <= sigma_next <= sigma:
-        raise ValueError(f"need 0 <= sigma_next <= sigma, got sigma={sigma}, sigma_next={sigma_next}")
+    if not 0.0 <= sigma_next <= sigma <= 1.0:
+        raise ValueError(f"need 0 <= sigma_next <= sigma <= 1, got sigma={sigma}, sigma_next={sigma_next}")
     if mode not in ("renoise", "euler"):
         raise ValueError(f"mode must be 'renoise' or 'euler', got {mode!r}")
     if (v_uncond is None) != (guidance is None):
@@ -125,7 +128,9 @@ def flow_step(
         if v_uncond.shape != x.shape:
             raise ValueError(f"v_uncond must have the shape of x {tuple(x.shape)}, got {tuple(v_uncond.shape)}")
         guidance = _as_float("guidance", guidance)
-    if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise TypeError(f"offset must be an int, got {type(offset).__name__}")
+    if offset < 0:
         raise ValueError(f"offset must be a non-negative int, got {offset!r}")
     if offset + x.numel() > _SEED_LIMIT:
         raise ValueError(f"offset + x.numel() must stay below 2**63, got offset={offset}")
@@ -134,9 +139,14 @@ def flow_step(
             seed = int(torch.randint(0, _SEED_LIMIT - 1, (), dtype=torch.int64).item())
     if seed is None:
         seed = 0
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < _SEED_LIMIT:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
+    if not 0 <= seed < _SEED_LIMIT:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
 
+    for name, t in (("ref", ref), ("out", out)):
+        if t is not None:
+            _check_float_tensor(name, t)
     tensors = {"v": v, "v_uncond": v_uncond, "ref": ref, "out": out}
     for name, t in tensors.items():
         if t is not None and t.device != x.device:
@@ -201,7 +211,7 @@ def flow_step(
     chosen = resolve_backend(backend, x.device, supported=SUPPORTED_BACKENDS, op="flow_step")
     floats = [t for t in (x, v, v_uncond, ref, out) if t is not None]
     if chosen == "triton" and any(t.dtype not in _TRITON_FLOATS for t in floats):
-        if backend is not None:
+        if backend_is_explicit(backend):
             raise TypeError("flow_step: backend 'triton' supports fp16/bf16/fp32 tensors, got float64")
         chosen = "torch"
 

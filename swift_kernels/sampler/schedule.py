@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -23,9 +24,11 @@ class FlowSchedule:
     """
 
     def __init__(self, timesteps: Sequence[float] = (1000, 750, 500, 250), shift: float = 5.0):
+        if isinstance(timesteps, (str, bytes)):
+            raise TypeError(f"timesteps must be a sequence of numbers, got {type(timesteps).__name__}")
         try:
             ts = [float(t) for t in timesteps]
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise TypeError(f"timesteps must be a sequence of numbers, got {timesteps!r}") from exc
         if not ts:
             raise ValueError("timesteps must not be empty")
@@ -33,8 +36,10 @@ class FlowSchedule:
             raise ValueError(f"timesteps must lie in (0, 1000], got {ts}")
         if any(b >= a for a, b in zip(ts, ts[1:])):
             raise ValueError(f"timesteps must be strictly decreasing, got {ts}")
-        if not isinstance(shift, (int, float)) or not shift > 0:
-            raise ValueError(f"shift must be a positive number, got {shift!r}")
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)):
+            raise TypeError(f"shift must be a number, got {type(shift).__name__}")
+        if not 0 < shift < math.inf:
+            raise ValueError(f"shift must be positive and finite, got {shift!r}")
         self.shift = float(shift)
         s = torch.tensor(ts, dtype=torch.float64) / 1000.0
         self.sigmas = self.shift * s / (1.0 + (self.shift - 1.0) * s)
