@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# Build, GPU tests and benchmarks on a GPU machine, in phases that each fit a 10-minute device call.
+# Build, GPU tests and benchmarks on a GPU machine, in phases that each aim to finish within 10 minutes.
 #
 #   bash benchmarks/run_gpu.sh                          # everything, in order (a machine without time limits)
 #   PHASE=build,test bash benchmarks/run_gpu.sh         # some phases, in the order given (or: run_gpu.sh build,test)
 #   PHASE=bench-attention-fwd CALL_BUDGET_S=570 bash benchmarks/run_gpu.sh
 #
-# Everything goes under $OUT (default ./gpu-out). A device call returns at most 8 files: every phase writes at
-# most 3 (listed below), plus environment.json and build.log once per call, so run at most two phases per call.
+# Everything goes under $OUT (default ./gpu-out): every phase writes at most 3 files (listed below), plus
+# environment.json and build.log once per invocation.
 #
 # Phase plan (estimates for one H100 with 16 CPU cores; nothing here has been measured yet):
 #
@@ -36,10 +36,10 @@
 #                         interpreter): API drift of an older torch/Triton
 #
 # Aliases: all (every phase above, in order), bench-attention (fwd then bwd), bench-ops-dit, bench-pipeline
-# (81, 161, 241). For a 30-minute device budget, in priority order, calls back to back (a machine is given back
-# 30 s after a call ends, and a fresh one must rebuild): 1) build,test  2) bench-attention-fwd,bench-ops
-# 3) bench-attention-bwd  4) bench-dit,bench-pipeline-81 if time is left. Set CALL_BUDGET_S (e.g. 570) so that
-# the call returns before the 10-minute kill: phases then get the time left, a phase that runs out is stopped
+# (81, 161, 241). When GPU time is short, in priority order, invocations back to back on one machine (a fresh
+# machine must rebuild): 1) build,test  2) bench-attention-fwd,bench-ops  3) bench-attention-bwd
+# 4) bench-dit,bench-pipeline-81 if time is left. Set CALL_BUDGET_S (e.g. 570) so that an invocation returns
+# before a 10-minute limit: phases then get the time left, a phase that runs out is stopped
 # (SIGINT), the next ones are skipped, and benchmarks already finished are kept in the phase's .jsonl (one line
 # per benchmark, written as each finishes).
 #
@@ -49,7 +49,7 @@ cd "$(dirname "$0")/.."
 SRC="$PWD"
 OUT="${OUT:-$PWD/gpu-out}"
 mkdir -p "$OUT"
-# build/ is git-ignored, so on a warm device machine it survives from one call to the next.
+# build/ is git-ignored, so on a machine that is kept between invocations it survives from one to the next.
 STATE="${SWIFT_GPU_STATE:-$SRC/build/gpu-state}"
 mkdir -p "$STATE"
 PY="${PYTHON:-python}"
