@@ -130,6 +130,20 @@ def _fwd_tiles(
 
 
 @triton.jit
+def _query_tile_coords(H, L, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Where a (query tile, batch*head) program works: tile and batch*head ids, batch and head (64-bit,
+    for pointer arithmetic), the tile's first row, its row and head-dim offsets, and which rows exist."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    start_m = pid_m.to(tl.int64) * BLOCK_M
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
+    return pid_m, pid_bh, b, h, start_m, offs_m, offs_d, offs_m < L
+
+
+@triton.jit
 def fwd_kernel(
     Q, K, V, Out, Lse, mask_tab, indptr, num_full, indices,
     stride_qb, stride_ql, stride_qh,
@@ -141,14 +155,7 @@ def fwd_kernel(
     PRECISION: tl.constexpr,
 ):
     """One program per (query tile, batch*head): out and lse of BLOCK_M query rows."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    start_m = pid_m.to(tl.int64) * BLOCK_M
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    in_m = offs_m < L
+    pid_m, pid_bh, b, h, start_m, offs_m, offs_d, in_m = _query_tile_coords(H, L, BLOCK_M, HEAD_DIM)
 
     # 64-bit base offsets: batch * tokens * heads * head_dim can pass 2**31 at 2K.
     q_ptrs = Q + b * stride_qb + h * stride_qh + start_m * stride_ql \
@@ -341,14 +348,7 @@ def bwd_dq_kernel(
     PRECISION: tl.constexpr,
 ):
     """One program per (query tile, batch*head): dQ of BLOCK_M queries, walking the forward schedule."""
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
-    start_m = pid_m.to(tl.int64) * BLOCK_M
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    in_m = offs_m < L
+    pid_m, pid_bh, b, h, start_m, offs_m, offs_d, in_m = _query_tile_coords(H, L, BLOCK_M, HEAD_DIM)
     rows = start_m + tl.arange(0, BLOCK_M)[:, None]
 
     q = tl.load(Q + b * stride_qb + h * stride_qh + rows * stride_ql + offs_d[None, :], mask=in_m[:, None], other=0.0)
