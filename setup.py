@@ -8,7 +8,9 @@ Environment switches:
     SWIFT_KERNELS_NO_CUDA=1       never build the extension
     SWIFT_KERNELS_CUDA_ARCHS=...  the GPU architectures to compile for, separated by ';' or ',' (default
                                   "80;90a": the sm_80 cubin also runs on sm_86/sm_89); entries of
-                                  TORCH_CUDA_ARCH_LIST (e.g. "8.9;9.0a") are added to them
+                                  TORCH_CUDA_ARCH_LIST (e.g. "8.9;9.0a") are added to them; 90a also
+                                  builds the Hopper TMA + wgmma forward (used at run time only with
+                                  SWIFT_KERNELS_HOPPER=1 until verified on a GPU)
     SWIFT_KERNELS_NO_BACKWARD=1   leave the attention backward kernels out (a shorter build; the extension
                                   then has no ``bwd`` and autograd falls back to another backend)
 """
@@ -124,6 +126,10 @@ def _extension_build():
         + (" (no backward)" if no_backward else "")
     )
     defines = ["-DSWIFT_KERNELS_NO_BACKWARD"] if no_backward else []
+    # The Hopper forward (csrc/attention/fba_fwd_sm90.cu: TMA + wgmma) has a body only in the sm_90a pass;
+    # every other arch compiles it as an empty stub. The host side learns that sm_90a was built from this
+    # define (the extension's HAS_SM90).
+    nvcc_defines = ["-DSWIFT_KERNELS_SM90A"] if "90a" in archs else []
     # Explicit -gencode flags: torch.utils.cpp_extension then adds none of its own (it would otherwise
     # compile for every arch of TORCH_CUDA_ARCH_LIST or of the local GPU, which CI does not have).
     gencode = []
@@ -136,7 +142,7 @@ def _extension_build():
         extra_compile_args={
             # torch's headers need C++20; the .cu files include no torch header and build as C++17.
             "cxx": ["-O3", "-std=c++20"] + defines,
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + defines + gencode,
+            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"] + defines + nvcc_defines + gencode,
         },
     )
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}

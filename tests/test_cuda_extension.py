@@ -4,7 +4,8 @@ On a CPU-only machine: the package imports without the extension, and, when the 
 (CI compiles it), it loads, exposes its ops, and validates arguments before touching a GPU. On a GPU
 (tests marked ``gpu``): forward and backward against the fp32 PyTorch reference with the FlashAttention
 error rule of DESIGN.md, for both dtypes and head dims, blocks that straddle tiles, random masks, query
-rows with no allowed key, batch and heads > 1, misaligned inputs, and bad arguments.
+rows with no allowed key, batch and heads > 1, misaligned inputs, and bad arguments. The Hopper forward
+(``fwd_sm90``, opt-in with ``SWIFT_KERNELS_HOPPER=1``) gets the same forward checks on a 9.x device.
 
 Under the sanitizers, on a GPU:
     compute-sanitizer --tool memcheck  python -m pytest tests/test_cuda_extension.py -m gpu -x -q
@@ -261,3 +262,88 @@ def test_bad_inputs_raise():
         ext.fwd(q, q, q, m8, block_tokens, 0.125, sched.indptr[:-1], sched.num_full, sched.indices)
     with pytest.raises(TypeError, match="q_indices must be int32"):
         ext.fwd(q, q, q, m8, block_tokens, 0.125, sched.indptr, sched.num_full, sched.indices.long())
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Hopper (sm_90a: TMA + wgmma) forward, opt-in with SWIFT_KERNELS_HOPPER=1 until verified on a GPU.
+
+
+@needs_ext
+def test_extension_exposes_sm90_forward():
+    """HAS_SM90 says whether the sm_90a kernel was compiled; fwd_sm90 and its tile sizes exist either way."""
+    ext = extension()
+    assert isinstance(ext.HAS_SM90, bool)
+    assert callable(ext.fwd_sm90)
+    for d in (64, 128):
+        assert tuple(ext.sm90_tile_sizes(d)) == (128, 128)
+    with pytest.raises(ValueError, match="head_dim"):
+        ext.sm90_tile_sizes(96)
+    q = torch.randn(1, 256, 2, 64, dtype=torch.float16)
+    idx = torch.zeros(3, dtype=torch.int32)
+    with pytest.raises(ValueError, match="q must be a CUDA tensor"):
+        ext.fwd_sm90(q, q, q, torch.ones(2, 2, dtype=torch.int8), 128, 0.125, idx, idx[:2], idx)
+
+
+def _needs_hopper():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip(f"the sm_90a kernel needs a compute capability 9.x device, got {torch.cuda.get_device_capability()}")
+    if not extension().HAS_SM90:
+        pytest.skip("swift_kernels._C was built without sm_90a (SWIFT_KERNELS_CUDA_ARCHS)")
+
+
+@pytest.mark.gpu
+@needs_ext
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("batch,blocks,block_tokens,heads", CASES)
+def test_sm90_forward_vs_reference(batch, blocks, block_tokens, heads, dtype, head_dim, monkeypatch):
+    from swift_kernels.attention import cuda_backend
+
+    _needs_hopper()
+    monkeypatch.setenv("SWIFT_KERNELS_HOPPER", "1")
+    q, k, v, _, gen = _inputs(batch, blocks, block_tokens, heads, head_dim, dtype, seed=blocks * 13 + head_dim)
+    assert cuda_backend._use_hopper(extension(), q)
+    mask = _random_mask(blocks, gen)
+    scale = head_dim**-0.5
+
+    _poison_allocator(8 * q.numel() * 4)
+    out, lse = cuda_backend.forward(q, k, v, mask, block_tokens, scale)
+    ref_out, ref_lse = reference.forward(q.float(), k.float(), v.float(), mask, block_tokens, scale)
+    low_out = reference.dense_attention(q, k, v, mask, block_tokens, scale)
+    assert out.dtype == dtype and out.shape == q.shape
+    _check_rule("out (sm90)", out, ref_out, low_out, dtype)
+
+    assert lse.dtype == torch.float32 and lse.shape == (batch, heads, q.shape[1])
+    row_empty = (~mask.any(dim=1)).repeat_interleave(block_tokens).to("cuda")
+    assert row_empty.any()
+    assert torch.isneginf(lse[:, :, row_empty]).all()
+    assert (out[:, row_empty] == 0).all()
+    assert torch.isfinite(lse[:, :, ~row_empty]).all()
+    torch.testing.assert_close(lse[:, :, ~row_empty], ref_lse[:, :, ~row_empty], atol=2e-2, rtol=0)
+
+
+@pytest.mark.gpu
+@needs_ext
+def test_sm90_strided_inputs_and_default_off(monkeypatch):
+    """q, k, v as strided views of one packed [B, L, 3, H, D] buffer (TMA row stride 3 * H * D), single batch
+    and head (size-1 dimensions); and without SWIFT_KERNELS_HOPPER the sm_90a kernel is not used."""
+    from swift_kernels.attention import cuda_backend
+
+    _needs_hopper()
+    dtype, head_dim, block_tokens, blocks = torch.bfloat16, 128, 200, 3
+    gen = torch.Generator().manual_seed(5)
+    mask = _random_mask(blocks, gen, empty_rows=0)
+    packed = torch.randn(1, blocks * block_tokens, 3, 1, head_dim, generator=gen).to("cuda", dtype)
+    q, k, v = packed.unbind(dim=2)
+    assert not q.is_contiguous()
+    monkeypatch.delenv("SWIFT_KERNELS_HOPPER", raising=False)
+    assert not cuda_backend._use_hopper(extension(), q)
+    monkeypatch.setenv("SWIFT_KERNELS_HOPPER", "1")
+    assert cuda_backend._use_hopper(extension(), q)
+    out, lse = cuda_backend.forward(q, k, v, mask, block_tokens, head_dim**-0.5)
+    ref_out, ref_lse = reference.forward(q.float(), k.float(), v.float(), mask, block_tokens, head_dim**-0.5)
+    low_out = reference.dense_attention(q, k, v, mask, block_tokens, head_dim**-0.5)
+    _check_rule("out (sm90, strided)", out, ref_out, low_out, dtype)
+    torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=0)

@@ -10,6 +10,13 @@
 //       mask_i8: int8 [n_blocks, n_blocks] (nonzero = allowed); q_*: the by_query CSR (int32) of a schedule
 //       built with tile_sizes(D). Returns out [B, L, H, D] (q's dtype, contiguous) and lse fp32 [B, H, L]
 //       (natural log; -inf and a zero output row for a query with no allowed key).
+//   sm90_tile_sizes(head_dim) -> (tile_q, tile_k)
+//       the tiles of the schedule that fwd_sm90 walks.
+//   fwd_sm90(q, k, v, mask_i8, block_tokens, scale, q_indptr, q_num_full, q_indices) -> (out, lse)
+//       the Hopper (sm_90a: TMA + wgmma) forward, the same arguments and results as fwd, with q_* the
+//       by_query CSR of a schedule built with sm90_tile_sizes(D). Raises RuntimeError when the module was
+//       not compiled for sm_90a (HAS_SM90 is False) or the device is not compute capability 9.x.
+//       Opt-in until verified on a GPU (see swift_kernels/attention/cuda_backend.py).
 //   bwd(dout, q, k, v, out, lse, mask_i8, block_tokens, scale,
 //       q_indptr, q_num_full, q_indices, k_indptr, k_num_full, k_indices) -> (dq, dk, dv)
 //       q_*: as for fwd; k_*: the by_key CSR of a schedule built with bwd_tile_sizes(D).
@@ -26,6 +33,7 @@
 #include <tuple>
 
 #include "fba_launch.h"
+#include "fba_sm90.h"
 
 namespace sa = swift_kernels::attention;
 
@@ -61,6 +69,16 @@ at::Tensor aligned(const at::Tensor& t) {
   const bool ok = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0 && t.stride(0) % 8 == 0 &&
                   t.stride(1) % 8 == 0 && t.stride(2) % 8 == 0;
   return ok ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+// The TMA descriptors of the sm_90a kernel also need a positive stride in every dimension longer than 1
+// (an expanded tensor has stride 0 there): copy such tensors too.
+at::Tensor tma_ready(const at::Tensor& t) {
+  const at::Tensor a = aligned(t);
+  for (int d = 0; d < 3; ++d) {
+    if (a.size(d) > 1 && a.stride(d) <= 0) return a.clone(at::MemoryFormat::Contiguous);
+  }
+  return a;
 }
 
 sa::Strides4 strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
@@ -129,19 +147,23 @@ void guarded(F&& f) {
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
-                                       const at::Tensor& mask, int64_t block_tokens, double scale,
-                                       const at::Tensor& q_indptr, const at::Tensor& q_num_full,
-                                       const at::Tensor& q_indices) {
+// The forward of both kernels (sm90 selects the Hopper one; its schedule has query tiles of kSm90TileQ).
+std::tuple<at::Tensor, at::Tensor> fwd_impl(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                            const at::Tensor& mask, int64_t block_tokens, double scale,
+                                            const at::Tensor& q_indptr, const at::Tensor& q_num_full,
+                                            const at::Tensor& q_indices, bool sm90) {
   check_qkv(q_in, "q", q_in);
   check_qkv(k_in, "k", q_in);
   check_qkv(v_in, "v", q_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
-  const at::Tensor q = aligned(q_in), k = aligned(k_in), v = aligned(v_in);
+  const at::Tensor q = sm90 ? tma_ready(q_in) : aligned(q_in);
+  const at::Tensor k = sm90 ? tma_ready(k_in) : aligned(k_in);
+  const at::Tensor v = sm90 ? tma_ready(v_in) : aligned(v_in);
   sa::FwdArgs args{};
   args.pb = make_problem(q, mask, block_tokens, scale);
   const int64_t B = q.size(0), L = q.size(1), H = q.size(2);
-  args.by_query = make_csr(q_indptr, q_num_full, q_indices, ceil_div(L, sa::kFwdTileQ), q, "q");
+  const int64_t tile_q = sm90 ? sa::kSm90TileQ : sa::kFwdTileQ;
+  args.by_query = make_csr(q_indptr, q_num_full, q_indices, ceil_div(L, tile_q), q, "q");
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = at::empty({B, H, L}, q.options().dtype(at::kFloat));
   args.q = q.data_ptr();
@@ -152,8 +174,27 @@ std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q_in, const at::Tensor&
   args.sv = strides_of(v);
   args.out = out.data_ptr();
   args.lse = lse.data_ptr<float>();
-  guarded([&] { sa::fba_forward(args, c10::cuda::getCurrentCUDAStream().stream()); });
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (sm90) {
+    guarded([&] { sa::fba_forward_sm90(args, stream); });
+  } else {
+    guarded([&] { sa::fba_forward(args, stream); });
+  }
   return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                       const at::Tensor& mask, int64_t block_tokens, double scale,
+                                       const at::Tensor& q_indptr, const at::Tensor& q_num_full,
+                                       const at::Tensor& q_indices) {
+  return fwd_impl(q, k, v, mask, block_tokens, scale, q_indptr, q_num_full, q_indices, false);
+}
+
+std::tuple<at::Tensor, at::Tensor> fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                            const at::Tensor& mask, int64_t block_tokens, double scale,
+                                            const at::Tensor& q_indptr, const at::Tensor& q_num_full,
+                                            const at::Tensor& q_indices) {
+  return fwd_impl(q, k, v, mask, block_tokens, scale, q_indptr, q_num_full, q_indices, true);
 }
 
 #ifndef SWIFT_KERNELS_NO_BACKWARD
@@ -211,7 +252,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "swift_kernels CUDA extension: frame-block-sparse attention (mma.sync, sm_80+)";
+  m.doc() =
+      "swift_kernels CUDA extension: frame-block-sparse attention (mma.sync, sm_80+; opt-in TMA + wgmma forward, "
+      "sm_90a)";
   m.def(
       "tile_sizes",
       [](int64_t head_dim) {
@@ -229,6 +272,21 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("fwd", &fwd, "frame-block-sparse attention forward -> (out, lse)", pybind11::arg("q"), pybind11::arg("k"),
         pybind11::arg("v"), pybind11::arg("mask_i8"), pybind11::arg("block_tokens"), pybind11::arg("scale"),
         pybind11::arg("q_indptr"), pybind11::arg("q_num_full"), pybind11::arg("q_indices"));
+  m.def(
+      "sm90_tile_sizes",
+      [](int64_t head_dim) {
+        check_head_dim(head_dim);
+        return std::make_tuple(sa::kSm90TileQ, sa::kSm90TileK);
+      },
+      "(tile_q, tile_k) of the schedule of fwd_sm90 for a head_dim", pybind11::arg("head_dim"));
+  m.def("fwd_sm90", &fwd_sm90,
+        "frame-block-sparse attention forward on Hopper (sm_90a: TMA + wgmma) -> (out, lse); opt-in, unverified",
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("mask_i8"),
+        pybind11::arg("block_tokens"), pybind11::arg("scale"), pybind11::arg("q_indptr"), pybind11::arg("q_num_full"),
+        pybind11::arg("q_indices"));
+  // True when the sm_90a kernel was compiled (SWIFT_KERNELS_CUDA_ARCHS includes 90a); fwd_sm90 exists either
+  // way and raises when it is False.
+  m.attr("HAS_SM90") = sa::fba_sm90_compiled();
 #ifndef SWIFT_KERNELS_NO_BACKWARD
   m.def("bwd", &bwd, "frame-block-sparse attention backward -> (dq, dk, dv)", pybind11::arg("dout"),
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("out"), pybind11::arg("lse"),

@@ -2,7 +2,12 @@
 
 The kernels (``csrc/attention/``) are FlashAttention-2 style ``mma.sync`` kernels for sm_80 and newer
 (Ampere, Ada, and Hopper through the sm_90a build): fp16 and bf16, head_dim 64 and 128, forward and
-backward. A Hopper-specific kernel (TMA + wgmma, warp-specialised) is not written yet.
+backward. A Hopper-specific forward (``fwd_sm90``: TMA loads by a producer warp, ``wgmma`` products by two
+consumer warpgroups, 128 x 128 tiles) is compiled into the sm_90a build (``_C.HAS_SM90``) but is OPT-IN
+until it has been verified on a GPU: it is used only on a compute capability 9.x device when the
+environment variable ``SWIFT_KERNELS_HOPPER=1`` is set (read at every call). Once its GPU tests pass, the
+default flips to using it on Hopper. The backward always runs the ``mma.sync`` kernels; it needs only the
+forward's ``lse``, which both forwards define identically.
 
 They are driven by the CSR tile schedule of :mod:`swift_kernels.attention.schedule`, built (and cached)
 here with the tile sizes the extension reports:
@@ -20,6 +25,8 @@ This module follows the backend contract of :mod:`swift_kernels.attention.api`.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -49,13 +56,21 @@ def _mask_i8(block_mask: torch.Tensor, device: torch.device) -> torch.Tensor:
     return block_mask.detach().to(device=device, dtype=torch.int8).contiguous()
 
 
+def _use_hopper(ext, q: torch.Tensor) -> bool:
+    """Whether the forward takes the sm_90a kernel: opt-in (``SWIFT_KERNELS_HOPPER=1``), built, on a 9.x device."""
+    if os.environ.get("SWIFT_KERNELS_HOPPER", "0") != "1" or not getattr(ext, "HAS_SM90", False):
+        return False
+    return torch.cuda.get_device_capability(q.device)[0] == 9
+
+
 def forward(q, k, v, block_mask, block_tokens, scale):
     """Forward: ``(out [B, L, H, D] in q.dtype, lse fp32 [B, H, L])`` (natural-log log-sum-exp)."""
     _check(q, k, v, block_mask, block_tokens)
     ext = extension()
-    tile_q, tile_k = ext.tile_sizes(q.shape[-1])
+    hopper = _use_hopper(ext, q)
+    tile_q, tile_k = (ext.sm90_tile_sizes if hopper else ext.tile_sizes)(q.shape[-1])
     sched = get_schedule(block_mask, block_tokens, q.shape[1], tile_q, tile_k, q.device).by_query
-    return ext.fwd(
+    return (ext.fwd_sm90 if hopper else ext.fwd)(
         q, k, v, _mask_i8(block_mask, q.device), int(block_tokens), float(scale),
         sched.indptr, sched.num_full, sched.indices,
     )
