@@ -162,6 +162,67 @@ def test_bench_gated_residual(benchmark, timer, fused):
 
 
 @pytest.mark.benchmark(group="dit-ops")
+@pytest.mark.parametrize("op", ["adaln_modulate", "gated_residual+adaln_modulate"])
+def test_bench_dit_ops_indexed(benchmark, timer, op):
+    """Per-token timesteps as ``[K, C]`` tables + a per-token row index (``mod_index``), as a CSG window
+    gives them: 4 latent-frame blocks, the first two clean (t = 0), the last two noisy (the step's t): K = 2.
+
+    Bytes: x (and y) read, outputs written, the K-row tables read once each (they stay in cache) and the
+    int32 index read once: no per-token modulation. ``expanded_ms`` / ``speedup_vs_expanded``: the same op
+    on the expanded ``[B, L, C]`` fp32 modulation (what the model passed before), measured in the same run;
+    the eager baseline gathers the tables per token, then runs the unfused sequence.
+    """
+    K = 2
+    x = _rand(B, L, C)
+    y = _rand(B, L, C)
+    e = _rand(K, 6, C, dtype=torch.float32)
+    shift, scale, gate = e[:, 0], e[:, 1], e[:, 2]
+    P = L // 4
+    idx = torch.tensor([0, 0, 1, 1], device=DEVICE, dtype=torch.int32).repeat_interleave(P)[None].expand(B, L).contiguous()
+    sh_t, sc_t, g_t = (t[idx.long()] for t in (shift, scale, gate))  # the expanded layout, for the comparison
+    fused = op != "adaln_modulate"
+
+    if fused:
+        def ours():
+            return gated_residual(x, y, gate, shift=shift, scale=scale, mod_index=idx, backend=BACKEND)
+
+        def expanded():
+            return gated_residual(x, y, g_t, shift=sh_t, scale=sc_t, backend=BACKEND)
+
+        def eager():
+            i = idx.long()
+            nx = (x.float() + gate[i] * y.float()).to(DTYPE)
+            return nx, (F.layer_norm(nx.float(), (C,), eps=1e-6) * (1 + scale[i]) + shift[i]).to(DTYPE)
+    else:
+        def ours():
+            return adaln_modulate(x, shift, scale, mod_index=idx, backend=BACKEND)
+
+        def expanded():
+            return adaln_modulate(x, sh_t, sc_t, backend=BACKEND)
+
+        def eager():
+            i = idx.long()
+            return (F.layer_norm(x.float(), (C,), eps=1e-6) * (1 + scale[i]) + shift[i]).to(DTYPE)
+
+    outs = ours()
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    want = expanded()
+    for a, b in zip(outs, want if isinstance(want, tuple) else (want,)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the indexed layout changes no number
+    tables = (gate, shift, scale) if fused else (shift, scale)
+    ins = (x, y) if fused else (x,)
+    nbytes = _bytes(*ins, *outs, *tables, idx)
+    _run(benchmark, timer, ours, eager, nbytes,
+         {"op": op, "shape": [B, L, C], "mod_index": True, "table_rows": K, "index_dtype": "int32"})
+    if benchmark.stats is not None:
+        t_exp = _median_seconds(expanded)
+        info = benchmark.extra_info
+        info["expanded_ms"] = 1e3 * t_exp
+        info["expanded_bytes"] = _bytes(*ins, *outs, *((g_t, sh_t, sc_t) if fused else (sh_t, sc_t)))
+        info["speedup_vs_expanded"] = t_exp / float(benchmark.stats.stats.median)
+
+
+@pytest.mark.benchmark(group="dit-ops")
 def test_bench_qk_norm_rope(benchmark, timer):
     qkv = _rand(B, L, 3 * C)
     q = qkv[..., :C].view(B, L, H, D)

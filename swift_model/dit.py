@@ -12,7 +12,9 @@ original Wan names both ways). What differs is how it runs:
   gated residual fused with the *next* norm (self-attn residual + cross-attn LayerNorm, cross-attn residual +
   FFN AdaLN, FFN residual + the next block's AdaLN or the head's), RMSNorm of q/k + 3D RoPE in one pass
   (:func:`~swift_kernels.dit_ops.qk_norm_rope`);
-- the per-token timestep embedding (Wan2.2 TI2V, CSG windows) is computed once per distinct timestep value;
+- the per-token timestep embedding (Wan2.2 TI2V, CSG windows) is computed once per distinct timestep value,
+  and the fused ops read the modulation as ``[K, dim]`` tables of those K values plus a per-token row index
+  (``mod_index``) instead of ``[B, L, dim]`` fp32 tensors per token;
 - text/image cross-attention keys and values can be computed once (:meth:`WanDiT.precompute_context`) and
   reused across steps and segments.
 
@@ -182,26 +184,45 @@ def _linear32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 class _Modulation:
-    """Timestep-dependent modulation: per sample (``inv is None``) or per token through a gather.
+    """Timestep-dependent modulation in the layout the fused ops read.
 
     ``e`` is the projected embedding ``[K, 6, dim]`` of the K distinct timestep values (per token) or
     ``[B, 6, dim]`` (per sample); ``temb`` ``[K or B, dim]``; ``inv`` ``[B, L]`` maps tokens to values.
+
+    Three layouts: per sample (``inv is None``: ``[B, 1, dim]`` vectors); per token *indexed* (the default
+    for per-token timesteps: ``[K, dim]`` tables plus :attr:`index`, passed to the ops as ``mod_index``,
+    so a block reads K rows and one index per token instead of six ``[B, L, dim]`` fp32 tensors); per token
+    *expanded* (``indexed=False``: ``[B, L, dim]`` gathers, the reference layout the tests compare with).
     """
 
-    def __init__(self, temb: torch.Tensor, e: torch.Tensor, inv: torch.Tensor | None) -> None:
+    def __init__(self, temb: torch.Tensor, e: torch.Tensor, inv: torch.Tensor | None, indexed: bool = True) -> None:
         self.temb, self.e, self.inv = temb, e, inv
+        self.indexed = inv is not None and indexed
+        # int32 halves the index bytes the kernels read; the index is [B, L], converted once per forward
+        self.index = inv.to(torch.int32) if self.indexed else None
+        self.batch = inv.shape[0] if inv is not None else e.shape[0]
 
-    def _expand(self, m: torch.Tensor) -> torch.Tensor:
-        # m: [K or B, dim] -> [B, 1, dim] (per sample) or [B, L, dim] (per token)
-        return m[:, None, :] if self.inv is None else m[self.inv]
+    def _layout(self, m: torch.Tensor) -> torch.Tensor:
+        # m: [K or B, dim] -> [B, 1, dim] (per sample), [K, dim] (indexed table) or [B, L, dim] (expanded)
+        if self.inv is None:
+            return m[:, None, :]
+        return m if self.indexed else m[self.inv]
 
     def get(self, table: torch.Tensor, j: int) -> torch.Tensor:
         """``table[0, j] + e[:, j]`` laid out for the fused ops (fp32)."""
-        return self._expand(table[0, j].float() + self.e[:, j])
+        return self._layout(table[0, j].float() + self.e[:, j])
 
     def head(self, table: torch.Tensor, j: int) -> torch.Tensor:
         """The head's shift (j=0) / scale (j=1): ``table[0, j] + temb``."""
-        return self._expand(table[0, j].float() + self.temb)
+        return self._layout(table[0, j].float() + self.temb)
+
+    def const(self, v: torch.Tensor) -> torch.Tensor:
+        """A timestep-independent vector ``v [dim]`` in the layout of :meth:`get` (a stride-0 view, no copy):
+        in one fused call every modulation input must share the layout (tables of the same K)."""
+        v = v.float()
+        if self.indexed:
+            return v.expand(self.e.shape[0], v.shape[0])
+        return v.expand(self.batch, 1, v.shape[0])
 
 
 @dataclass
@@ -246,6 +267,10 @@ class WanDiT(nn.Module):
         self.proj_out = nn.Linear(d, config.out_channels * math.prod(config.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, d) / d**0.5)
         self._rope_cache: dict[Any, torch.Tensor] = {}
+        # Per-token timesteps: pass the modulation to the fused ops as [K, dim] tables of the K distinct
+        # timestep values plus a per-token row index (True), or expanded to [B, L, dim] per token (False; the
+        # same numbers, ~6 x B*L*dim*4 more bytes read per block: kept as the reference layout).
+        self.indexed_modulation = True
 
     # -- bookkeeping ----------------------------------------------------------------------------------
 
@@ -395,7 +420,7 @@ class WanDiT(nn.Module):
         temb, e = self._time(uniq)
         if uniq.numel() == 1:  # one value everywhere: the cheaper per-sample layout, same numbers
             return _Modulation(temb.expand(B, -1), e.expand(B, -1, -1), None)
-        return _Modulation(temb, e, inv)
+        return _Modulation(temb, e, inv, indexed=self.indexed_modulation)
 
     def _rope(self, grid: tuple[int, int, int], positions: torch.Tensor | None, device) -> torch.Tensor:
         key = (grid, None if positions is None else tuple(positions.tolist()), str(device))
@@ -512,9 +537,11 @@ class WanDiT(nn.Module):
         x = self.patch_embedding(latents.to(dtype)).flatten(2).transpose(1, 2).contiguous()
 
         eps = cfg.eps
-        ones = torch.ones(B, 1, cfg.dim, device=device, dtype=torch.float32)
+        mi = mod.index  # None unless the modulation comes as tables + a per-token row index
+        ones = mod.const(torch.ones(cfg.dim, device=device))
         blocks = list(self.blocks)
-        xm = adaln_modulate(x, mod.get(blocks[0].scale_shift_table, 0), mod.get(blocks[0].scale_shift_table, 1), eps)
+        xm = adaln_modulate(x, mod.get(blocks[0].scale_shift_table, 0), mod.get(blocks[0].scale_shift_table, 1), eps,
+                            mod_index=mi)
         for i, blk in enumerate(blocks):
             table = blk.scale_shift_table
             # self-attention
@@ -528,11 +555,11 @@ class WanDiT(nn.Module):
             gate = mod.get(table, 2)
             if blk.norm2 is not None:
                 # LN(x)*w + b written as an AdaLN with scale = w - 1, shift = b, fused into the residual pass.
-                w = (blk.norm2.weight.float() - 1.0).expand(B, 1, cfg.dim)
-                b = blk.norm2.bias.float().expand(B, 1, cfg.dim)
-                x, xn = gated_residual(x, y, gate, shift=b, scale=w, eps=blk.norm2.eps)
+                w = mod.const(blk.norm2.weight.float() - 1.0)
+                b = mod.const(blk.norm2.bias)
+                x, xn = gated_residual(x, y, gate, shift=b, scale=w, eps=blk.norm2.eps, mod_index=mi)
             else:
-                x = gated_residual(x, y, gate)
+                x = gated_residual(x, y, gate, mod_index=mi)
                 xn = x
             # cross-attention
             a2 = blk.attn2
@@ -544,15 +571,16 @@ class WanDiT(nn.Module):
                 o = o + F.scaled_dot_product_attention(q, ki.transpose(1, 2).expand(B, -1, -1, -1),
                                                        vi.transpose(1, 2).expand(B, -1, -1, -1))
             y = a2.to_out[0](o.transpose(1, 2).reshape(B, L, cfg.dim))
-            x, xm = gated_residual(x, y, ones, shift=mod.get(table, 3), scale=mod.get(table, 4), eps=eps)
+            x, xm = gated_residual(x, y, ones, shift=mod.get(table, 3), scale=mod.get(table, 4), eps=eps, mod_index=mi)
             # feed-forward; its residual is fused with the next block's (or the head's) AdaLN
             y = blk.ffn(xm)
             if i + 1 < len(blocks):
                 nt = blocks[i + 1].scale_shift_table
-                x, xm = gated_residual(x, y, mod.get(table, 5), shift=mod.get(nt, 0), scale=mod.get(nt, 1), eps=eps)
+                x, xm = gated_residual(x, y, mod.get(table, 5), shift=mod.get(nt, 0), scale=mod.get(nt, 1), eps=eps,
+                                       mod_index=mi)
             else:
                 x, xm = gated_residual(x, y, mod.get(table, 5), shift=mod.head(self.scale_shift_table, 0),
-                                       scale=mod.head(self.scale_shift_table, 1), eps=eps)
+                                       scale=mod.head(self.scale_shift_table, 1), eps=eps, mod_index=mi)
         out = self.proj_out(xm)
         # unpatchify: features are ordered (pt, ph, pw, c)
         out = out.view(B, Fp, Hp, Wp, pt, ph, pw, cfg.out_channels).permute(0, 7, 1, 4, 2, 5, 3, 6)

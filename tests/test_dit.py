@@ -89,6 +89,55 @@ def test_ti2v_per_token_vs_per_frame_and_per_sample():
     _close(c, d, rtol=1e-6)
 
 
+@pytest.mark.parametrize("preset", ["tiny-ti2v", "tiny-i2v"])
+def test_indexed_modulation_equals_expanded(preset, monkeypatch):
+    """Per-token timesteps with few distinct values: the ops get [K, dim] tables + a row index, and the model
+    gives the numbers (and gradients) of the expanded [B, L, dim] layout."""
+    cfg = WanDiTConfig.preset(preset)
+    model = WanDiT(cfg)
+    _random_init(model, 6)
+    x, _, ctx, clip = _inputs(cfg, B=2)
+    Fr, P = x.shape[2], x.shape[3] * x.shape[4] // 4
+    # three distinct values over both samples: a CSG-window-like pattern (0 on clean blocks)
+    t = torch.tensor([[0.0, 750.0, 750.0], [0.0, 0.0, 500.0]])[:, :, None].expand(2, Fr, P).reshape(2, -1)
+
+    seen = []
+    real_ops = {name: getattr(dit_mod, name) for name in ("adaln_modulate", "gated_residual")}
+
+    def spy(name):
+        def op(*args, **kw):
+            mi = kw.get("mod_index")
+            mods = [a for a in (*args[2:3], kw.get("shift"), kw.get("scale")) if isinstance(a, torch.Tensor)]
+            if name == "adaln_modulate":
+                mods = list(args[1:3])
+            seen.append((None if mi is None else tuple(mi.shape), [tuple(m.shape) for m in mods]))
+            return real_ops[name](*args, **kw)
+        return op
+
+    for name in real_ops:
+        monkeypatch.setattr(dit_mod, name, spy(name))
+    outs, grads = [], []
+    for indexed in (True, False):
+        model.indexed_modulation = indexed
+        model.zero_grad()
+        seen.clear()
+        out = model(x, t, ctx, clip)
+        (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        outs.append(out.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        if indexed:  # every modulation input was a [3, dim] table read through a [B, L] index
+            assert seen and all(mi == (2, Fr * P) for mi, _ in seen)
+            assert all(shape == (3, cfg.dim) for _, shapes in seen for shape in shapes)
+        else:
+            assert seen and all(mi is None for mi, _ in seen)
+    torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:  # every parameter, the modulation tables, time MLP and norm2 (a stride-0 table) included
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-5, atol=1e-6, msg=n)
+    for n in ("blocks.0.scale_shift_table", "condition_embedder.time_proj.weight", "blocks.1.norm2.weight"):
+        assert grads[0][n].abs().max() > 0, n
+
+
 def test_context_cache_and_text_padding():
     cfg = WanDiTConfig.preset("tiny-i2v")
     model = WanDiT(cfg).eval()

@@ -185,6 +185,196 @@ def test_gated_residual_triton(dtype):
 
 
 # ----------------------------------------------------------------------------------------------
+# modulation tables + per-token row index (mod_index)
+# ----------------------------------------------------------------------------------------------
+
+# (table is per sample [B, K, C], index is per sample [B, L]) for each layout the ops accept
+IDX_LAYOUTS = [(True, True), (False, True), (True, False), (False, False)]
+IDX_CASES = [("torch", torch.float64), ("torch", torch.float32), ("triton", torch.float32), ("triton", torch.float16)]
+
+
+def _tables(B, K, C, per_sample_table, n=3):
+    """n tables as strided views of one fp32 [B, K, n+3, C] / [K, n+3, C] tensor (as a model slices them)."""
+    e = _rand(B, K, n + 3, C) if per_sample_table else _rand(K, n + 3, C)
+    return [e[..., j, :] for j in range(n)]
+
+
+def _index(B, L, K, per_sample_index, dtype=torch.int64):
+    """Random rows in [0, K) with every row used (so scatter-adds really accumulate several tokens)."""
+    shape = (B, L) if per_sample_index else (L,)
+    idx = torch.randint(0, K, shape)
+    idx.view(-1)[:K] = torch.arange(K)
+    return idx.to(dtype)
+
+
+def _gather64(table, idx, B, L):
+    """The per-token [B, L, C] fp64 tensor that token (b, l) reads, by plain Python loops."""
+    C = table.shape[-1]
+    out = torch.empty(B, L, C, dtype=torch.float64)
+    for b in range(B):
+        for l in range(L):
+            r = int(idx[b, l] if idx.dim() == 2 else idx[l])
+            out[b, l] = (table[b, r] if table.dim() == 3 else table[r]).double()
+    return out
+
+
+@pytest.mark.parametrize("backend,dtype", IDX_CASES)
+@pytest.mark.parametrize("per_sample_table,per_sample_index", IDX_LAYOUTS)
+def test_indexed_modulation_matches_gathered(backend, dtype, per_sample_table, per_sample_index):
+    B, L, C, K = 2, 7, 40, 3  # C not a power of two: masked lanes
+    x = _rand(B, L, C, dtype=dtype) * 2 + 0.5
+    y = _rand(B, L, C, dtype=dtype)
+    shift, scale, gate = _tables(B, K, C, per_sample_table)
+    idx = _index(B, L, K, per_sample_index, torch.int32 if per_sample_table else torch.int64)
+    sh64, sc64, g64 = (_gather64(t, idx, B, L) for t in (shift, scale, gate))
+    tol = torch.float32 if dtype == torch.float64 else dtype
+
+    out = adaln_modulate(x, shift, scale, 1e-5, mod_index=idx, backend=backend)
+    assert out.dtype == dtype and out.shape == x.shape and out.is_contiguous()
+    _close(out, _f64_adaln(x, sh64, sc64, 1e-5), tol)
+    # the same numbers as the expanded per-token layout through the same backend
+    expanded = adaln_modulate(x, sh64.float(), sc64.float(), 1e-5, backend=backend)
+    torch.testing.assert_close(out, expanded, rtol=0, atol=0)
+
+    new_x = gated_residual(x, y, gate, mod_index=idx, backend=backend)
+    _close(new_x, x.double() + g64 * y.double(), tol)
+    nx2, mod = gated_residual(x, y, gate, shift=shift, scale=scale, out_dtype=torch.float32, mod_index=idx, backend=backend)
+    assert torch.equal(nx2, new_x) and mod.dtype == torch.float32
+    _close(mod, _f64_adaln(new_x, sh64, sc64, 1e-6), torch.float32)
+
+
+def test_indexed_small_integer_dtypes():
+    """Any integer index dtype is accepted (uint8 is not taken as a mask)."""
+    B, L, C, K = 2, 5, 8, 3
+    x = _rand(B, L, C)
+    shift, scale, _ = _tables(B, K, C, False)
+    idx = _index(B, L, K, True)
+    ref = adaln_modulate(x, shift, scale, mod_index=idx, backend="torch")
+    for dt in (torch.uint8, torch.int8, torch.int16, torch.int32):
+        assert torch.equal(adaln_modulate(x, shift, scale, mod_index=idx.to(dt), backend="torch"), ref)
+
+
+def test_gradcheck_indexed_modulation():
+    B, L, C, K = 2, 5, 6, 3
+    x, y = _leaf(_rand(B, L, C)), _leaf(_rand(B, L, C))
+    idx = _index(B, L, K, True)
+    idx[0, -1] = 1  # a repeated row within a sample
+    for per_sample_table in (True, False):
+        shift, scale, gate = (_leaf(t) for t in _tables(B, K, C, per_sample_table))
+        assert torch.autograd.gradcheck(
+            lambda a, s, c: adaln_modulate(a, s, c, mod_index=idx, backend="torch"), (x, shift, scale)
+        )
+        assert torch.autograd.gradcheck(lambda a, b, g: gated_residual(a, b, g, mod_index=idx, backend="torch"), (x, y, gate))
+        assert torch.autograd.gradcheck(
+            lambda a, b, g, s, c: gated_residual(a, b, g, shift=s, scale=c, mod_index=idx, backend="torch"),
+            (x, y, gate, shift, scale),
+        )
+    # shared index [L] with a per-sample table
+    shift, scale, _ = (_leaf(t) for t in _tables(B, K, C, True))
+    idx1 = _index(B, L, K, False)
+    assert torch.autograd.gradcheck(lambda a, s, c: adaln_modulate(a, s, c, mod_index=idx1, backend="torch"), (x, shift, scale))
+
+
+def test_indexed_table_grads_are_scatter_adds():
+    """d(table row k) = sum over the tokens that read row k of the per-token gradient (and 0 for unused rows)."""
+    B, L, C, K = 2, 6, 8, 4
+    x, y = _rand(B, L, C), _rand(B, L, C)
+    idx = torch.tensor([[0, 2, 2, 0, 2, 2], [2, 0, 0, 0, 2, 2]])  # row 1 and 3 unused
+    gate = _rand(K, C).requires_grad_()
+    gate_tok = _gather64(gate.detach(), idx, B, L).float().requires_grad_()
+    w = _rand(B, L, C)
+    (gated_residual(x, y, gate, mod_index=idx, backend="torch") * w).sum().backward()
+    (gated_residual(x, y, gate_tok, backend="torch") * w).sum().backward()
+    want = torch.zeros(K, C)
+    for b in range(B):
+        for l in range(L):
+            want[idx[b, l]] += gate_tok.grad[b, l]
+    torch.testing.assert_close(gate.grad, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(gate.grad[1], torch.zeros(C)) and torch.equal(gate.grad[3], torch.zeros(C))
+
+
+def test_indexed_triton_backward_matches_torch():
+    B, L, C, K = 2, 5, 24, 3
+    x, y = _rand(B, L, C), _rand(B, L, C)
+    tabs = _tables(B, K, C, True)
+    idx = _index(B, L, K, True)
+    w1, w2 = _rand(B, L, C), _rand(B, L, C)
+    grads = []
+    for backend in ("torch", "triton"):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, y, *tabs)]
+        a, b, shift, scale, gate = leaves
+        h = adaln_modulate(a, shift, scale, mod_index=idx, backend=backend)
+        nx, h2 = gated_residual(a, b * h, gate, shift=shift, scale=scale, mod_index=idx, backend=backend)
+        ((nx * w1).sum() + (h2 * w2).sum()).backward()
+        grads.append([t.grad for t in leaves])
+    for ga, gb in zip(*grads):
+        assert ga is not None
+        torch.testing.assert_close(ga, gb, rtol=1e-4, atol=1e-5)
+
+
+def test_indexed_opcheck_and_compile():
+    B, L, C, K = 2, 4, 16, 2
+    x, y = _rand(B, L, C), _rand(B, L, C)
+    shift, scale, gate = (t.contiguous() for t in _tables(B, K, C, False))
+    idx = _index(B, L, K, True)
+    ops = torch.ops.swift_kernels
+    torch.library.opcheck(ops.adaln_modulate, (x, shift, scale, 1e-6, None, "torch", idx))
+    torch.library.opcheck(ops.gated_residual, (x, y, gate, "torch", idx))
+    torch.library.opcheck(ops.gated_residual_adaln, (x, y, gate, shift, scale, 1e-6, None, "torch", idx))
+
+    def block(x, y, idx):
+        h = adaln_modulate(x, shift, scale, mod_index=idx, backend="torch")
+        nx, h2 = gated_residual(x, y * h, gate, shift=shift, scale=scale, mod_index=idx, backend="torch")
+        return nx + h2 + gated_residual(nx, y, gate, mod_index=idx, backend="torch")
+
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, y, idx), block(x, y, idx), rtol=0, atol=0)
+
+
+def test_indexed_validation_errors():
+    B, L, C, K = 2, 3, 8, 2
+    x = _rand(B, L, C)
+    shift, scale, gate = _tables(B, K, C, False)
+    idx = _index(B, L, K, True)
+    with pytest.raises(TypeError, match="mod_index"):
+        adaln_modulate(x, shift, scale, mod_index=idx.float())
+    with pytest.raises(TypeError, match="mod_index"):
+        adaln_modulate(x, shift, scale, mod_index=idx.bool())
+    with pytest.raises(TypeError, match="mod_index"):
+        adaln_modulate(x, shift, scale, mod_index=[0, 1, 0])
+    with pytest.raises(ValueError, match="mod_index"):
+        adaln_modulate(x, shift, scale, mod_index=idx[:, :2])
+    with pytest.raises(ValueError, match="mod_index"):
+        adaln_modulate(x, shift, scale, mod_index=idx[None])
+    with pytest.raises(ValueError, match="mod_index"):
+        adaln_modulate(x, shift, scale, mod_index=idx.to("meta"))
+    bad = idx.clone()
+    bad[1, 2] = K  # one past the table
+    with pytest.raises(ValueError, match=r"mod_index values must lie in \[0, 2\)"):
+        adaln_modulate(x, shift, scale, mod_index=bad)
+    bad[1, 2] = -1
+    with pytest.raises(ValueError, match="mod_index values"):
+        gated_residual(x, x, gate, mod_index=bad, backend="torch")
+    with pytest.raises(ValueError, match="shift"):
+        adaln_modulate(x, shift[:, :4], scale, mod_index=idx)  # wrong C
+    with pytest.raises(ValueError, match="scale"):
+        adaln_modulate(x, shift, _rand(3, K, C), mod_index=idx)  # wrong batch
+    with pytest.raises(ValueError, match="shift"):
+        adaln_modulate(x, shift[:0], scale, mod_index=idx)  # K = 0
+    with pytest.raises(ValueError, match="shift"):
+        adaln_modulate(x, _rand(B, 1, K, C), scale, mod_index=idx)  # 4-D
+    with pytest.raises(ValueError, match="same number of rows"):
+        gated_residual(x, x, gate, shift=shift, scale=_rand(K + 1, C), mod_index=idx)
+    with pytest.raises(ValueError, match="gate"):
+        gated_residual(x, x, _rand(K, C).t(), mod_index=idx)  # last dim not contiguous
+    with pytest.raises(ValueError, match="shift"):
+        adaln_modulate(x, shift.to("meta"), scale, mod_index=idx)
+    # without mod_index a table is not a valid modulation
+    with pytest.raises(ValueError, match="shift"):
+        adaln_modulate(x, shift, scale)
+
+
+# ----------------------------------------------------------------------------------------------
 # qk_norm_rope
 # ----------------------------------------------------------------------------------------------
 
@@ -432,6 +622,27 @@ def test_gpu_dit_ops(dtype, gpu_device):
     torch.testing.assert_close(ko, tk, **TOL[dtype])
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gpu_indexed_modulation(dtype, gpu_device):
+    """A CSG-window layout (3 distinct timesteps over 4 blocks of tokens) at the 5B width, vs the expanded one."""
+    B, P, C, K = 1, 3520 // 16, 3072, 3
+    L = 4 * P
+    x = _rand(B, L, C, dtype=dtype, device=gpu_device)
+    y = _rand(B, L, C, dtype=dtype, device=gpu_device)
+    e = _rand(K, 6, C, device=gpu_device)
+    shift, scale, gate = e[:, 0], e[:, 1], e[:, 2]
+    idx = torch.tensor([0, 1, 1, 2], device=gpu_device).repeat_interleave(P)[None].expand(B, L)
+    sh, sc, g = (t[idx] for t in (shift, scale, gate))  # the expanded per-token layout
+    torch.testing.assert_close(adaln_modulate(x, shift, scale, mod_index=idx, backend="triton"),
+                               adaln_modulate(x, sh, sc, backend="triton"), rtol=0, atol=0)
+    nx, mod = gated_residual(x, y, gate, shift=shift, scale=scale, mod_index=idx, backend="triton")
+    nx2, mod2 = gated_residual(x, y, g, shift=sh, scale=sc, backend="triton")
+    torch.testing.assert_close(nx, nx2, rtol=0, atol=0)
+    torch.testing.assert_close(mod, mod2, rtol=0, atol=0)
+    _close(nx, x.double() + g.double() * y.double(), dtype)
+
+
 # ----------------------------------------------------------------------------------------------
 # Without a GPU the interpreter cannot catch code the GPU compiler rejects: compile every kernel of
 # these ops ahead of time for Hopper (sm_90, bf16 and fp16) in a subprocess without the interpreter.
@@ -457,13 +668,16 @@ for dt in ("bf16", "fp16"):
     for mode, aligned in ((0, True), (1, True), (1, False), (2, True)):
         comp(S._flow_step_kernel, sig, dict(MODE=mode, HAS_CFG=True, HAS_MASK=True, HAS_REF=True, WRITE_STATE=True,
                                             WRITE_MI_STATE=True, WRITE_X0=True, ALIGNED=aligned, BLOCK=1024), 4)
-    sig = dict(x_ptr=f"*{dt}", sh_ptr="*fp32", sc_ptr="*fp32", out_ptr=f"*{dt}", L=i, C=i, sxb=i, sxl=i, shb=i, shl=i,
-               scb=i, scl=i, eps="fp32")
-    comp(K._adaln_kernel, sig, dict(BLOCK_C=4096), 8)
+    sig = dict(x_ptr=f"*{dt}", sh_ptr="*fp32", sc_ptr="*fp32", out_ptr=f"*{dt}", idx_ptr="*i64", L=i, C=i, sxb=i,
+               sxl=i, shb=i, shl=i, scb=i, scl=i, sib=i, sil=i, eps="fp32")
+    for indexed in (False, True):
+        comp(K._adaln_kernel, sig, dict(INDEXED=indexed, BLOCK_C=4096), 8)
     sig = dict(x_ptr=f"*{dt}", y_ptr=f"*{dt}", g_ptr="*fp32", sh_ptr="*fp32", sc_ptr="*fp32", nx_ptr=f"*{dt}",
-               mod_ptr=f"*{dt}", L=i, C=i, sxb=i, sxl=i, syb=i, syl=i, sgb=i, sgl=i, shb=i, shl=i, scb=i, scl=i, eps="fp32")
+               mod_ptr=f"*{dt}", idx_ptr="*i32", L=i, C=i, sxb=i, sxl=i, syb=i, syl=i, sgb=i, sgl=i, shb=i, shl=i,
+               scb=i, scl=i, sib=i, sil=i, eps="fp32")
     for fused in (False, True):
-        comp(K._gated_residual_kernel, sig, dict(FUSED=fused, BLOCK_C=4096), 8)
+        for indexed in (False, True):
+            comp(K._gated_residual_kernel, sig, dict(FUSED=fused, INDEXED=indexed, BLOCK_C=4096), 8)
     sig = dict(q_ptr=f"*{dt}", k_ptr=f"*{dt}", wq_ptr=f"*{dt}", wk_ptr=f"*{dt}", f_ptr="*fp32", qo_ptr=f"*{dt}",
                ko_ptr=f"*{dt}", L=i, H=i, HD=i, sqb=i, sql=i, sqh=i, skb=i, skl=i, skh=i, sfb=i, sfl=i, eps="fp32")
     comp(K._qk_norm_rope_kernel, sig, dict(D=128, BLOCK_H=32), 8)

@@ -4,6 +4,10 @@ Each op validates its arguments, resolves the backend (``"torch"`` reference or 
 CUDA C++ kernel exists for these yet) and runs through a ``torch.library`` custom op, so that autograd
 works on every backend (analytic fp32 backward formulas from :mod:`.reference`) and ``torch.compile``
 traces the op as one node.
+
+``adaln_modulate`` and ``gated_residual`` take their modulation per sample ``[B, 1, C]``, per token
+``[B, L, C]``, or, with ``mod_index``, as tables of K rows plus a per-token row index (per-token timesteps
+with few distinct values, as in a CSG window).
 """
 
 from __future__ import annotations
@@ -57,6 +61,54 @@ def _check_modulation(name: str, m, x: torch.Tensor) -> None:
         raise ValueError(f"{name} must have a contiguous last dim (stride(-1) == 1), got strides {m.stride()}")
 
 
+def _check_table(name: str, t, x: torch.Tensor) -> None:
+    """With ``mod_index``, a modulation input is a table ``[B, K, C]`` or ``[K, C]`` (shared by the batch)."""
+    _check_tensor(name, t, (2, 3))
+    B, L, C = x.shape
+    if t.shape[-1] != C or (t.dim() == 3 and t.shape[0] != B) or t.shape[-2] == 0:
+        raise ValueError(
+            f"{name} must be a modulation table [{B}, K, {C}] or [K, {C}] (K >= 1) when mod_index is given, "
+            f"got {tuple(t.shape)}"
+        )
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise ValueError(f"{name} must have a contiguous last dim (stride(-1) == 1), got strides {t.stride()}")
+
+
+# Index dtypes the kernels read directly; other integer dtypes are converted (the index is [B, L]: cheap).
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def _check_mod_index(mod_index, x: torch.Tensor, tables: dict) -> torch.Tensor:
+    """Validate ``mod_index`` against ``x`` and the tables; returns it as int32/int64.
+
+    Range check (``0 <= mod_index < K``): done exactly for CPU tensors, where it is free. On an accelerator
+    it would cost a device synchronisation per call (30 layers x 4 calls per DiT step), so it is skipped
+    there: an out-of-range index is the caller's error and reads out of bounds. The indices built by
+    ``torch.unique(..., return_inverse=True)`` (as ``swift_model`` does) are in range by construction.
+    It is skipped as well while ``torch.compile`` traces (a data-dependent check would break the graph).
+    """
+    if not isinstance(mod_index, torch.Tensor):
+        raise TypeError(f"mod_index must be an integer torch.Tensor [B, L] or [L], got {type(mod_index).__name__}")
+    if mod_index.dtype == torch.bool or mod_index.is_floating_point() or mod_index.is_complex():
+        raise TypeError(f"mod_index must be an integer tensor (int32/int64), got {mod_index.dtype}")
+    B, L, _ = x.shape
+    if tuple(mod_index.shape) not in ((B, L), (L,)):
+        raise ValueError(f"mod_index must have shape [{B}, {L}] or [{L}] (one row index per token), got {tuple(mod_index.shape)}")
+    if mod_index.device != x.device:
+        raise ValueError(f"mod_index is on {mod_index.device} but x is on {x.device}")
+    ks = {name: t.shape[-2] for name, t in tables.items() if t is not None}
+    if len(set(ks.values())) > 1:
+        raise ValueError(f"the modulation tables must have the same number of rows K, got {ks}")
+    if mod_index.dtype not in _INDEX_DTYPES:
+        mod_index = mod_index.to(torch.int64)
+    if mod_index.device.type == "cpu" and not torch.compiler.is_compiling():
+        K = next(iter(ks.values()))
+        lo, hi = int(mod_index.min()), int(mod_index.max())
+        if lo < 0 or hi >= K:
+            raise ValueError(f"mod_index values must lie in [0, {K}) (K = rows of the tables), got [{lo}, {hi}]")
+    return mod_index
+
+
 def _check_x(name: str, x) -> None:
     _check_tensor(name, x, 3)
     if x.shape[-1] > 1 and x.stride(-1) != 1:
@@ -98,56 +150,68 @@ def _triton():
 # ------------------------------------------------------------------------------------------------
 
 
+# ``mod_index`` (last, optional) switches the modulation inputs to tables read through a per-token row
+# index; the output shapes do not depend on it, so the fake implementations only pass it through.
+
+
 @torch.library.custom_op("swift_kernels::adaln_modulate", mutates_args=())
 def _adaln_modulate_op(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, out_dtype: Optional[torch.dtype], backend: str
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    out_dtype: Optional[torch.dtype],
+    backend: str,
+    mod_index: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     if backend == "triton":
-        return _triton().adaln_modulate(x, shift, scale, eps, out_dtype)
-    return ref.adaln_modulate(x, shift, scale, eps, out_dtype).contiguous()
+        return _triton().adaln_modulate(x, shift, scale, eps, out_dtype, mod_index)
+    return ref.adaln_modulate(x, shift, scale, eps, out_dtype, mod_index).contiguous()
 
 
 @_adaln_modulate_op.register_fake
-def _(x, shift, scale, eps, out_dtype, backend):
+def _(x, shift, scale, eps, out_dtype, backend, mod_index=None):
     return torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device)
 
 
 def _adaln_setup(ctx, inputs, output):
-    x, shift, scale, eps, _, _ = inputs
-    ctx.save_for_backward(x, shift, scale)
+    x, shift, scale, eps, _, _, mod_index = inputs
+    ctx.save_for_backward(x, shift, scale, mod_index)
     ctx.eps = eps
 
 
 def _adaln_backward(ctx, grad):
-    x, shift, scale = ctx.saved_tensors
-    dx, dshift, dscale = ref.adaln_modulate_backward(grad, x, shift, scale, ctx.eps)
-    return dx, dshift, dscale, None, None, None
+    x, shift, scale, mod_index = ctx.saved_tensors
+    dx, dshift, dscale = ref.adaln_modulate_backward(grad, x, shift, scale, ctx.eps, mod_index)
+    return dx, dshift, dscale, None, None, None, None
 
 
 _adaln_modulate_op.register_autograd(_adaln_backward, setup_context=_adaln_setup)
 
 
 @torch.library.custom_op("swift_kernels::gated_residual", mutates_args=())
-def _gated_residual_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, backend: str) -> torch.Tensor:
+def _gated_residual_op(
+    x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, backend: str, mod_index: Optional[torch.Tensor] = None
+) -> torch.Tensor:
     if backend == "triton":
-        return _triton().gated_residual(x, y, gate)
-    return ref.gated_residual(x, y, gate).contiguous()
+        return _triton().gated_residual(x, y, gate, mod_index=mod_index)
+    return ref.gated_residual(x, y, gate, mod_index).contiguous()
 
 
 @_gated_residual_op.register_fake
-def _(x, y, gate, backend):
+def _(x, y, gate, backend, mod_index=None):
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def _gr_setup(ctx, inputs, output):
-    x, y, gate, _ = inputs
-    ctx.save_for_backward(x, y, gate)
+    x, y, gate, _, mod_index = inputs
+    ctx.save_for_backward(x, y, gate, mod_index)
 
 
 def _gr_backward(ctx, grad):
-    x, y, gate = ctx.saved_tensors
-    dx, dy, dgate = ref.gated_residual_backward(grad, x, y, gate)
-    return dx, dy, dgate, None
+    x, y, gate, mod_index = ctx.saved_tensors
+    dx, dy, dgate = ref.gated_residual_backward(grad, x, y, gate, mod_index)
+    return dx, dy, dgate, None, None
 
 
 _gated_residual_op.register_autograd(_gr_backward, setup_context=_gr_setup)
@@ -163,15 +227,16 @@ def _gated_residual_adaln_op(
     eps: float,
     out_dtype: Optional[torch.dtype],
     backend: str,
+    mod_index: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
-        return _triton().gated_residual(x, y, gate, shift, scale, eps, out_dtype)
-    new_x, mod = ref.gated_residual_adaln(x, y, gate, shift, scale, eps, out_dtype)
+        return _triton().gated_residual(x, y, gate, shift, scale, eps, out_dtype, mod_index)
+    new_x, mod = ref.gated_residual_adaln(x, y, gate, shift, scale, eps, out_dtype, mod_index)
     return new_x.contiguous(), mod.contiguous()
 
 
 @_gated_residual_adaln_op.register_fake
-def _(x, y, gate, shift, scale, eps, out_dtype, backend):
+def _(x, y, gate, shift, scale, eps, out_dtype, backend, mod_index=None):
     return (
         torch.empty(x.shape, dtype=x.dtype, device=x.device),
         torch.empty(x.shape, dtype=out_dtype or x.dtype, device=x.device),
@@ -179,23 +244,23 @@ def _(x, y, gate, shift, scale, eps, out_dtype, backend):
 
 
 def _gra_setup(ctx, inputs, output):
-    x, y, gate, shift, scale, eps, _, _ = inputs
+    x, y, gate, shift, scale, eps, _, _, mod_index = inputs
     new_x, _ = output
-    ctx.save_for_backward(x, y, gate, shift, scale, new_x)
+    ctx.save_for_backward(x, y, gate, shift, scale, new_x, mod_index)
     ctx.eps = eps
 
 
 def _gra_backward(ctx, grad_new_x, grad_mod):
-    x, y, gate, shift, scale, new_x = ctx.saved_tensors
+    x, y, gate, shift, scale, new_x, mod_index = ctx.saved_tensors
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
     g = grad_new_x.to(ct) if grad_new_x is not None else torch.zeros(x.shape, dtype=ct, device=x.device)
     dshift = dscale = None
     if grad_mod is not None:
         # new_x feeds both outputs: the modulated branch adds its input gradient to new_x's gradient
-        dnx, dshift, dscale = ref.adaln_modulate_backward(grad_mod, new_x.to(ct), shift, scale, ctx.eps)
+        dnx, dshift, dscale = ref.adaln_modulate_backward(grad_mod, new_x.to(ct), shift, scale, ctx.eps, mod_index)
         g = g + dnx
-    dx, dy, dgate = ref.gated_residual_backward(g, x, y, gate)
-    return dx, dy, dgate, dshift, dscale, None, None, None
+    dx, dy, dgate = ref.gated_residual_backward(g, x, y, gate, mod_index)
+    return dx, dy, dgate, dshift, dscale, None, None, None, None
 
 
 _gated_residual_adaln_op.register_autograd(_gra_backward, setup_context=_gra_setup)
@@ -256,6 +321,7 @@ def adaln_modulate(
     *,
     out_dtype: torch.dtype | None = None,
     backend: str | None = None,
+    mod_index: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """LayerNorm (no affine) + AdaLN modulation in one pass: ``LN(x) * (1 + scale) + shift``.
 
@@ -269,18 +335,32 @@ def adaln_modulate(
             CPU; float64 goes to the reference) or ``"torch"`` / ``"triton"``. An explicit request (argument or
             environment) that cannot run raises: ``BackendUnavailableError``, or ``TypeError`` for float64
             on Triton.
+        mod_index: optional integer ``[B, L]`` or ``[L]`` (shared by the batch) row index. When given,
+            ``shift`` and ``scale`` are *tables* ``[B, K, C]`` or ``[K, C]`` (same K) and token ``l`` of
+            sample ``b`` uses row ``mod_index[b, l]``: the form of per-token timesteps that take only K
+            distinct values (a CSG window: the step's t, and 0 on the clean blocks), which saves reading
+            ``[B, L, C]`` fp32 modulation per token. Values must lie in ``[0, K)``; this is checked on CPU
+            tensors only (on a GPU the check would synchronise the device; an out-of-range index there is
+            undefined). Not differentiable (the tables are).
 
-    Statistics and math are fp32 (the result is rounded once). Differentiable w.r.t. x, shift, scale.
+    Statistics and math are fp32 (the result is rounded once). Differentiable w.r.t. x, shift, scale
+    (with ``mod_index``, the tables' gradients sum the tokens that read each row).
     Returns a contiguous ``[B, L, C]`` tensor.
     """
     _check_x("x", x)
-    _check_modulation("shift", shift, x)
-    _check_modulation("scale", scale, x)
+    if mod_index is None:
+        _check_modulation("shift", shift, x)
+        _check_modulation("scale", scale, x)
+    else:
+        _check_table("shift", shift, x)
+        _check_table("scale", scale, x)
     _check_same_device("x", x, shift=shift, scale=scale)
+    if mod_index is not None:
+        mod_index = _check_mod_index(mod_index, x, dict(shift=shift, scale=scale))
     _check_out_dtype(out_dtype)
     eps = _check_eps(eps)
     chosen = _resolve(backend, x.device, "adaln_modulate", x, shift, scale)
-    return _adaln_modulate_op(x, shift, scale, eps, out_dtype, chosen)
+    return _adaln_modulate_op(x, shift, scale, eps, out_dtype, chosen, mod_index)
 
 
 def gated_residual(
@@ -293,6 +373,7 @@ def gated_residual(
     eps: float = 1e-6,
     out_dtype: torch.dtype | None = None,
     backend: str | None = None,
+    mod_index: torch.Tensor | None = None,
 ):
     """Gated residual ``x + gate * y`` (fp32 math, result in ``x.dtype``), optionally fused with AdaLN.
 
@@ -301,6 +382,8 @@ def gated_residual(
         gate: ``[B, 1, C]`` or ``[B, L, C]``.
         shift, scale: when both are given, the next block's modulation is computed in the same pass.
         eps, out_dtype, backend: as in :func:`adaln_modulate`.
+        mod_index: as in :func:`adaln_modulate`: ``gate`` (and ``shift``/``scale`` when given) are then
+            tables ``[B, K, C]`` or ``[K, C]`` with one K, read at row ``mod_index[b, l]`` by token ``(b, l)``.
 
     Returns ``new_x`` alone, or ``(new_x, adaln_modulate(new_x, shift, scale, eps, out_dtype=out_dtype))``
     when shift and scale are given; the modulation reads the *rounded* new_x, so the fused result equals
@@ -312,22 +395,25 @@ def gated_residual(
         raise ValueError(f"y must have the shape of x {tuple(x.shape)}, got {tuple(y.shape)}")
     if y.stride(-1) != 1 and y.shape[-1] > 1:
         raise ValueError(f"y must have a contiguous last dim (stride(-1) == 1), got strides {y.stride()}")
-    _check_modulation("gate", gate, x)
+    check = _check_modulation if mod_index is None else _check_table
+    check("gate", gate, x)
     if (shift is None) != (scale is None):
         raise ValueError("shift and scale must be given together (or neither)")
     if shift is not None:
-        _check_modulation("shift", shift, x)
-        _check_modulation("scale", scale, x)
+        check("shift", shift, x)
+        check("scale", scale, x)
     _check_same_device("x", x, y=y, gate=gate, shift=shift, scale=scale)
+    if mod_index is not None:
+        mod_index = _check_mod_index(mod_index, x, dict(gate=gate, shift=shift, scale=scale))
     _check_out_dtype(out_dtype)
     eps = _check_eps(eps)
     if shift is None:
         if out_dtype is not None:
             raise ValueError("out_dtype applies to the fused modulation only; pass shift and scale too")
         chosen = _resolve(backend, x.device, "gated_residual", x, y, gate)
-        return _gated_residual_op(x, y, gate, chosen)
+        return _gated_residual_op(x, y, gate, chosen, mod_index)
     chosen = _resolve(backend, x.device, "gated_residual", x, y, gate, shift, scale)
-    return _gated_residual_adaln_op(x, y, gate, shift, scale, eps, out_dtype, chosen)
+    return _gated_residual_adaln_op(x, y, gate, shift, scale, eps, out_dtype, chosen, mod_index)
 
 
 def qk_norm_rope(

@@ -23,25 +23,65 @@ def layer_norm_stats(x: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.T
     return mean, torch.rsqrt(var + eps)
 
 
-def adaln_modulate(x, shift, scale, eps=1e-6, out_dtype=None):
-    """``LayerNorm(x) * (1 + scale) + shift`` with no affine LayerNorm, fp32 statistics and math."""
+def gather_rows(table: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """Per-token rows of a modulation table: ``out[b, l] = table[b, index[b, l]]``.
+
+    ``table`` is ``[B, K, C]`` or ``[K, C]`` (shared by the batch), ``index`` ``[B, L]`` or ``[L]``
+    (shared by the batch). Returns ``[B, L, C]`` or ``[1, L, C]`` (both shared), which broadcasts against
+    ``x [B, L, C]``. With ``index=None`` the table is returned as is (the per-sample / per-token layouts).
+    """
+    if index is None:
+        return table
+    idx = index.long()
+    if table.dim() == 2:
+        out = table[idx]  # [B, L, C] or [L, C]
+        return out if idx.dim() == 2 else out.unsqueeze(0)
+    if idx.dim() == 1:
+        return table[:, idx]
+    return torch.gather(table, 1, idx[:, :, None].expand(-1, -1, table.shape[-1]))
+
+
+def scatter_rows(g: torch.Tensor, index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Adjoint of :func:`gather_rows`: sum the per-token gradients ``g [B, L, C]`` into ``table``'s shape.
+
+    Tokens that read the same row add up (``index_add_``); the result is in ``g.dtype``.
+    """
+    B, L, C = g.shape
+    idx = index.long().expand(B, L)
+    if table.dim() == 2:
+        out = torch.zeros(table.shape, dtype=g.dtype, device=g.device)
+        return out.index_add_(0, idx.reshape(-1), g.reshape(-1, C))
+    K = table.shape[1]
+    flat = idx + torch.arange(B, device=idx.device)[:, None] * K  # row of the [B*K, C] view
+    out = torch.zeros((B * K, C), dtype=g.dtype, device=g.device)
+    return out.index_add_(0, flat.reshape(-1), g.reshape(-1, C)).reshape(B, K, C)
+
+
+def adaln_modulate(x, shift, scale, eps=1e-6, out_dtype=None, mod_index=None):
+    """``LayerNorm(x) * (1 + scale) + shift`` with no affine LayerNorm, fp32 statistics and math.
+
+    With ``mod_index``, ``shift``/``scale`` are tables and token ``l`` of sample ``b`` reads row
+    ``mod_index[b, l]`` (see :func:`gather_rows`).
+    """
     ct = _compute_dtype(x, shift, scale)
+    shift, scale = gather_rows(shift, mod_index), gather_rows(scale, mod_index)
     xf = x.to(ct)
     mean, rstd = layer_norm_stats(xf, eps)
     y = (xf - mean) * rstd * (1 + scale.to(ct)) + shift.to(ct)
     return y.to(out_dtype or x.dtype)
 
 
-def gated_residual(x, y, gate):
-    """``x + gate * y`` in fp32, rounded to ``x.dtype``."""
+def gated_residual(x, y, gate, mod_index=None):
+    """``x + gate * y`` in fp32, rounded to ``x.dtype`` (``gate`` a table read through ``mod_index`` if given)."""
     ct = _compute_dtype(x, y, gate)
+    gate = gather_rows(gate, mod_index)
     return (x.to(ct) + gate.to(ct) * y.to(ct)).to(x.dtype)
 
 
-def gated_residual_adaln(x, y, gate, shift, scale, eps=1e-6, out_dtype=None):
+def gated_residual_adaln(x, y, gate, shift, scale, eps=1e-6, out_dtype=None, mod_index=None):
     """``new_x = gated_residual(x, y, gate)`` and ``adaln_modulate(new_x, shift, scale)`` of the rounded new_x."""
-    new_x = gated_residual(x, y, gate)
-    return new_x, adaln_modulate(new_x, shift, scale, eps, out_dtype)
+    new_x = gated_residual(x, y, gate, mod_index)
+    return new_x, adaln_modulate(new_x, shift, scale, eps, out_dtype, mod_index)
 
 
 def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -94,26 +134,31 @@ def _sum_to(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.sum(dim=dims, keepdim=True) if dims else t
 
 
-def adaln_modulate_backward(grad, x, shift, scale, eps):
-    """Gradients ``(dx, dshift, dscale)`` of :func:`adaln_modulate`."""
+def _reduce_to(t: torch.Tensor, like: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """Per-token gradient ``t [B, L, C]`` -> gradient of ``like`` (broadcast sum, or scatter-add by index)."""
+    return _sum_to(t, like) if index is None else scatter_rows(t, index, like)
+
+
+def adaln_modulate_backward(grad, x, shift, scale, eps, mod_index=None):
+    """Gradients ``(dx, dshift, dscale)`` of :func:`adaln_modulate` (tables' gradients with ``mod_index``)."""
     ct = _compute_dtype(x, shift, scale)
     g = grad.to(ct)
     xf = x.to(ct)
     mean, rstd = layer_norm_stats(xf, eps)
     n = (xf - mean) * rstd
-    dshift = _sum_to(g, shift)
-    dscale = _sum_to(g * n, scale)
-    dn = g * (1 + scale.to(ct))
+    dshift = _reduce_to(g, shift, mod_index)
+    dscale = _reduce_to(g * n, scale, mod_index)
+    dn = g * (1 + gather_rows(scale, mod_index).to(ct))
     dx = rstd * (dn - dn.mean(-1, keepdim=True) - n * (dn * n).mean(-1, keepdim=True))
     return dx.to(x.dtype), dshift.to(shift.dtype), dscale.to(scale.dtype)
 
 
-def gated_residual_backward(grad_new_x, x, y, gate):
-    """Gradients ``(dx, dy, dgate)`` of :func:`gated_residual`."""
+def gated_residual_backward(grad_new_x, x, y, gate, mod_index=None):
+    """Gradients ``(dx, dy, dgate)`` of :func:`gated_residual` (the table's gradient with ``mod_index``)."""
     ct = _compute_dtype(x, y, gate)
     g = grad_new_x.to(ct)
-    dy = g * gate.to(ct)
-    dgate = _sum_to(g * y.to(ct), gate)
+    dy = g * gather_rows(gate, mod_index).to(ct)
+    dgate = _reduce_to(g * y.to(ct), gate, mod_index)
     return g.to(x.dtype), dy.to(y.dtype), dgate.to(gate.dtype)
 
 

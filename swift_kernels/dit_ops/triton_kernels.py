@@ -3,6 +3,11 @@
 A row of ``C`` channels (3,072 for Wan2.2-5B) is held in registers as one power-of-two block, so the
 LayerNorm / RMSNorm statistics and the elementwise tail need a single read of each input and a single
 write of each output. Math is fp32; loads and stores are in the tensors' own dtypes.
+
+Modulation rows (shift / scale / gate) are addressed as ``base + b * s_b + j * s_j`` where ``j`` is the
+token (per-token layout), anything with ``s_j = 0`` (per sample), or, with ``INDEXED``, the table row
+``mod_index[b, l]`` loaded first: a table of K rows (K = a few distinct timesteps) is read by every token,
+so it stays in L2/L1 and HBM sees only the one index per token.
 """
 
 from __future__ import annotations
@@ -28,45 +33,55 @@ def _layer_norm_modulate(xf, m, C, eps, sh_ptr, sc_ptr, cols):
 
 
 @triton.jit
+def _mod_row(idx_ptr, b, l, sib, sil, INDEXED: tl.constexpr):
+    """Which modulation row token (b, l) reads: its table index, or the token itself."""
+    if INDEXED:
+        return tl.load(idx_ptr + b * sib + l * sil).to(tl.int64)
+    return l
+
+
+@triton.jit
 def _adaln_kernel(
-    x_ptr, sh_ptr, sc_ptr, out_ptr,
+    x_ptr, sh_ptr, sc_ptr, out_ptr, idx_ptr,
     L, C,
-    sxb, sxl, shb, shl, scb, scl,
+    sxb, sxl, shb, shl, scb, scl, sib, sil,
     eps,
-    BLOCK_C: tl.constexpr,
+    INDEXED: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     row = tl.program_id(0)
     b = (row // L).to(tl.int64)
     l = (row % L).to(tl.int64)
+    j = _mod_row(idx_ptr, b, l, sib, sil, INDEXED)
     cols = tl.arange(0, BLOCK_C)
     m = cols < C
     xf = tl.load(x_ptr + b * sxb + l * sxl + cols, mask=m, other=0.0).to(tl.float32)
-    y = _layer_norm_modulate(xf, m, C, eps, sh_ptr + b * shb + l * shl, sc_ptr + b * scb + l * scl, cols)
+    y = _layer_norm_modulate(xf, m, C, eps, sh_ptr + b * shb + j * shl, sc_ptr + b * scb + j * scl, cols)
     tl.store(out_ptr + row.to(tl.int64) * C + cols, y.to(out_ptr.dtype.element_ty), mask=m)
 
 
 @triton.jit
 def _gated_residual_kernel(
-    x_ptr, y_ptr, g_ptr, sh_ptr, sc_ptr, nx_ptr, mod_ptr,
+    x_ptr, y_ptr, g_ptr, sh_ptr, sc_ptr, nx_ptr, mod_ptr, idx_ptr,
     L, C,
-    sxb, sxl, syb, syl, sgb, sgl, shb, shl, scb, scl,
+    sxb, sxl, syb, syl, sgb, sgl, shb, shl, scb, scl, sib, sil,
     eps,
-    FUSED: tl.constexpr, BLOCK_C: tl.constexpr,
+    FUSED: tl.constexpr, INDEXED: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     row = tl.program_id(0)
     b = (row // L).to(tl.int64)
     l = (row % L).to(tl.int64)
+    j = _mod_row(idx_ptr, b, l, sib, sil, INDEXED)
     cols = tl.arange(0, BLOCK_C)
     m = cols < C
     xf = tl.load(x_ptr + b * sxb + l * sxl + cols, mask=m, other=0.0).to(tl.float32)
     yf = tl.load(y_ptr + b * syb + l * syl + cols, mask=m, other=0.0).to(tl.float32)
-    gf = tl.load(g_ptr + b * sgb + l * sgl + cols, mask=m, other=0.0).to(tl.float32)
+    gf = tl.load(g_ptr + b * sgb + j * sgl + cols, mask=m, other=0.0).to(tl.float32)
     # round to the residual dtype first: the modulation must see exactly the stored new_x
     nx = (xf + gf * yf).to(nx_ptr.dtype.element_ty)
     out_off = row.to(tl.int64) * C + cols
     tl.store(nx_ptr + out_off, nx, mask=m)
     if FUSED:
-        z = _layer_norm_modulate(nx.to(tl.float32), m, C, eps, sh_ptr + b * shb + l * shl, sc_ptr + b * scb + l * scl, cols)
+        z = _layer_norm_modulate(nx.to(tl.float32), m, C, eps, sh_ptr + b * shb + j * shl, sc_ptr + b * scb + j * scl, cols)
         tl.store(mod_ptr + out_off, z.to(mod_ptr.dtype.element_ty), mask=m)
 
 
@@ -114,32 +129,46 @@ def _qk_norm_rope_kernel(
 
 
 def _row_strides(t: torch.Tensor) -> tuple[int, int]:
-    """(batch, token) strides of a [B, L or 1, C] tensor; a broadcast token dim gets stride 0."""
-    return t.stride(0), (t.stride(1) if t.shape[1] > 1 else 0)
+    """(batch, row) strides of a [B, L or 1, C] tensor or a [B, K, C] / [K, C] table; a broadcast dim
+    (size 1, or a table shared by the batch) gets stride 0."""
+    if t.dim() == 2:
+        return 0, (t.stride(0) if t.shape[0] > 1 else 0)
+    return (t.stride(0) if t.shape[0] > 1 else 0), (t.stride(1) if t.shape[1] > 1 else 0)
 
 
-def adaln_modulate(x, shift, scale, eps, out_dtype):
+def _index_args(index, dummy):
+    """(pointer, batch stride, token stride, INDEXED) of the per-token row index ([B, L] or [L])."""
+    if index is None:
+        return dummy, 0, 0, False
+    if index.dim() == 1:
+        return index, 0, index.stride(0), True
+    return index, (index.stride(0) if index.shape[0] > 1 else 0), index.stride(1), True
+
+
+def adaln_modulate(x, shift, scale, eps, out_dtype, mod_index=None):
     B, L, C = x.shape
     out = torch.empty((B, L, C), dtype=out_dtype or x.dtype, device=x.device)
     BLOCK_C = triton.next_power_of_2(C)
+    idx, sib, sil, indexed = _index_args(mod_index, x)
     _adaln_kernel[(B * L,)](
-        x, shift, scale, out, L, C, *_row_strides(x), *_row_strides(shift), *_row_strides(scale), float(eps),
-        BLOCK_C=BLOCK_C, num_warps=_num_warps(BLOCK_C),
+        x, shift, scale, out, idx, L, C, *_row_strides(x), *_row_strides(shift), *_row_strides(scale), sib, sil,
+        float(eps), INDEXED=indexed, BLOCK_C=BLOCK_C, num_warps=_num_warps(BLOCK_C),
     )
     return out
 
 
-def gated_residual(x, y, gate, shift=None, scale=None, eps=1e-6, out_dtype=None):
+def gated_residual(x, y, gate, shift=None, scale=None, eps=1e-6, out_dtype=None, mod_index=None):
     B, L, C = x.shape
     new_x = torch.empty((B, L, C), dtype=x.dtype, device=x.device)
     fused = shift is not None
     mod = torch.empty((B, L, C), dtype=out_dtype or x.dtype, device=x.device) if fused else new_x
     sh, sc = (shift, scale) if fused else (gate, gate)
     BLOCK_C = triton.next_power_of_2(C)
+    idx, sib, sil, indexed = _index_args(mod_index, x)
     _gated_residual_kernel[(B * L,)](
-        x, y, gate, sh, sc, new_x, mod, L, C,
-        *_row_strides(x), *_row_strides(y), *_row_strides(gate), *_row_strides(sh), *_row_strides(sc),
-        float(eps), FUSED=fused, BLOCK_C=BLOCK_C, num_warps=_num_warps(BLOCK_C),
+        x, y, gate, sh, sc, new_x, mod, idx, L, C,
+        *_row_strides(x), *_row_strides(y), *_row_strides(gate), *_row_strides(sh), *_row_strides(sc), sib, sil,
+        float(eps), FUSED=fused, INDEXED=indexed, BLOCK_C=BLOCK_C, num_warps=_num_warps(BLOCK_C),
     )
     return (new_x, mod) if fused else new_x
 
