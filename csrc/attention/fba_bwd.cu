@@ -66,15 +66,12 @@ __global__ void __launch_bounds__(kThreads, 1) fba_bwd_dq_kernel(const BwdArgs a
   const int L = pb.tokens;
   const int P = pb.block_tokens;
 
-  const E* qb = static_cast<const E*>(args.q) + b * args.sq.b + h * args.sq.h;
-  const E* dob = static_cast<const E*>(args.dout) + b * args.sdo.b + h * args.sdo.h;
-  const E* kb = static_cast<const E*>(args.k) + b * args.sk.b + h * args.sk.h;
-  const E* vb = static_cast<const E*>(args.v) + b * args.sv.b + h * args.sv.h;
+  const E* qb = head_base<E>(args.q, args.sq, b, h);
+  const E* dob = head_base<E>(args.dout, args.sdo, b, h);
+  const E* kb = head_base<E>(args.k, args.sk, b, h);
+  const E* vb = head_base<E>(args.v, args.sv, b, h);
 
-  const int e0 = args.by_query.indptr[qt];
-  const int n = args.by_query.indptr[qt + 1] - e0;
-  const int nfull = args.by_query.num_full[qt];
-  const int32_t* kidx = args.by_query.indices + e0;
+  const auto [n, nfull, kidx] = csr_row(args.by_query, qt);
 
   load_tile<DQ_BQ, D>(smem, qb, args.sq.l, q0, L, tid);
   load_tile<DQ_BQ, D>(smem + DQ_BQ * D, dob, args.sdo.l, q0, L, tid);
@@ -113,16 +110,7 @@ __global__ void __launch_bounds__(kThreads, 1) fba_bwd_dq_kernel(const BwdArgs a
   for (int it = 0; it < n; ++it) {
     E* sK = smem + (it & 1) * (2 * DQ_BK * D);
     E* sV = sK + DQ_BK * D;
-    if (it + 1 < n) {
-      E* nK = smem + ((it + 1) & 1) * (2 * DQ_BK * D);
-      const int k0n = kidx[it + 1] * DQ_BK;
-      load_tile<DQ_BK, D>(nK, kb, args.sk.l, k0n, L, tid);
-      load_tile<DQ_BK, D>(nK + DQ_BK * D, vb, args.sv.l, k0n, L, tid);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+    prefetch_next_kv<DQ_BK, D>(smem, it, n, kidx, kb, args.sk.l, vb, args.sv.l, L, tid);
     __syncthreads();
 
     float s[DQ_BK / 8][4];
@@ -206,15 +194,12 @@ __global__ void __launch_bounds__(kThreads, 1) fba_bwd_dkdv_kernel(const BwdArgs
   const int P = pb.block_tokens;
   const int64_t stat_base = (static_cast<int64_t>(b) * pb.heads + h) * L;
 
-  const E* qb = static_cast<const E*>(args.q) + b * args.sq.b + h * args.sq.h;
-  const E* dob = static_cast<const E*>(args.dout) + b * args.sdo.b + h * args.sdo.h;
-  const E* kb = static_cast<const E*>(args.k) + b * args.sk.b + h * args.sk.h;
-  const E* vb = static_cast<const E*>(args.v) + b * args.sv.b + h * args.sv.h;
+  const E* qb = head_base<E>(args.q, args.sq, b, h);
+  const E* dob = head_base<E>(args.dout, args.sdo, b, h);
+  const E* kb = head_base<E>(args.k, args.sk, b, h);
+  const E* vb = head_base<E>(args.v, args.sv, b, h);
 
-  const int e0 = args.by_key.indptr[kt];
-  const int n = args.by_key.indptr[kt + 1] - e0;
-  const int nfull = args.by_key.num_full[kt];
-  const int32_t* qidx = args.by_key.indices + e0;
+  const auto [n, nfull, qidx] = csr_row(args.by_key, kt);
 
   load_tile<KV_BK, D>(sK, kb, args.sk.l, k0, L, tid);
   load_tile<KV_BK, D>(sV, vb, args.sv.l, k0, L, tid);

@@ -1,9 +1,10 @@
 // Device building blocks shared by the frame-block attention kernels (Ampere-style, sm_80 and later):
 // cp.async global->shared copies, ldmatrix fragment loads, mma.sync m16n8k16 (fp16/bf16 in, fp32 out),
-// a swizzled shared-memory tile layout, and warp-level GEMM loops over it.
+// a swizzled shared-memory tile layout, warp-level GEMM loops over it, and the online-softmax steps that
+// both forward kernels share (their accumulators have the same per-warp register layout).
 //
-// Hopper-specific code (TMA, wgmma, warp specialisation) is deliberately NOT here: this is the portable
-// mma.sync path, which also runs on sm_90 through the sm_90a build. A wgmma kernel is future work.
+// Hopper-specific code (TMA, wgmma, warp specialisation) lives in fba_fwd_sm90.cu; this is the portable
+// mma.sync path, which also runs on sm_90 through the sm_90a build.
 #pragma once
 
 #include <cstdint>
@@ -218,6 +219,130 @@ __device__ __forceinline__ void store_rows(typename Tr::elem* base, int64_t row_
     for (int dt = 0; dt < D / 8; ++dt) {
       const int d = dt * 8 + (lane & 3) * 2;
       *reinterpret_cast<uint32_t*>(row + d) = Tr::pack(acc[dt][2 * half] * s, acc[dt][2 * half + 1] * s);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Kernel prologue helpers.
+
+// Element (b, token 0, h, 0) of a [B, L, H, D] tensor with strides st: the base of one (batch, head) slice.
+template <class E>
+__device__ __forceinline__ const E* head_base(const void* p, const Strides4& st, int b, int h) {
+  return static_cast<const E*>(p) + b * st.b + h * st.h;
+}
+
+// Row `row` of a CSR tile schedule: the number of tiles it lists, how many of those (the first ones) are
+// full, and a pointer to their indices.
+struct CsrRow {
+  int n;
+  int nfull;
+  const int32_t* idx;
+};
+__device__ __forceinline__ CsrRow csr_row(const Csr& csr, int row) {
+  const int e0 = csr.indptr[row];
+  return {csr.indptr[row + 1] - e0, csr.num_full[row], csr.indices + e0};
+}
+
+// Double-buffered K/V stages of the forward and dQ kernels: stage t holds a [BK x D] K tile and then a
+// [BK x D] V tile at smem + t * 2 * BK * D. At iteration it of n, prefetch key tile kidx[it + 1] into the
+// other stage (it was last read in iteration it - 1, which every warp finished before that iteration's
+// closing barrier) and wait until this iteration's stage has landed; the caller's __syncthreads follows.
+template <int BK, int D, class E>
+__device__ __forceinline__ void prefetch_next_kv(E* smem, int it, int n, const int32_t* kidx, const E* kb,
+                                                 int64_t k_stride, const E* vb, int64_t v_stride, int L,
+                                                 int tid) {
+  if (it + 1 < n) {
+    E* nK = smem + ((it + 1) & 1) * (2 * BK * D);
+    const int k0n = kidx[it + 1] * BK;
+    load_tile<BK, D>(nK, kb, k_stride, k0n, L, tid);
+    load_tile<BK, D>(nK + BK * D, vb, v_stride, k0n, L, tid);
+    cp_async_commit();
+    cp_async_wait<1>();
+  } else {
+    cp_async_wait<0>();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Forward softmax steps shared by the mma.sync forward (fba_fwd.cu) and the Hopper wgmma forward
+// (fba_fwd_sm90.cu). Both hold a warp's scores as NT accumulator tiles of 16 rows x 8 columns in the
+// mma.sync m16n8 layout: s[j][0..1] on row lane/4, columns 8j + 2(lane%4) + {0,1}, s[j][2..3] on row
+// lane/4 + 8 (the wgmma m64nNk16 accumulator has exactly this layout per warp and 8-column chunk).
+
+// Scores to log2 units (times c = scale * log2 e). Partial key tiles (full == false) also apply the element
+// mask block_mask[q / P][k / P] and the sequence end: key column k0 + ..., query blocks qblk[0..1] of the
+// thread's two rows (-1 for rows past the end, which are masked everywhere); masked scores become -inf.
+template <int NT>
+__device__ __forceinline__ void scale_mask_scores(float (&s)[NT][4], bool full, int k0, int lane,
+                                                  const int (&qblk)[2], int L, int P, const int8_t* block_mask,
+                                                  int num_blocks, float c) {
+  if (full) {
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+#pragma unroll
+      for (int i = 0; i < 4; ++i) s[j][i] *= c;
+  } else {
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int col = k0 + j * 8 + (lane & 3) * 2 + (i & 1);
+        const int qbk = qblk[i >> 1];
+        const bool ok = col < L && qbk >= 0 && __ldg(block_mask + qbk * num_blocks + col / P) != 0;
+        s[j][i] = ok ? s[j][i] * c : -INFINITY;
+      }
+    }
+  }
+}
+
+// Online softmax update, per row (the 4 lanes of a quad share a row): new running max m (log2 units),
+// scores replaced by exp2(s - m), partial row sums l and the output accumulator o rescaled by
+// exp2(m_old - m_new).
+template <int NT, int ND>
+__device__ __forceinline__ void online_softmax_update(float (&s)[NT][4], float (&o)[ND][4], float (&m)[2],
+                                                      float (&l)[2]) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float mx = m[r];
+#pragma unroll
+    for (int j = 0; j < NT; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * r], s[j][2 * r + 1]));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    // A row with no allowed key so far keeps max -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
+    const float mu = mx == -INFINITY ? 0.f : mx;
+    const float alpha = exp2f(m[r] - mu);
+    m[r] = mx;
+    float rs = 0.f;
+#pragma unroll
+    for (int j = 0; j < NT; ++j) {
+      s[j][2 * r] = exp2f(s[j][2 * r] - mu);
+      s[j][2 * r + 1] = exp2f(s[j][2 * r + 1] - mu);
+      rs += s[j][2 * r] + s[j][2 * r + 1];
+    }
+    l[r] = l[r] * alpha + rs;
+#pragma unroll
+    for (int dt = 0; dt < ND; ++dt) {
+      o[dt][2 * r] *= alpha;
+      o[dt][2 * r + 1] *= alpha;
+    }
+  }
+}
+
+// End of the forward: reduce the quad's partial row sums, return 1 / sum per row in inv (0 for a row that
+// saw no allowed key, whose output is then 0) and write the natural-log lse of rows row0 and row0 + 8
+// (-inf for such rows: the contract) to lse_bh, the [L] lse row of this (batch, head).
+__device__ __forceinline__ void finalize_rows(float (&inv)[2], const float (&m)[2], const float (&l)[2],
+                                              float* lse_bh, int row0, int L, int lane) {
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    float sum = l[r];
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    inv[r] = sum > 0.f ? 1.f / sum : 0.f;
+    const int row = row0 + r * 8;
+    if ((lane & 3) == 0 && row < L) {
+      lse_bh[row] = sum > 0.f ? (m[r] + log2f(sum)) * kLn2 : -INFINITY;
     }
   }
 }

@@ -42,14 +42,11 @@ __global__ void __launch_bounds__(kThreads, 1) fba_fwd_kernel(const FwdArgs args
   const int L = pb.tokens;
   const int P = pb.block_tokens;
 
-  const E* qb = static_cast<const E*>(args.q) + b * args.sq.b + h * args.sq.h;
-  const E* kb = static_cast<const E*>(args.k) + b * args.sk.b + h * args.sk.h;
-  const E* vb = static_cast<const E*>(args.v) + b * args.sv.b + h * args.sv.h;
+  const E* qb = head_base<E>(args.q, args.sq, b, h);
+  const E* kb = head_base<E>(args.k, args.sk, b, h);
+  const E* vb = head_base<E>(args.v, args.sv, b, h);
 
-  const int e0 = args.by_query.indptr[qt];
-  const int n = args.by_query.indptr[qt + 1] - e0;
-  const int nfull = args.by_query.num_full[qt];
-  const int32_t* kidx = args.by_query.indices + e0;
+  const auto [n, nfull, kidx] = csr_row(args.by_query, qt);
 
   load_tile<BQ, D>(sQ, qb, args.sq.l, q0, L, tid);
   cp_async_commit();
@@ -79,69 +76,15 @@ __global__ void __launch_bounds__(kThreads, 1) fba_fwd_kernel(const FwdArgs args
   for (int it = 0; it < n; ++it) {
     E* sK = smem + (it & 1) * (2 * BK * D);
     E* sV = sK + BK * D;
-    if (it + 1 < n) {
-      // Prefetch the next tile into the other stage; it was last read in iteration it - 1, which every
-      // warp finished before that iteration's closing barrier.
-      E* nK = smem + ((it + 1) & 1) * (2 * BK * D);
-      const int k0n = kidx[it + 1] * BK;
-      load_tile<BK, D>(nK, kb, args.sk.l, k0n, L, tid);
-      load_tile<BK, D>(nK + BK * D, vb, args.sv.l, k0n, L, tid);
-      cp_async_commit();
-      cp_async_wait<1>();
-    } else {
-      cp_async_wait<0>();
-    }
+    prefetch_next_kv<BK, D>(smem, it, n, kidx, kb, args.sk.l, vb, args.sv.l, L, tid);
     __syncthreads();
 
     float s[BK / 8][4];
     zero_acc(s);
     gemm_abt<Tr, BK, D>(s, qf, sK, lane);
 
-    const int k0 = kidx[it] * BK;
-    if (it < nfull) {
-#pragma unroll
-      for (int nt = 0; nt < BK / 8; ++nt)
-#pragma unroll
-        for (int i = 0; i < 4; ++i) s[nt][i] *= c;
-    } else {
-#pragma unroll
-      for (int nt = 0; nt < BK / 8; ++nt) {
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-          const int col = k0 + nt * 8 + (lane & 3) * 2 + (i & 1);
-          const int qbk = qblk[i >> 1];
-          const bool ok = col < L && qbk >= 0 && __ldg(pb.block_mask + qbk * pb.num_blocks + col / P) != 0;
-          s[nt][i] = ok ? s[nt][i] * c : -INFINITY;
-        }
-      }
-    }
-
-    // Online softmax, per row (the 4 lanes of a quad share a row).
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = m[r];
-#pragma unroll
-      for (int nt = 0; nt < BK / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      // A row with no allowed key so far keeps max -inf; subtracting 0 instead keeps exp2 at 0, not NaN.
-      const float mu = mx == -INFINITY ? 0.f : mx;
-      const float alpha = exp2f(m[r] - mu);
-      m[r] = mx;
-      float rs = 0.f;
-#pragma unroll
-      for (int nt = 0; nt < BK / 8; ++nt) {
-        s[nt][2 * r] = exp2f(s[nt][2 * r] - mu);
-        s[nt][2 * r + 1] = exp2f(s[nt][2 * r + 1] - mu);
-        rs += s[nt][2 * r] + s[nt][2 * r + 1];
-      }
-      l[r] = l[r] * alpha + rs;
-#pragma unroll
-      for (int dt = 0; dt < D / 8; ++dt) {
-        o[dt][2 * r] *= alpha;
-        o[dt][2 * r + 1] *= alpha;
-      }
-    }
+    scale_mask_scores(s, it < nfull, kidx[it] * BK, lane, qblk, L, P, pb.block_mask, pb.num_blocks, c);
+    online_softmax_update(s, o, m, l);
 
     uint32_t pf[BK / 16][4];
     acc_to_a<Tr, BK>(pf, s);
@@ -150,18 +93,7 @@ __global__ void __launch_bounds__(kThreads, 1) fba_fwd_kernel(const FwdArgs args
   }
 
   float inv[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    float sum = l[r];
-    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-    inv[r] = sum > 0.f ? 1.f / sum : 0.f;
-    const int row = row0 + r * 8;
-    if ((lane & 3) == 0 && row < L) {
-      // A row that saw no allowed key: output 0, lse = -inf (the contract).
-      args.lse[(static_cast<int64_t>(b) * pb.heads + h) * L + row] = sum > 0.f ? (m[r] + log2f(sum)) * kLn2 : -INFINITY;
-    }
-  }
+  finalize_rows(inv, m, l, args.lse + (static_cast<int64_t>(b) * pb.heads + h) * L, row0, L, lane);
   E* ob = static_cast<E*>(args.out) + (static_cast<int64_t>(b) * L * pb.heads + h) * D;
   store_rows<Tr, D>(ob, static_cast<int64_t>(pb.heads) * D, q0 + warp * 16, L, o, inv[0], inv[1], lane);
 }
