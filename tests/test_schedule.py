@@ -83,6 +83,10 @@ def test_get_schedule_caches_by_content():
     assert a is b
     c = get_schedule(~mask, 10, 50, 16, 16, "cpu")
     assert c is not a
+    # The kernels' int8 block table comes with the cached schedule: built once per mask, not per call.
+    assert a.mask_table.dtype == torch.int8 and a.mask_table.is_contiguous()
+    assert torch.equal(a.mask_table, mask.to(torch.int8))
+    assert torch.equal(c.mask_table, (~mask).to(torch.int8))
 
 
 def test_allowed_pairs_counts_token_pairs():

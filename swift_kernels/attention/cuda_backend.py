@@ -52,10 +52,6 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, block_mask: torch.
         )
 
 
-def _mask_i8(block_mask: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return block_mask.detach().to(device=device, dtype=torch.int8).contiguous()
-
-
 def _use_hopper(ext, q: torch.Tensor) -> bool:
     """Whether the forward takes the sm_90a kernel: opt-in (``SWIFT_KERNELS_HOPPER=1``), built, on a 9.x device."""
     if os.environ.get("SWIFT_KERNELS_HOPPER", "0") != "1" or not getattr(ext, "HAS_SM90", False):
@@ -69,9 +65,10 @@ def forward(q, k, v, block_mask, block_tokens, scale):
     ext = extension()
     hopper = _use_hopper(ext, q)
     tile_q, tile_k = (ext.sm90_tile_sizes if hopper else ext.tile_sizes)(q.shape[-1])
-    sched = get_schedule(block_mask, block_tokens, q.shape[1], tile_q, tile_k, q.device).by_query
+    schedule = get_schedule(block_mask, block_tokens, q.shape[1], tile_q, tile_k, q.device)
+    sched = schedule.by_query
     return (ext.fwd_sm90 if hopper else ext.fwd)(
-        q, k, v, _mask_i8(block_mask, q.device), int(block_tokens), float(scale),
+        q, k, v, schedule.mask_table, int(block_tokens), float(scale),
         sched.indptr, sched.num_full, sched.indices,
     )
 
@@ -88,10 +85,11 @@ def backward(dout, q, k, v, out, lse, block_mask, block_tokens, scale):
     head_dim = q.shape[-1]
     fq, fk = ext.tile_sizes(head_dim)
     bq, bk = ext.bwd_tile_sizes(head_dim)
-    by_query = get_schedule(block_mask, block_tokens, q.shape[1], fq, fk, q.device).by_query
+    fwd_schedule = get_schedule(block_mask, block_tokens, q.shape[1], fq, fk, q.device)
+    by_query = fwd_schedule.by_query
     by_key = get_schedule(block_mask, block_tokens, q.shape[1], bq, bk, q.device).by_key
     return ext.bwd(
-        dout, q, k, v, out, lse, _mask_i8(block_mask, q.device), int(block_tokens), float(scale),
+        dout, q, k, v, out, lse, fwd_schedule.mask_table, int(block_tokens), float(scale),
         by_query.indptr, by_query.num_full, by_query.indices,
         by_key.indptr, by_key.num_full, by_key.indices,
     )

@@ -57,6 +57,9 @@ class AttentionSchedule:
     by_key: TileSchedule
     tile_q: int
     tile_k: int
+    # The block table as contiguous int8 [n_blocks, n_blocks], the form the kernels read per element;
+    # None until get_schedule places a schedule on a device.
+    mask_table: torch.Tensor | None = None
 
 
 def _tile_block_incidence(num_tokens: int, tile: int, block_tokens: int, num_blocks: int) -> torch.Tensor:
@@ -131,6 +134,7 @@ def _cached(mask_bytes: bytes, num_blocks: int, block_tokens: int, num_tokens: i
         by_key=sched.by_key.to(device),
         tile_q=tile_q,
         tile_k=tile_k,
+        mask_table=mask.to(device=device, dtype=torch.int8).contiguous(),
     )
 
 
@@ -142,10 +146,10 @@ def get_schedule(
     tile_k: int,
     device: torch.device | str,
 ) -> AttentionSchedule:
-    """Cached :func:`build_schedule`, with the arrays moved to ``device``.
+    """Cached :func:`build_schedule`, with the arrays and the int8 block table moved to ``device``.
 
     The cache key is the mask's contents, so calling every layer of a network with the same mask builds
-    the schedule once. Reading a mask that lives on the GPU costs one small device-to-host copy.
+    the schedule and uploads the table once. Reading a mask that lives on the GPU costs one small device-to-host copy.
     """
     mask = block_mask.detach().to("cpu", torch.bool).contiguous()
     return _cached(

@@ -118,11 +118,6 @@ def _check_qkv(q, k, v, block_mask, block_tokens, extra=()):
         )
 
 
-def _mask_table(block_mask: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The block table as contiguous int8 [NB, NB] on the kernels' device (loaded per element)."""
-    return block_mask.detach().to(device=device, dtype=torch.int8).contiguous()
-
-
 def _two_blocks(block_tokens: int, tile_a: int, tile_b: int) -> bool:
     """True when no tile can span more than two blocks (blocks at least as long as both tiles): the
     kernels then build element masks from four table entries instead of a per-element gather."""
@@ -146,8 +141,8 @@ def forward(q, k, v, block_mask, block_tokens, scale, *, config: AttnConfig | No
     lse = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
-    sched = get_schedule(block_mask, block_tokens, seq, cfg.fwd_m, cfg.fwd_n, q.device).by_query
-    table = _mask_table(block_mask, q.device)
+    schedule = get_schedule(block_mask, block_tokens, seq, cfg.fwd_m, cfg.fwd_n, q.device)
+    sched, table = schedule.by_query, schedule.mask_table
     grid = (sched.num_rows, batch * heads)
     _k.fwd_kernel[grid](
         q, k, v, out, lse, table, sched.indptr, sched.num_full, sched.indices,
@@ -182,7 +177,8 @@ def backward(dout, q, k, v, out, lse, block_mask, block_tokens, scale, *, config
     dv = torch.empty_like(dq)
     if dq.numel() == 0:
         return dq, dk, dv
-    table = _mask_table(block_mask, q.device)
+    dq_schedule = get_schedule(block_mask, block_tokens, seq, cfg.dq_m, cfg.dq_n, q.device)
+    table = dq_schedule.mask_table
     nb = table.shape[0]
     precision = _precision(q.dtype)
     qk_scale = float(scale) * _k.LOG2E_FLOAT
@@ -203,7 +199,7 @@ def backward(dout, q, k, v, out, lse, block_mask, block_tokens, scale, *, config
         num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages,
     )
 
-    by_query = get_schedule(block_mask, block_tokens, seq, cfg.dq_m, cfg.dq_n, q.device).by_query
+    by_query = dq_schedule.by_query
     _k.bwd_dq_kernel[(by_query.num_rows, batch * heads)](
         q, k, v, dout, dq, lse, delta, table, by_query.indptr, by_query.num_full, by_query.indices,
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
