@@ -12,6 +12,14 @@ original Wan names both ways). What differs is how it runs:
   gated residual fused with the *next* norm (self-attn residual + cross-attn LayerNorm, cross-attn residual +
   FFN AdaLN, FFN residual + the next block's AdaLN or the head's), RMSNorm of q/k + 3D RoPE in one pass
   (:func:`~swift_kernels.dit_ops.qk_norm_rope`);
+- every transformer block is a module (:class:`WanBlock`) that reads only its own parameters, so FSDP2,
+  activation checkpointing and weight streaming work per block. The fusion across blocks is kept by passing
+  activations: in the *fused* boundary (inference, the default) a block hands its FFN output and gate to the
+  next block, which adds them in the pass of its own AdaLN; the *unfused* boundary (training) completes each
+  block's residual in the block. :attr:`WanDiT.block_boundary` chooses, :attr:`WanDiT.checkpoint_blocks`
+  turns on per-block activation checkpointing; all four combinations give the same bits;
+- ``forward(..., sp_group=...)`` runs the tokens sharded over a process group (Ulysses sequence parallelism,
+  :mod:`swift_model.parallel`);
 - the per-token timestep embedding (Wan2.2 TI2V, CSG windows) is computed once per distinct timestep value,
   and the fused ops read the modulation as ``[K, dim]`` tables of those K values plus a per-token row index
   (``mod_index``) instead of ``[B, L, dim]`` fp32 tensors per token;
@@ -155,7 +163,15 @@ class WanBlock(nn.Module):
         ``context``: the embedded text ``[B, text_len, dim]``; ``image_context``: the embedded CLIP tokens
         ``[B, 257, dim]`` or ``None`` (then ``k_img = v_img = None``). :meth:`WanDiT.precompute_context` calls it
         once per conditioning to reuse the result across steps and segments.
+
+        A second entry point into the block's parameters besides :meth:`forward` (wrappers that gather or
+        stream weights per block must treat it as one: :func:`swift_model.parallel.fsdp_shard_blocks` does).
         """
+        return self._cross_kv(context, image_context)
+
+    def _cross_kv(self, context: torch.Tensor, image_context: torch.Tensor | None) -> tuple:
+        # the body of context_kv, called by forward directly: a wrapper hooked on context_kv (FSDP's
+        # registered forward method) would free the gathered weights when it returns, in the middle of forward
         a, H, D = self.attn2, self.num_heads, self.head_dim
         k = a.norm_k(a.to_k(context)).unflatten(-1, (H, D))
         v = a.to_v(context).unflatten(-1, (H, D))
@@ -234,7 +250,7 @@ class WanBlock(nn.Module):
             xn = x
         # cross-attention: local queries against the whole (replicated) context, no communication
         a2 = self.attn2
-        kc, vc, ki, vi = context_kv if context_kv is not None else self.context_kv(inputs.context, inputs.image_context)
+        kc, vc, ki, vi = context_kv if context_kv is not None else self._cross_kv(inputs.context, inputs.image_context)
         q = a2.norm_q(a2.to_q(xn)).view(B, L, H, D).transpose(1, 2)
         o = F.scaled_dot_product_attention(q, kc.transpose(1, 2).expand(B, -1, -1, -1),
                                            vc.transpose(1, 2).expand(B, -1, -1, -1))
@@ -665,7 +681,7 @@ class WanDiT(nn.Module):
         Fp, Hp, Wp = Fr // pt, Hl // ph, Wl // pw
         P = Hp * Wp
         L = Fp * P
-        H, D = cfg.num_heads, cfg.head_dim
+        H = cfg.num_heads
         device, dtype = self.device, self.dtype
         if latents.device != device:
             raise ValueError(f"latents are on {latents.device} but the model is on {device}")

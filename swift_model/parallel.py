@@ -78,7 +78,11 @@ def token_range(num_tokens: int, world_size: int, rank: int) -> tuple[int, int]:
 
 def group_size(group: dist.ProcessGroup | None) -> int:
     """Ranks in ``group`` (1 when ``group`` is None: no parallelism)."""
-    return 1 if group is None else dist.get_world_size(group)
+    if group is None:
+        return 1
+    if not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"the sequence-parallel group must be a torch.distributed ProcessGroup or None, got {type(group).__name__}")
+    return dist.get_world_size(group)
 
 
 def group_rank(group: dist.ProcessGroup | None) -> int:
@@ -93,6 +97,10 @@ def check_heads(num_heads: int, world_size: int) -> None:
             f"sequence parallelism splits the attention heads over the ranks: {num_heads} heads cannot be split "
             f"over {world_size} ranks (the number of heads must be a multiple of the sequence-parallel group size)"
         )
+
+
+# torch >= 2.14 renames all_gather_into_tensor (deprecated there) to all_gather_single; same signature
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def _check_sizes(sizes: Sequence[int], group) -> list[int]:
@@ -117,7 +125,7 @@ def _check_sizes(sizes: Sequence[int], group) -> list[int]:
 
 def _tokens_to_heads(tensors: Sequence[torch.Tensor], sizes: list[int], group) -> list[torch.Tensor]:
     """``[B, L_r, H, D]`` tensors (this rank's tokens, all heads) -> ``[B, L, H/W, D]`` (all tokens, head shard r)."""
-    W, r = group_size(group), group_rank(group)
+    W = group_size(group)
     S = len(tensors)
     B, Lr, H, D = tensors[0].shape
     Hs = H // W
@@ -134,10 +142,10 @@ def _tokens_to_heads(tensors: Sequence[torch.Tensor], sizes: list[int], group) -
 
 def _heads_to_tokens(tensors: Sequence[torch.Tensor], sizes: list[int], group) -> list[torch.Tensor]:
     """``[B, L, H/W, D]`` tensors (all tokens, head shard r) -> ``[B, L_r, H, D]`` (this rank's tokens, all heads)."""
-    W, r = group_size(group), group_rank(group)
+    W = group_size(group)
     S = len(tensors)
     B, L, Hs, D = tensors[0].shape
-    Lr = sizes[r]
+    Lr = sizes[group_rank(group)]
     send = tensors[0].new_empty((L, S, B, Hs, D))
     for i, t in enumerate(tensors):
         send[:, i] = t.permute(1, 0, 2, 3)
@@ -283,7 +291,7 @@ class _GatherTokens(torch.autograd.Function):
         piece = x.new_zeros((longest, *x.shape[1:]))
         piece[: x.shape[0]] = x
         full = piece.new_empty((len(sizes) * longest, *x.shape[1:]))
-        dist.all_gather_into_tensor(full, piece, group=group)
+        _all_gather_single(full, piece, group=group)
         parts = [full[i * longest: i * longest + n] for i, n in enumerate(sizes)]
         return torch.cat(parts).movedim(0, dim)
 
@@ -311,7 +319,7 @@ def gather_tokens(t: torch.Tensor, group: dist.ProcessGroup | None, sizes: Seque
     if sizes is None:
         n = torch.tensor([t.shape[dim]], dtype=torch.int64, device=t.device)
         every = torch.empty(W, dtype=torch.int64, device=t.device)
-        dist.all_gather_into_tensor(every, n, group=group)
+        _all_gather_single(every, n, group=group)
         sizes = every.tolist()
     sizes = _check_sizes(sizes, group)
     if t.shape[dim] != sizes[group_rank(group)]:
