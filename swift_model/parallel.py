@@ -338,17 +338,19 @@ def fsdp_shard_blocks(model: torch.nn.Module, group: dist.ProcessGroup | None = 
 
     Each block becomes an FSDP2 module (``torch.distributed.fsdp.fully_shard``): its weights live sharded
     across the ranks and are all-gathered just before the block runs (and freed after when
-    ``reshard_after_forward``), so a model bigger than one device runs on several (the 14B DiT in bf16 is
-    ~28 GB; each of 4 ranks then holds ~7 GB of block weights). The root's own parameters (patch embedding,
-    condition embedders, head: ~0.25B for the 14B) stay replicated. Every rank must run the same forward calls
-    (as with sequence parallelism, where this composes with the same group).
+    ``reshard_after_forward``), so a model bigger than one device runs on several (the blocks of Wan2.1-I2V-14B
+    hold 16.2B parameters, ~32 GB in bf16; each of 4 ranks then keeps ~8 GB of them, plus one gathered block
+    at a time). The root's own parameters (patch embedding, condition embedders, head: 0.24B for that model,
+    ~0.85 GB since the timestep MLP stays fp32) are replicated. Every rank must run the same forward calls (as
+    with sequence parallelism, which composes with it over the same group). Estimates from parameter counts.
 
     Known pitfalls, handled here:
 
     - FSDP2 all-gathers a group's parameters in one buffer of one dtype: a block keeps a few small parameters in
       fp32 whatever the model's dtype (the modulation table and the cross-attention LayerNorm: see
       ``swift_model.dit.keeps_fp32``), so a block's parameters in a dtype other than its most common one are
-      left out of the sharding (``ignored_params``: replicated, a few KB per block), keeping their precision.
+      left out of the sharding (``ignored_params``: replicated, ~160 KB per block of the 14B), keeping their
+      precision.
       In training, ignored parameters get no gradient reduction from FSDP: reduce them yourself.
     - ``MixedPrecisionPolicy`` casts the floating-point forward inputs to ``param_dtype`` by default, which would
       round the fp32 RoPE table and modulation; the default policy here has ``cast_forward_inputs=False``.

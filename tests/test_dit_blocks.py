@@ -122,14 +122,15 @@ def frozen_forward(self, latents, timestep, context=None, clip_fea=None, *, layo
 # -------------------------------------------------------------------------------------------------------------
 
 
-def _random_init(model: torch.nn.Module, seed: int) -> None:
-    """Fresh random weights everywhere (non-trivial norm weights and biases)."""
+def _random_init(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Fresh random weights everywhere (non-trivial norm weights and biases); returns ``model``."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             std = p[0].numel() ** -0.5 if p.dim() >= 2 else 0.5
             base = 1.0 if p.dim() == 1 and "norm" in name else 0.0
             p.copy_(base + std * torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype))
+    return model
 
 
 T_CLIP, HL, WL = 6, 4, 6  # a clip of 6 latent frames of 2x3 = 6 tokens
