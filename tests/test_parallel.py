@@ -138,6 +138,21 @@ def _case_attention(mode: str):
     return case
 
 
+def _case_shard_and_gather(group):
+    """shard_tokens then gather_tokens (sizes exchanged) give back the tensor; the gradient of the gathered
+    tensor lands, summed over ranks, exactly once on every element."""
+    x = torch.randn(2, 3, 11, generator=torch.Generator().manual_seed(4), dtype=torch.float64)  # tokens on dim 2
+    w = torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    xr = x.clone().requires_grad_()
+    local = parallel.shard_tokens(xr, group, dim=2)
+    assert local.shape[2] == shard_sizes(11, dist.get_world_size(group))[dist.get_rank(group)]
+    full = parallel.gather_tokens(local, group, dim=2)
+    _check(full.detach(), x, 0, "round trip")
+    (full * w).sum().backward()
+    dist.all_reduce(xr.grad, group=group)
+    _check(xr.grad, w, 0, "gradient")
+
+
 # -- the tiny WanDiT forward in the three layouts (and dense) against one process
 
 HL, WL = 2, 6  # 1 x 3 = 3 tokens per latent frame: odd lengths, uneven shards
@@ -311,6 +326,7 @@ def _case_fsdp_training(group):
 
 CASES = {
     **{f"attention-{m}": _case_attention(m) for m in ("window", "clip", "packed")},
+    "shard-and-gather": _case_shard_and_gather,
     **{f"dit-ti2v-{k}": _case_dit("tiny-ti2v", k) for k in ("dense", "window", "clip", "packed")},
     **{f"dit-i2v-{k}": _case_dit("tiny-i2v", k) for k in ("window", "clip", "packed")},
     "dit-i2v-cached": _case_dit("tiny-i2v", "window", cached=True),
