@@ -11,9 +11,11 @@ diffusers' VAE code or transformers' encoders.
 
 import importlib
 
-from .checkpoint import load_dit, load_state_dict, save_dit, to_diffusers_keys, to_wan_keys
+from .checkpoint import DiTCheckpoint, inspect_dit, load_dit, load_state_dict, read_dit_config, save_dit
 from .config import WanDiTConfig
 from .dit import ContextCache, WanDiT
+from .files import CheckpointError, CheckpointNotFoundError
+from .keys import to_diffusers_keys, to_wan_keys
 from .lora import load_lora, merge_lora
 
 # name -> submodule that defines it (imported lazily, see __getattr__)
@@ -44,13 +46,18 @@ def __getattr__(name):
 
 
 __all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
     "ContextCache",
+    "DiTCheckpoint",
     "WanDiT",
     "WanDiTConfig",
+    "inspect_dit",
     "load_dit",
     "load_lora",
     "load_state_dict",
     "merge_lora",
+    "read_dit_config",
     "save_dit",
     "to_diffusers_keys",
     "to_wan_keys",
