@@ -7,6 +7,12 @@
 
 The pipeline names are imported on first use, so ``import swift_model`` for the DiT alone does not load
 diffusers' VAE code or transformers' encoders.
+
+Layers, each importing only earlier ones (``tests/test_layering.py`` checks it): key naming (``keys``) ->
+file reading (``files``, ``video``) -> the networks (``config``, ``dit``, ``vae``, ``encoders``) -> loading
+(``checkpoint``, ``lora``, ``preflight``) -> the stages (``csg``, ``bridge``) -> ``pipeline`` -> ``cli``.
+This package ``__init__`` is the facade on top; importing it imports ``checkpoint``, which registers the
+loader behind ``WanDiT.from_pretrained``.
 """
 
 import importlib
