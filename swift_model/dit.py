@@ -796,6 +796,7 @@ class WanDiT(nn.Module):
         lora_scale: float = 1.0,
         config: WanDiTConfig | None = None,
         extra_in_channels: int = 0,
+        stage: str | None = None,
     ) -> "WanDiT":
         """Load a public checkpoint: a diffusers-format folder or an original Wan file/folder.
 
@@ -803,11 +804,27 @@ class WanDiT(nn.Module):
         CUDA, fp32 on CPU (the timestep MLP, modulation tables and affine LayerNorms stay fp32). ``lora``: a
         LoRA path, state dict or list of ``(path_or_state_dict, scale)`` merged at load time, at ``lora_scale``.
         ``config``: the architecture when the checkpoint has none. ``extra_in_channels``: zero-initialised extra
-        input channels (48 for the Stage II "swift" variant). Returns the model in eval-ready form on ``device``.
-        Raises ``FileNotFoundError`` (missing files), ``TypeError``/``ValueError`` (bad arguments, unknown
-        format, missing/unexpected keys, shape mismatches); see :func:`swift_model.checkpoint.load_dit`.
+        input channels (48 for the Stage II "swift" variant). ``stage``: the label errors carry (``"stage1"``,
+        ``"stage2"``). Returns the model in eval-ready form on ``device``. Raises ``FileNotFoundError`` (missing
+        files), ``TypeError``/``ValueError`` (bad arguments, unreadable files, unknown format,
+        missing/unexpected keys, shape mismatches); see :func:`swift_model.checkpoint.load_dit`.
         """
-        from .checkpoint import load_dit
+        if _pretrained_loader is None:
+            raise RuntimeError("no checkpoint loader registered: import swift_model (its __init__ imports "
+                               "swift_model.checkpoint, which registers it)")
+        return _pretrained_loader(path, device=device, dtype=dtype, lora=lora, lora_scale=lora_scale, config=config,
+                                  extra_in_channels=extra_in_channels, stage=stage, model_cls=cls)
 
-        return load_dit(path, device=device, dtype=dtype, lora=lora, lora_scale=lora_scale, config=config,
-                        extra_in_channels=extra_in_channels)
+
+# The checkpoint loader belongs to a later layer (swift_model.checkpoint), which imports this module; this
+# module must not import it back (not even lazily inside a function: that is the cycle the layering
+# forbids). The loader hands itself over when it is imported instead, and swift_model/__init__.py imports
+# it, so it is in place before any code can reach WanDiT. The dependency points one way, and the call
+# goes through a function value.
+_pretrained_loader = None
+
+
+def register_pretrained_loader(loader) -> None:
+    """Install the function behind :meth:`WanDiT.from_pretrained` (called by :mod:`swift_model.checkpoint`)."""
+    global _pretrained_loader
+    _pretrained_loader = loader
