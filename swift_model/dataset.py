@@ -47,6 +47,24 @@ def atomic_write_json(path: Path, obj) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + "\n").encode())
 
 
+def read_folder_json(folder, name: str, *, kind: str, hint: str) -> tuple[dict, Path]:
+    """``(object, path)`` of the JSON file ``name`` in ``folder``: ``FileNotFoundError`` naming the ``kind`` of
+    folder when it is missing and ``hint`` when the file is, ``ValueError`` when it is no JSON object."""
+    folder = Path(os.fspath(folder))
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{kind} not found: {folder}")
+    path = folder / name
+    if not path.is_file():
+        raise FileNotFoundError(f"no {name} in {folder}: {hint}")
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} is not a JSON object")
+    return obj, path
+
+
 def save_clip(path: Path, z: torch.Tensor, z_ref: torch.Tensor, prompt_embeds: torch.Tensor, metadata: dict) -> None:
     """Write one clip's shard atomically. ``prompt_embeds`` ``[L, D]`` or ``[1, L, D]``: trailing all-zero rows
     (the text encoder's padding) are dropped; ``metadata`` values are stored as JSON strings."""
@@ -123,17 +141,9 @@ class PreparedData:
     @classmethod
     def open(cls, root) -> "PreparedData":
         """Open ``root`` (a folder written by ``swift-i2v prepare``)."""
-        root = Path(os.fspath(root))
-        if not root.is_dir():
-            raise FileNotFoundError(f"data folder not found: {root}")
-        path = root / MANIFEST
-        if not path.is_file():
-            raise FileNotFoundError(f"no {MANIFEST} in {root}: run swift-i2v prepare first")
-        try:
-            manifest = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise ValueError(f"cannot read {path}: {exc}") from None
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        manifest, path = read_folder_json(root, MANIFEST, kind="data folder", hint="run swift-i2v prepare first")
+        root = path.parent
+        if manifest.get("format") != FORMAT:
             raise ValueError(f"{path} is not a swift-i2v prepared-data manifest")
         if manifest.get("version") != VERSION:
             raise ValueError(f"{path} has format version {manifest.get('version')!r}, this swift-i2v reads {VERSION}")

@@ -12,7 +12,6 @@ whatever world size wrote it; the EMA weights when the run kept them (unless ask
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -20,26 +19,20 @@ from pathlib import Path
 import torch
 
 from .checkpoint import save_dit
-from .config import WanDiTConfig
+from .dataset import read_folder_json
 from .dit import WanDiT
-from .train import CHECKPOINTS, RUN_FILE, quiet_single_process_dcp, checkpoint_steps
+from .train import CHECKPOINTS, RUN_FILE, checkpoint_steps, model_config_from_dict, quiet_single_process_dcp
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def read_run(run_dir) -> dict:
     """The ``run.json`` of a run directory (``FileNotFoundError``/``ValueError`` naming what is missing)."""
-    run_dir = Path(os.fspath(run_dir))
-    if not run_dir.is_dir():
-        raise FileNotFoundError(f"run folder not found: {run_dir}")
-    path = run_dir / RUN_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no {RUN_FILE} in {run_dir}: not a swift-i2v training run")
+    run, path = read_folder_json(run_dir, RUN_FILE, kind="run folder", hint="not a swift-i2v training run")
     try:
-        run = json.loads(path.read_text())
-        WanDiTConfig(**{**run["model"], "patch_size": tuple(run["model"]["patch_size"])})
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"cannot read {path}: {exc}") from None
+        model_config_from_dict(run["model"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} holds no usable model config: {exc}") from None
     return run
 
 
@@ -66,9 +59,8 @@ def load_trained(run_dir, *, step: int | None = None, ema: bool | None = None) -
         ema = has_ema
     elif ema and not has_ema:
         raise ValueError(f"{folder} has no EMA weights (the run had ema = false)")
-    cfg = WanDiTConfig(**{**run["model"], "patch_size": tuple(run["model"]["patch_size"])})
     with torch.device("meta"):
-        model = WanDiT(cfg)
+        model = WanDiT(model_config_from_dict(run["model"]))
     model.to_empty(device="cpu")
     part = "ema" if ema else "model"
     state = {part: {n: p.detach() for n, p in model.named_parameters()}}

@@ -642,12 +642,17 @@ def checkpoint_steps(run_dir) -> list[int]:
 
 
 def model_config_dict(cfg: WanDiTConfig) -> dict:
-    """A JSON-serialisable form of a model config (``WanDiTConfig(**d)`` rebuilds it)."""
+    """A JSON-serialisable form of a model config (:func:`model_config_from_dict` rebuilds it)."""
     import dataclasses
 
     d = dataclasses.asdict(cfg)
     d["patch_size"] = list(cfg.patch_size)
     return d
+
+
+def model_config_from_dict(d: dict) -> WanDiTConfig:
+    """The model config of :func:`model_config_dict`'s dict."""
+    return WanDiTConfig(**{**d, "patch_size": tuple(d["patch_size"])})
 
 
 @contextlib.contextmanager

@@ -6,6 +6,18 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models on a shared 2-core machine: one thread avoids oversubscription (several times faster)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def synthetic_video(seed: int, frames: int = 17, size: int = 80) -> np.ndarray:

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from _training import fake_prepared_data
+from _training import fake_prepared_data, one_thread  # noqa: F401 (fixture)
 from swift_kernels import CSGLayout
 from swift_model import WanDiT, WanDiTConfig
 from swift_model.checkpoint import save_dit
@@ -24,13 +24,7 @@ C, H, W = 48, 4, 6
 P = (H // 2) * (W // 2)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids oversubscription (several times faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/_training.py
 
 
 def _clip(T=7, B=2, seed=0, dtype=torch.float32):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from _training import fake_prepared_data, tiny_checkpoints, write_videos
+from _training import fake_prepared_data, one_thread, tiny_checkpoints, write_videos  # noqa: F401
 from swift_model import WanDiT
 from swift_model.cli import main
 from swift_model.export import load_trained
@@ -18,12 +18,7 @@ from swift_model.video import read_mp4
 SIZE = ["--frames", "9", "--width", "64", "--height", "64"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/_training.py
 
 
 @pytest.fixture(scope="module")
