@@ -10,7 +10,9 @@ diffusers' VAE code or transformers' encoders.
 
 Layers, each importing only earlier ones (``tests/test_layering.py`` checks it): key naming (``keys``) ->
 file reading (``files``, ``video``) -> the networks (``config``, ``dit``, ``vae``, ``encoders``) -> loading
-(``checkpoint``, ``lora``, ``preflight``) -> the stages (``csg``, ``bridge``) -> ``pipeline`` -> ``cli``.
+(``checkpoint``, ``lora``, ``preflight``) -> the stages (``csg``, ``bridge``; for training ``packing``,
+``transition``, ``dataset``, ``train_config``) -> ``pipeline`` and the training runs (``prepare``, ``train``,
+``export``) -> ``cli`` (with ``train_cli``).
 This package ``__init__`` is the facade on top; importing it imports ``checkpoint``, which registers the
 loader behind ``WanDiT.from_pretrained``.
 """

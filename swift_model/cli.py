@@ -68,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
         if action.dest == "out":
             action.required = False
             action.help = "output .mp4 path (default swift-i2v-demo.mp4)"
+    from .train_cli import add_training_commands
+
+    add_training_commands(sub)  # prepare, train, export
     return parser
 
 
@@ -145,7 +148,9 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return _run(args)
+        from .train_cli import TRAINING_COMMANDS, run_training_command
+
+        return run_training_command(args) if args.command in TRAINING_COMMANDS else _run(args)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -109,10 +109,15 @@ class CSGPlan:
         anchor_blocks: leading clean anchor blocks (1: the input image's latent frame).
         block_tokens: DiT tokens per latent frame (``H*W/4`` for patch (1, 2, 2)); only used by the layouts
             and the token timestep vectors.
+        anchor_attends: ``"all"`` (the paper: each window is dense, the anchor attends the whole window) or
+            ``"anchor"`` (the anchor attends only itself, so its keys and values are the same in every window
+            and step; a departure from the paper, matching Stage II networks trained with a shared anchor).
+            With ``"anchor"`` a window's layout is ``CSGLayout(mode="packed", segments=(s,),
+            anchor_attends="anchor")``: the same blocks as the dense window, the anchor rows masked.
     """
 
     def __init__(self, num_blocks: int, segment_blocks: int = 2, neighbors=(1, 0), anchor_blocks: int = 1,
-                 block_tokens: int = 1) -> None:
+                 block_tokens: int = 1, anchor_attends: str = "all") -> None:
         self.num_blocks = _check_int(num_blocks, "num_blocks", 1)
         self.segment_blocks = _check_int(segment_blocks, "segment_blocks", 1)
         self.neighbors = parse_neighbors(neighbors)
@@ -122,12 +127,20 @@ class CSGPlan:
             raise ValueError(
                 f"num_blocks ({self.num_blocks}) must exceed anchor_blocks ({self.anchor_blocks}): nothing to generate"
             )
+        if anchor_attends not in ("all", "anchor"):
+            raise ValueError(f"anchor_attends must be 'all' or 'anchor', got {anchor_attends!r}")
+        self.anchor_attends = anchor_attends
         self.clip_layout = CSGLayout(self.num_blocks, self.block_tokens, self.segment_blocks, self.neighbors,
-                                     anchor_blocks=self.anchor_blocks, mode="clip")
+                                     anchor_blocks=self.anchor_blocks, anchor_attends=anchor_attends, mode="clip")
         self.windows: list[CSGWindow] = []
         for s in range(self.clip_layout.num_segments):
-            lay = CSGLayout(self.num_blocks, self.block_tokens, self.segment_blocks, self.neighbors,
-                            anchor_blocks=self.anchor_blocks, mode="window", segment=s)
+            if anchor_attends == "all":
+                lay = CSGLayout(self.num_blocks, self.block_tokens, self.segment_blocks, self.neighbors,
+                                anchor_blocks=self.anchor_blocks, mode="window", segment=s)
+            else:  # the window's blocks, the anchor attending only itself
+                lay = CSGLayout(self.num_blocks, self.block_tokens, self.segment_blocks, self.neighbors,
+                                anchor_blocks=self.anchor_blocks, anchor_attends="anchor", mode="packed",
+                                segments=(s,))
             self.windows.append(CSGWindow(
                 segment=s,
                 blocks=tuple(int(b) for b in lay.block_ids.tolist()),
@@ -152,7 +165,8 @@ class CSGPlan:
 
     def __repr__(self) -> str:
         return (f"CSGPlan(num_blocks={self.num_blocks}, segment_blocks={self.segment_blocks}, "
-                f"neighbors={self.neighbors}, anchor_blocks={self.anchor_blocks}, segments={self.num_segments})")
+                f"neighbors={self.neighbors}, anchor_blocks={self.anchor_blocks}, segments={self.num_segments}, "
+                f"anchor_attends={self.anchor_attends!r})")
 
 
 # -- sampling step -------------------------------------------------------------------------------------

@@ -333,7 +333,8 @@ def gather_tokens(t: torch.Tensor, group: dist.ProcessGroup | None, sizes: Seque
 
 
 def fsdp_shard_blocks(model: torch.nn.Module, group: dist.ProcessGroup | None = None, *,
-                      reshard_after_forward: bool = True, mp_policy=None) -> torch.nn.Module:
+                      reshard_after_forward: bool = True, mp_policy=None,
+                      keep_whole: Callable[[str], bool] | None = None) -> torch.nn.Module:
     """Shard every transformer block of ``model`` (its ``blocks``) over ``group`` with FSDP2, in place.
 
     Each block becomes an FSDP2 module (``torch.distributed.fsdp.fully_shard``): its weights live sharded
@@ -363,6 +364,10 @@ def fsdp_shard_blocks(model: torch.nn.Module, group: dist.ProcessGroup | None = 
         group: the process group (default: the whole world).
         reshard_after_forward: free each block's gathered weights after its forward (the memory saving).
         mp_policy: a ``torch.distributed.fsdp.MixedPrecisionPolicy``; default: no casts at all.
+        keep_whole: ``keep_whole(name)`` (``name`` as in ``model.named_parameters()``, e.g.
+            ``"blocks.3.scale_shift_table"``) says which block parameters to leave out of the sharding instead of
+            the dtype rule above; training with fp32 master weights and bf16 compute passes
+            ``swift_model.dit.keeps_fp32``, so those parameters are neither sharded nor cast by ``mp_policy``.
 
     Returns ``model`` (its blocks now ``FSDPModule``\\ s). Untested on a GPU.
     """
@@ -378,12 +383,15 @@ def fsdp_shard_blocks(model: torch.nn.Module, group: dist.ProcessGroup | None = 
     device = next(model.parameters()).device
     mesh = DeviceMesh.from_group(group, device_type=device.type)
     policy = MixedPrecisionPolicy(cast_forward_inputs=False) if mp_policy is None else mp_policy
-    for blk in blocks:
-        numel: dict[torch.dtype, int] = {}
-        for p in blk.parameters():
-            numel[p.dtype] = numel.get(p.dtype, 0) + p.numel()
-        main = max(numel, key=numel.get)
-        ignored = {p for p in blk.parameters() if p.dtype != main}
+    for i, blk in enumerate(blocks):
+        if keep_whole is not None:
+            ignored = {p for n, p in blk.named_parameters() if keep_whole(f"blocks.{i}.{n}")}
+        else:
+            numel: dict[torch.dtype, int] = {}
+            for p in blk.parameters():
+                numel[p.dtype] = numel.get(p.dtype, 0) + p.numel()
+            main = max(numel, key=numel.get)
+            ignored = {p for p in blk.parameters() if p.dtype != main}
         fully_shard(blk, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy,
                     ignored_params=ignored or None)
         if hasattr(blk, "context_kv"):

@@ -22,8 +22,11 @@ LAYERS: dict[str, int] = {
     "parallel": 3,                                          # sequence parallelism, FSDP2 (under the DiT)
     "checkpoint": 4, "lora": 4, "preflight": 4,             # loading
     "csg": 5, "bridge": 5,                                  # the stages
+    "packing": 5, "transition": 5, "dataset": 5,            # training sequences, references, prepared data
+    "train_config": 5,
     "pipeline": 6,
-    "cli": 7,
+    "prepare": 6, "train": 6, "export": 6,                  # the training runs, beside the pipeline
+    "cli": 7, "train_cli": 7,
     "__init__": 8,
 }
 

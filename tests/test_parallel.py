@@ -23,22 +23,18 @@ Exactness (relative to the reference's largest magnitude):
 from __future__ import annotations
 
 import copy
-import datetime
-import json
-import os
-import time
-import traceback
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from swift_kernels import CSGLayout, csg_attention
 from swift_model import WanDiT, WanDiTConfig
 from swift_model import dit as dit_module
 from swift_model import parallel
 from swift_model.parallel import check_heads, shard_sizes, token_range
+from _spawn import launch
+from _spawn import problems as spawn_problems
 from test_dit_blocks import _random_init
 
 WORLD_SIZES = (2, 4)
@@ -342,56 +338,8 @@ CASES = {
 
 
 # -------------------------------------------------------------------------------------------------------------
-# the launcher
+# the launcher (tests/_spawn.py)
 # -------------------------------------------------------------------------------------------------------------
-
-
-def _worker(rank: int, world_size: int, store: str, out_dir: str) -> None:
-    torch.set_num_threads(1)  # several ranks share two cores
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    verdicts = {}
-    path = os.path.join(out_dir, f"rank{rank}.json")
-    try:
-        for name, case in CASES.items():  # the same order on every rank: the collectives line up
-            t0 = time.perf_counter()
-            RECORD.clear()
-            try:
-                case(dist.group.WORLD)
-                verdicts[name] = {"ok": True, "s": round(time.perf_counter() - t0, 3), "checks": RECORD[:]}
-            except Exception as exc:  # noqa: BLE001 -- reported to the parent, which fails the test
-                verdicts[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
-                                  "trace": traceback.format_exc(limit=6)}
-            with open(path + ".tmp", "w") as f:  # after every case: a hang later still reports these
-                json.dump(verdicts, f)
-            os.replace(path + ".tmp", path)
-    finally:
-        dist.destroy_process_group()
-
-
-def _launch(world_size: int, out_dir: str) -> dict:
-    ctx = mp.get_context("spawn")
-    store = os.path.join(out_dir, "store")
-    procs = [ctx.Process(target=_worker, args=(r, world_size, store, out_dir), daemon=True) for r in range(world_size)]
-    t0 = time.monotonic()
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(max(0.0, LAUNCH_DEADLINE_S - (time.monotonic() - t0)))
-    timed_out = [i for i, p in enumerate(procs) if p.is_alive()]
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-            p.join(5)
-    results = {"_exitcodes": [p.exitcode for p in procs], "_timed_out": timed_out,
-               "_seconds": time.monotonic() - t0, "ranks": []}
-    for r in range(world_size):
-        try:
-            with open(os.path.join(out_dir, f"rank{r}.json")) as f:
-                results["ranks"].append(json.load(f))
-        except FileNotFoundError:
-            results["ranks"].append({})
-    return results
 
 
 @pytest.fixture(scope="module")
@@ -401,7 +349,8 @@ def spawned(tmp_path_factory):
 
     def get(world_size: int) -> dict:
         if world_size not in runs:
-            runs[world_size] = _launch(world_size, str(tmp_path_factory.mktemp(f"world{world_size}")))
+            runs[world_size] = launch(__name__, world_size, str(tmp_path_factory.mktemp(f"world{world_size}")),
+                                      deadline_s=LAUNCH_DEADLINE_S, timeout_s=COLLECTIVE_TIMEOUT_S)
         return runs[world_size]
 
     return get
@@ -410,13 +359,5 @@ def spawned(tmp_path_factory):
 @pytest.mark.parametrize("case", list(CASES))
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 def test_distributed(spawned, world_size, case):
-    run = spawned(world_size)
-    problems = []
-    for rank, verdicts in enumerate(run["ranks"]):
-        v = verdicts.get(case)
-        if v is None:
-            problems.append(f"rank {rank}: the case did not run (exit codes {run['_exitcodes']}, "
-                            f"killed after {LAUNCH_DEADLINE_S} s: ranks {run['_timed_out']})")
-        elif not v["ok"]:
-            problems.append(f"rank {rank}: {v['error']}\n{v['trace']}")
+    problems = spawn_problems(spawned(world_size), case)
     assert not problems, "\n".join(problems)

@@ -21,7 +21,13 @@ before and ``NR`` blocks after it, clipped to ``[A, T)``::
 ``"packed"``
     The anchors followed by every segment's window, one after another (so a clip block may appear in
     several windows). A block of window ``s`` attends the anchors and the blocks of window ``s``; anchors
-    attend as ``anchor_attends`` says (``"all"``: every block of the sequence).
+    attend as ``anchor_attends`` says (``"all"``: every block of the sequence). ``segments=(s, ...)`` packs
+    only those segments' windows, in that order. With ``anchor_copies=True`` there is no shared anchor: each
+    window carries its own copy of the anchors, ``[anchors, window(s)]`` per window, and nothing attends
+    across windows, so each window of the sequence sees exactly what the dense ``"window"`` call of its
+    segment sees (the training layout that reproduces inference). A shared anchor with
+    ``anchor_attends="anchor"`` reproduces ``mode="packed", segments=(s,), anchor_attends="anchor"`` for
+    each window (an anchor that never reads the windows), not the dense window.
 
 When ``A == T`` there are no segments: ``"clip"`` and ``"packed"`` then lay out the anchors alone (a
 dense anchor-only mask), and ``"window"`` raises because there is no segment to pick.
@@ -69,6 +75,10 @@ class CSGLayout:
         mode: ``"clip"``, ``"window"`` or ``"packed"`` (see the module docstring).
         segment: the segment index, required in ``"window"`` mode (``0 <= segment < num_segments``)
             and rejected in the other modes.
+        segments: ``"packed"`` mode only: the segments whose windows the sequence packs, in sequence order
+            (distinct, each in ``[0, num_segments)``, at least one); default every segment in order.
+        anchor_copies: ``"packed"`` mode only: each window carries its own copy of the anchor blocks instead
+            of sharing one anchor at the front (see the module docstring).
 
     The object is immutable and hashable (equal parameters give equal, same-hash layouts). Tensor
     properties return fresh CPU tensors, so mutating one does not change the layout.
@@ -83,6 +93,8 @@ class CSGLayout:
         "_anchor_attends",
         "_mode",
         "_segment",
+        "_segments",
+        "_anchor_copies",
         "_mask",
         "_ids",
         "_seg",
@@ -99,6 +111,8 @@ class CSGLayout:
         anchor_attends: str = "all",
         mode: str = "clip",
         segment: int | None = None,
+        segments=None,
+        anchor_copies: bool = False,
     ) -> None:
         T = _as_int(num_blocks, "num_blocks")
         P = _as_int(block_tokens, "block_tokens")
@@ -141,6 +155,23 @@ class CSGLayout:
             if segment is not None:
                 raise ValueError(f"segment is only used with mode='window', got segment={segment!r} with mode={mode!r}")
             seg = None
+        if not isinstance(anchor_copies, bool):
+            raise TypeError(f"anchor_copies must be a bool, got {type(anchor_copies).__name__}")
+        if mode != "packed" and (segments is not None or anchor_copies):
+            raise ValueError(f"segments and anchor_copies are only used with mode='packed', got mode={mode!r}")
+        if segments is not None:
+            if isinstance(segments, (str, bytes)) or not hasattr(segments, "__iter__"):
+                raise TypeError(f"segments must be a sequence of ints, got {type(segments).__name__}")
+            segments = tuple(_as_int(v, "segments[]") for v in segments)
+            if not segments:
+                raise ValueError("segments must name at least one segment")
+            if len(set(segments)) != len(segments):
+                raise ValueError(f"segments must be distinct, got {segments}")
+            bad = [v for v in segments if not 0 <= v < num_segments]
+            if bad:
+                raise ValueError(f"segments must be in [0, {num_segments}) for this layout, got {bad}")
+            if segments == tuple(range(num_segments)):
+                segments = None  # the default, spelled out: one layout, one key
 
         set_ = object.__setattr__
         set_(self, "_num_blocks", T)
@@ -151,6 +182,8 @@ class CSGLayout:
         set_(self, "_anchor_attends", anchor_attends)
         set_(self, "_mode", mode)
         set_(self, "_segment", seg)
+        set_(self, "_segments", segments)
+        set_(self, "_anchor_copies", anchor_copies)
         mask, ids, segs, roles = self._build()
         set_(self, "_mask", mask)
         set_(self, "_ids", ids)
@@ -175,6 +208,8 @@ class CSGLayout:
             self._anchor_attends,
             self._mode,
             self._segment,
+            self._segments,
+            self._anchor_copies,
         )
 
     def __eq__(self, other: object) -> bool:
@@ -187,11 +222,15 @@ class CSGLayout:
 
     def __reduce__(self):
         # Pickle by parameters (the tensors are rebuilt), which also keeps copies immutable.
-        T, P, M, nb, A, aa, mode, seg = self._key()
-        return (CSGLayout, (T, P, M, nb, A, aa, mode, seg))
+        T, P, M, nb, A, aa, mode, seg, segs, copies = self._key()
+        return (CSGLayout, (T, P, M, nb, A, aa, mode, seg, segs, copies))
 
     def __repr__(self) -> str:
         seg = f", segment={self._segment}" if self._segment is not None else ""
+        if self._segments is not None:
+            seg += f", segments={self._segments}"
+        if self._anchor_copies:
+            seg += ", anchor_copies=True"
         return (
             f"CSGLayout(num_blocks={self._num_blocks}, block_tokens={self._block_tokens}, "
             f"segment_blocks={self._segment_blocks}, neighbors={self._neighbors}, "
@@ -240,6 +279,19 @@ class CSGLayout:
     def segment(self) -> int | None:
         """The segment of a ``"window"`` layout (``None`` in the other modes)."""
         return self._segment
+
+    @property
+    def segments(self) -> tuple[int, ...]:
+        """The segments whose windows the sequence holds, in sequence order (every segment in ``"clip"`` and
+        ``"packed"`` mode unless ``segments=`` chose some; the one segment in ``"window"`` mode)."""
+        if self._mode == "window":
+            return (self._segment,)
+        return self._segments if self._segments is not None else tuple(range(self.num_segments))
+
+    @property
+    def anchor_copies(self) -> bool:
+        """Whether each packed window carries its own copy of the anchors (``"packed"`` mode only)."""
+        return self._anchor_copies
 
     # -- segments of the clip -----------------------------------------------------------------------
 
@@ -314,8 +366,16 @@ class CSGLayout:
             mask = torch.ones(n, n, dtype=torch.bool)
         else:  # packed
             spans = []
-            for s in range(self.num_segments):
+            # no shared anchor: each window starts with its own copy (with no segment, the anchors alone)
+            copies = self._anchor_copies and self.num_segments > 0
+            if copies:
+                ids, segs, roles = [], [], []
+            for s in self.segments:
                 first = len(ids)
+                if copies:
+                    ids.extend(range(A))
+                    segs.extend([s] * A)
+                    roles.extend([ROLE_ANCHOR] * A)
                 for b, role in window_parts(s):
                     ids.append(b)
                     segs.append(s)
@@ -323,12 +383,20 @@ class CSGLayout:
                 spans.append((first, len(ids)))
             n = len(ids)
             mask = torch.zeros(n, n, dtype=torch.bool)
-            mask[:A, :] = True
-            if anchors_only:
-                mask[:A, A:] = False
-            for first, last in spans:
-                mask[first:last, :A] = True
-                mask[first:last, first:last] = True
+            if copies:
+                # block diagonal: each window is the dense window call of its segment (anchor rows as
+                # anchor_attends says, within the window)
+                for first, last in spans:
+                    mask[first:last, first:last] = True
+                    if anchors_only:
+                        mask[first:first + A, first + A:last] = False
+            else:
+                mask[:A, :] = True
+                if anchors_only:
+                    mask[:A, A:] = False
+                for first, last in spans:
+                    mask[first:last, :A] = True
+                    mask[first:last, first:last] = True
         return (
             mask,
             torch.tensor(ids, dtype=torch.long),
@@ -359,7 +427,8 @@ class CSGLayout:
     @property
     def block_segments(self) -> torch.Tensor:
         """long ``[n]``: for each block of the sequence, the segment whose window it belongs to (``-1`` for
-        anchors). In ``"clip"`` mode it is the segment that owns the block."""
+        the shared anchors; an anchor copy of ``anchor_copies`` belongs to its window). In ``"clip"`` mode it
+        is the segment that owns the block."""
         return self._seg.clone()
 
     @property
@@ -373,7 +442,8 @@ class CSGLayout:
     def noisy_blocks(self) -> torch.Tensor:
         """bool ``[n]``: True where the block of the sequence is one its window generates (noisy, carries the
         timestep); False for the clean conditioning blocks (anchors, neighbours, which carry timestep 0).
-        In ``"packed"`` mode each clip block is noisy in exactly one window (its own segment's)."""
+        In ``"packed"`` mode each clip block is noisy in exactly one window (its own segment's), and only the
+        clip blocks of the packed ``segments`` are noisy."""
         return self._roles == ROLE_OWN
 
     def token_block_ids(self, device: torch.device | str = "cpu") -> torch.Tensor:

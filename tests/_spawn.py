@@ -1,0 +1,91 @@
+"""Running test cases on several CPU processes with torch.distributed (gloo), once per world size.
+
+A test module defines ``CASES`` (name -> ``case(group)``), and optionally a module-level ``RECORD`` list that
+its cases append notes to. :func:`launch` spawns ``world_size`` processes; each imports that module, joins a
+gloo group (with a collective timeout, so a mismatch fails instead of hanging), runs every case in the same
+order (so the collectives line up) and writes its verdicts to a JSON file after each case. The parent joins
+the children until a deadline and then kills them. :func:`problems` turns the verdicts of one case into the
+failure messages of a pytest test. ``SPAWN_OUT_DIR`` in the children's environment names a scratch folder
+shared by the ranks of one launch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib
+import json
+import os
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+
+def _worker(rank: int, world_size: int, store: str, out_dir: str, module_name: str, timeout_s: float) -> None:
+    torch.set_num_threads(1)  # several ranks share two cores
+    os.environ["SPAWN_OUT_DIR"] = out_dir
+    module = importlib.import_module(module_name)
+    record = getattr(module, "RECORD", None)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    verdicts = {}
+    path = os.path.join(out_dir, f"rank{rank}.json")
+    try:
+        for name, case in module.CASES.items():  # the same order on every rank: the collectives line up
+            t0 = time.perf_counter()
+            if record is not None:
+                record.clear()
+            try:
+                case(dist.group.WORLD)
+                verdicts[name] = {"ok": True, "s": round(time.perf_counter() - t0, 3),
+                                  "checks": list(record or [])}
+            except Exception as exc:  # noqa: BLE001 -- reported to the parent, which fails the test
+                verdicts[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}",
+                                  "trace": traceback.format_exc(limit=6)}
+            with open(path + ".tmp", "w") as f:  # after every case: a hang later still reports these
+                json.dump(verdicts, f)
+            os.replace(path + ".tmp", path)
+    finally:
+        dist.destroy_process_group()
+
+
+def launch(module_name: str, world_size: int, out_dir: str, *, deadline_s: float, timeout_s: float) -> dict:
+    """Spawn ``world_size`` ranks running ``module_name``'s ``CASES``; returns the verdicts of every rank."""
+    ctx = mp.get_context("spawn")
+    store = os.path.join(out_dir, "store")
+    procs = [ctx.Process(target=_worker, args=(r, world_size, store, out_dir, module_name, timeout_s), daemon=True)
+             for r in range(world_size)]
+    t0 = time.monotonic()
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(max(0.0, deadline_s - (time.monotonic() - t0)))
+    timed_out = [i for i, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join(5)
+    results = {"_exitcodes": [p.exitcode for p in procs], "_timed_out": timed_out, "_deadline": deadline_s,
+               "_seconds": time.monotonic() - t0, "ranks": []}
+    for r in range(world_size):
+        try:
+            with open(os.path.join(out_dir, f"rank{r}.json")) as f:
+                results["ranks"].append(json.load(f))
+        except FileNotFoundError:
+            results["ranks"].append({})
+    return results
+
+
+def problems(run: dict, case: str) -> list[str]:
+    """The failures of ``case`` in a :func:`launch` result, one message per failing rank (empty: passed)."""
+    out = []
+    for rank, verdicts in enumerate(run["ranks"]):
+        v = verdicts.get(case)
+        if v is None:
+            out.append(f"rank {rank}: the case did not run (exit codes {run['_exitcodes']}, "
+                       f"killed after {run['_deadline']} s: ranks {run['_timed_out']})")
+        elif not v["ok"]:
+            out.append(f"rank {rank}: {v['error']}\n{v['trace']}")
+    return out
