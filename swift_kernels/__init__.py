@@ -5,13 +5,14 @@ compiled extension ``swift_kernels._C``. Importing this package never requires t
 """
 
 from ._backend import BackendUnavailableError, extension_available
-from .attention import CSGLayout, allowed_pairs, csg_attention, frame_block_attention
+from .attention import AttentionPlan, CSGLayout, allowed_pairs, csg_attention, frame_block_attention, plan_attention
 from .dit_ops import adaln_modulate, gated_residual, qk_norm_rope, rope_table
 from .sampler import FlowSchedule, FlowStepResult, flow_step
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AttentionPlan",
     "BackendUnavailableError",
     "CSGLayout",
     "FlowSchedule",
@@ -23,6 +24,7 @@ __all__ = [
     "flow_step",
     "frame_block_attention",
     "gated_residual",
+    "plan_attention",
     "qk_norm_rope",
     "rope_table",
 ]

@@ -189,8 +189,13 @@ def test_backend_selection(monkeypatch):
     with pytest.raises(ValueError, match="head_dim"):
         frame_block_attention(q[..., :6], k[..., :6], v[..., :6], mask, bt, backend="triton")  # 6 unsupported
     monkeypatch.delenv("TRITON_INTERPRET")
-    # On a CPU the automatic choice is the reference, and it equals the explicit one.
-    assert torch.equal(frame_block_attention(*args), frame_block_attention(*args, backend="torch"))
+    # On a CPU the automatic choice is SDPA for a dense table and the reference otherwise.
+    q, k, v, mask, bt = args
+    dense = frame_block_attention(q, k, v, mask, bt)
+    torch.testing.assert_close(dense, frame_block_attention(q, k, v, mask, bt, backend="torch"), rtol=1e-5, atol=1e-6)
+    assert torch.equal(dense, frame_block_attention(q, k, v, mask, bt, backend="sdpa"))
+    sparse = torch.tensor([[True, False], [True, True]])
+    assert torch.equal(frame_block_attention(q, k, v, sparse, bt), frame_block_attention(q, k, v, sparse, bt, backend="torch"))
 
 
 def test_package_imports_without_extension():
