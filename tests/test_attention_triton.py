@@ -5,9 +5,10 @@ before triton is imported); shapes are kept small there. ``triton_device`` tests
 one; ``interpreter`` tests (fp32) only in the interpreter (see conftest.py). GPU tests (marked ``gpu``) check
 bf16/fp16 at the real Stage II sizes (3,520 tokens per block, 24 heads of 128).
 
-Tolerance rule (DESIGN.md): a low-precision result passes when its max error against the fp64 truth is
-at most twice the error of the same dense computation done by PyTorch in that precision, plus a rounding
-floor; fp32 (exact fp32 products in the kernels) is held to a tight absolute bound.
+Tolerance rule (DESIGN.md, tests/attention_checks.py): a low-precision result passes when its max error against
+the fp64 (fp32 at real sizes) truth is at most twice the error of the same computation done by PyTorch in that
+precision, plus one ulp of the largest value; fp32 (exact fp32 products in the kernels) is held to a tight
+absolute bound.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from attention_checks import bound, max_err, sdpa_baseline  # noqa: E402
 from swift_kernels._backend import triton_interpreting  # noqa: E402
 from swift_kernels.attention import triton_backend as tb  # noqa: E402
 from swift_kernels.attention.plan import AttentionPlan  # noqa: E402
@@ -64,16 +66,6 @@ def dense_grads(q, k, v, dout, block_mask, block_tokens, scale, dtype):
     out, lse = dense_attention(*leaves, block_mask, block_tokens, scale, dtype)
     grads = torch.autograd.grad(out, leaves, dout.to(dtype))
     return (out.detach(), lse.detach(), *grads)
-
-
-def max_err(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
-def bound(truth, lowp_baseline, dtype):
-    """2x the error of PyTorch in ``dtype`` plus a rounding floor (one ulp of the largest value)."""
-    floor = torch.finfo(dtype).eps * max(truth.abs().max().item(), 1.0)
-    return 2 * max_err(lowp_baseline, truth) + floor
 
 
 FP32_ATOL = 2e-5
@@ -307,19 +299,6 @@ def _reference():
     return reference
 
 
-def _sdpa_lowp(q, k, v, dout, mask, block_tokens, scale):
-    """PyTorch's own low-precision attention (SDPA with a token mask): the error baseline."""
-    import torch.nn.functional as F
-
-    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-    allowed = token_mask(mask.to(q.device), block_tokens)
-    out = F.scaled_dot_product_attention(
-        *(t.transpose(1, 2) for t in leaves), attn_mask=allowed, scale=scale
-    ).transpose(1, 2)
-    grads = torch.autograd.grad(out, leaves, dout)
-    return (out.detach(), *grads)
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("blocks,mask_kind", [(4, "window"), (5, "clip")])
@@ -347,7 +326,7 @@ def test_gpu_real_sizes(dtype, blocks, mask_kind):
     f32 = [t.float() for t in (q, k, v)]
     t_out, t_lse = ref.forward(*f32, mask, block_tokens, scale)
     t_grads = ref.backward(dout.float(), *f32, t_out, t_lse, mask, block_tokens, scale)
-    base = _sdpa_lowp(q, k, v, dout, mask, block_tokens, scale)
+    base = sdpa_baseline(q, k, v, dout, AttentionPlan(mask, block_tokens, DEVICE), scale)
     assert max_err(lse, t_lse) <= 1e-2
     for name, got, want, b in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), (t_out, *t_grads), base):
         assert not torch.isnan(got).any(), name

@@ -75,10 +75,13 @@ class AttnConfig:
 
 # H100-oriented defaults, FlashAttention-2 shapes: 128-row query tiles in the forward and the dQ pass,
 # 128-row key tiles in the dK/dV pass, with narrow (32) partner tiles in the backward to hold the register
-# footprint down. Chosen from ptxas reports for sm_90 (Triton 3.6 and 3.8), not yet from timings: no spills at
-# head_dim 64; at 128 the 255-register cap is reached and the forward spills about 160 bytes per thread, dQ
-# about 380 and dK/dV about 1,250 (4 warps or wider tiles spill several times more). The resource limits the
-# ahead-of-time test enforces (tests/test_attention_triton.py) keep these from growing unnoticed.
+# footprint down. Chosen from ptxas reports for sm_90, not yet from timings. At head_dim 64 nothing spills. At
+# head_dim 128 every pass hits the 255-register cap and spills: stack frames of about 90-120 bytes per thread
+# in the forward, 290 in dQ and 920-960 in dK/dV (cuobjdump, Triton 3.8 and 3.6; ptxas counted 1,256 bytes of
+# dK/dV spill stores under Triton 3.6 with the previous schedule format). That is not "a few hundred" bytes:
+# 960 bytes per thread is 240 KB of local memory per 256-thread dK/dV CTA, traffic through L1/L2 on every
+# tile. 4 warps or wider tiles spill several times more. The ahead-of-time test (tests/aot_sm90.py) reports
+# these for every production config and fails past its limits.
 _GPU_CONFIG_16BIT = AttnConfig()
 # The interpreter runs each program in Python: fewer, larger tiles are faster there, and warps/stages
 # mean nothing. 64-token tiles keep block borders inside tiles common in small tests.
