@@ -89,12 +89,16 @@ def test_csg_attention_equals_frame_block_attention():
     torch.testing.assert_close(got, dense_attention(q, k, v, layout.block_mask, 6), rtol=1e-12, atol=1e-12)
 
 
-def test_compile_fullgraph_traces_the_custom_op():
+@pytest.mark.parametrize("with_plan", [False, True], ids=["layout", "plan"])
+def test_compile_fullgraph_traces_the_custom_op(with_plan):
+    from swift_kernels import plan_attention
+
     layout = CSGLayout(5, 4, 2, neighbors=(1, 0), mode="clip")
     q, k, v = _inputs(1, 5, 4, 2, 8, dtype=torch.float32, requires_grad=True)
+    arg = plan_attention(layout) if with_plan else layout
 
     def f(q, k, v):
-        return csg_attention(q * 2, k, v, layout, backend="torch").sum()
+        return csg_attention(q * 2, k, v, arg, backend="torch").sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     got = compiled(q, k, v)
