@@ -25,6 +25,7 @@ checks the plumbing, measures nothing and verifies nothing (``results.json`` say
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -194,6 +195,21 @@ def step_env() -> None:
 # correctness
 
 
+@contextlib.contextmanager
+def check_case(**rec):
+    """Yield a check record to fill; an exception fails the case (and is logged) instead of ending the step.
+    The record goes to checks.jsonl with its duration either way."""
+    t0 = time.time()
+    try:
+        yield rec
+    except Exception as exc:
+        rec["passed"] = False
+        rec["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
+        traceback.print_exc()
+    rec["seconds"] = round(time.time() - t0, 1)
+    emit("checks.jsonl", **rec)
+
+
 def _max_err(a, b) -> float:
     return (a.double() - b.double()).abs().max().item()
 
@@ -224,10 +240,8 @@ def check_attention(backend: str) -> None:
                     emit("checks.jsonl", op="frame_block_attention", backend=backend, case=f"{case}-{dt_name}",
                          skipped="no time left in this step")
                     continue
-                t0 = time.time()
-                rec = dict(op="frame_block_attention", backend=backend, case=f"{case}-{dt_name}-{'fwd+bwd' if grad else 'fwd'}",
-                           tokens=layout.num_tokens, heads=H, head_dim=D, dtype=dt_name)
-                try:
+                with check_case(op="frame_block_attention", backend=backend, tokens=layout.num_tokens, heads=H,
+                                head_dim=D, dtype=dt_name, case=f"{case}-{dt_name}-{'fwd+bwd' if grad else 'fwd'}") as rec:
                     if backend == "cuda-sm90":
                         from swift_kernels.attention import cuda_backend
 
@@ -261,12 +275,6 @@ def check_attention(backend: str) -> None:
                         rec["errors"][tname], rec["bounds"][tname] = round(err, 6), round(bnd, 6)
                         ok &= bool(torch.isfinite(got).all()) and got.shape == q.shape and got.dtype == dtype and err <= bnd
                     rec["passed"] = ok
-                except Exception as exc:
-                    rec["passed"] = False
-                    rec["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
-                    traceback.print_exc()
-                rec["seconds"] = round(time.time() - t0, 1)
-                emit("checks.jsonl", **rec)
                 if GPU:
                     torch.cuda.empty_cache()
 
@@ -302,9 +310,7 @@ def check_ops() -> None:
                                              ref=ref, return_x0=True, backend=b),
         }
         for op, fn in cases.items():
-            t0 = time.time()
-            rec = dict(op=op, backend="triton", case=f"{op}-{dt_name}", dtype=dt_name)
-            try:
+            with check_case(op=op, backend="triton", case=f"{op}-{dt_name}", dtype=dt_name) as rec:
                 poison()
                 got, want = fn("triton"), fn("torch")
                 sync()
@@ -319,12 +325,6 @@ def check_ops() -> None:
                         ok = False
                         rec["mismatch"] = str(exc)[:300]
                 rec["passed"] = ok
-            except Exception as exc:
-                rec["passed"] = False
-                rec["error"] = f"{type(exc).__name__}: {str(exc)[:400]}"
-                traceback.print_exc()
-            rec["seconds"] = round(time.time() - t0, 1)
-            emit("checks.jsonl", **rec)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -252,6 +252,14 @@ def choose_backend(
     return "torch"
 
 
+def constant_under_compile(fn):
+    """``torch.compiler.assume_constant_result(fn)``, without importing ``torch._dynamo`` (about a second) when the
+    package is imported: that decorator only sets this attribute, which dynamo reads while tracing (torch marks
+    its own functions the same way; tests/test_dispatch.py checks that the decorator still does just this)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
 _warned: set[str] = set()
 
 

@@ -166,3 +166,19 @@ def test_cpu_and_fake_cuda_without_a_driver(monkeypatch):
 def test_arch_serves(arch, cap, serves):
     """SASS runs on the same major with an equal or higher minor; sm_90a only on 9.0; PTX on anything newer."""
     assert arch_serves(arch, cap) is serves
+
+
+def test_constant_under_compile_marks_as_torch_does():
+    """constant_under_compile sets what torch.compiler.assume_constant_result sets (and nothing else), so dynamo
+    treats the backend choice and the plan lookup as constants (the fullgraph compile tests rely on it)."""
+    from swift_kernels._backend import constant_under_compile
+
+    def a():
+        return 1
+
+    def b():
+        return 1
+
+    marked = torch.compiler.assume_constant_result(a)
+    assert marked is a and constant_under_compile(b) is b
+    assert {k: v for k, v in vars(a).items()} == {k: v for k, v in vars(b).items()} == {"_dynamo_marked_constant": True}

@@ -20,7 +20,7 @@ import torch
 from torch.utils.flop_counter import register_flop_formula
 
 from .. import _backend
-from .._backend import ATTENTION, choose_backend, extension, warn_once
+from .._backend import ATTENTION, choose_backend, constant_under_compile, extension, warn_once
 from .layout import CSGLayout
 from .plan import PLANS_BY_ID, AttentionPlan, KernelTables, normalize_device, plan_attention, plan_id_of_layout
 
@@ -53,7 +53,7 @@ def _why_not(name: str, head_dim: int, dtype: torch.dtype, device: torch.device)
 
 # Under torch.compile the choice is made once, eagerly, while tracing (imports and environment lookups
 # cannot be traced) and baked into the graph as a constant.
-@torch.compiler.assume_constant_result
+@constant_under_compile
 def _choose_backend(backend, device, head_dim, dtype, empty, dense) -> str:
     """The backend of one call; see :mod:`swift_kernels._backend` for the rules. Dense plans prefer SDPA
     (when there is a device to ask which SDPA kernel to run: not for fake CUDA tensors on a CPU machine).

@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import torch
 
+from .._backend import constant_under_compile
 from .layout import CSGLayout, block_mask_mod, flex_block_mask
 from .schedule import allowed_pairs as _allowed_pairs
 from .tiles import SPARSE_BLOCK
@@ -282,7 +283,7 @@ def plan_attention(layout_or_mask, block_tokens: int | None = None, *, device=No
 
 # torch.compile runs this eagerly while tracing and bakes the id into the graph as a constant (a plan built
 # during tracing would otherwise be traced); the graph then reads the plan from PLANS_BY_ID.
-@torch.compiler.assume_constant_result
+@constant_under_compile
 def plan_id_of_layout(layout_key: tuple, device: torch.device) -> int:
     """The id of the cached plan of the layout with parameters ``layout_key`` (``CSGLayout._key()``) on ``device``."""
     return plan_attention(CSGLayout(*layout_key), device=device)._id
