@@ -7,13 +7,21 @@
 
 The pipeline names are imported on first use, so ``import swift_model`` for the DiT alone does not load
 diffusers' VAE code or transformers' encoders.
+
+Layers, each importing only earlier ones (``tests/test_layering.py`` checks it): key naming (``keys``) ->
+file reading (``files``, ``video``) -> the networks (``config``, ``dit``, ``vae``, ``encoders``) -> loading
+(``checkpoint``, ``lora``, ``preflight``) -> the stages (``csg``, ``bridge``) -> ``pipeline`` -> ``cli``.
+This package ``__init__`` is the facade on top; importing it imports ``checkpoint``, which registers the
+loader behind ``WanDiT.from_pretrained``.
 """
 
 import importlib
 
-from .checkpoint import load_dit, load_state_dict, save_dit, to_diffusers_keys, to_wan_keys
+from .checkpoint import DiTCheckpoint, inspect_dit, load_dit, load_state_dict, read_dit_config, save_dit
 from .config import WanDiTConfig
 from .dit import ContextCache, WanDiT
+from .files import CheckpointError, CheckpointNotFoundError
+from .keys import to_diffusers_keys, to_wan_keys
 from .lora import load_lora, merge_lora
 
 # name -> submodule that defines it (imported lazily, see __getattr__)
@@ -44,13 +52,18 @@ def __getattr__(name):
 
 
 __all__ = [
+    "CheckpointError",
+    "CheckpointNotFoundError",
     "ContextCache",
+    "DiTCheckpoint",
     "WanDiT",
     "WanDiTConfig",
+    "inspect_dit",
     "load_dit",
     "load_lora",
     "load_state_dict",
     "merge_lora",
+    "read_dit_config",
     "save_dit",
     "to_diffusers_keys",
     "to_wan_keys",

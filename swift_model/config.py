@@ -24,9 +24,10 @@ before the cross-attention, GELU-tanh FFN. The tiny presets use head dim 16 and 
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Any
+
+from .files import read_json
 
 _KINDS = ("t2v", "i2v", "ti2v")
 
@@ -208,44 +209,44 @@ class WanDiTConfig:
 
     @classmethod
     def from_dict(cls, cfg: dict[str, Any]) -> "WanDiTConfig":
-        """A config from either a diffusers ``WanTransformer3DModel`` or an original Wan ``WanModel`` config dict."""
+        """A config from either a diffusers ``WanTransformer3DModel`` or an original Wan ``WanModel`` config dict.
+
+        A field of the wrong type raises :class:`ConfigFieldError` (a ``ValueError``) naming the field.
+        """
         if not isinstance(cfg, dict):
             raise TypeError(f"cfg must be a dict, got {type(cfg).__name__}")
+        f = _Fields(cfg)
         if "num_attention_heads" in cfg:  # diffusers
-            heads = int(cfg["num_attention_heads"])
-            hd = int(cfg.get("attention_head_dim", 128))
-            image_dim = cfg.get("image_dim")
-            in_ch = int(cfg.get("in_channels", 16))
-            out_ch = int(cfg.get("out_channels") or in_ch)
+            heads = f.integer("num_attention_heads")
+            hd = f.integer("attention_head_dim", 128)
+            image_dim = f.integer("image_dim", None)
+            in_ch = f.integer("in_channels", 16)
+            out_ch = f.integer("out_channels", None) or in_ch
             if cfg.get("pos_embed_seq_len"):
-                raise ValueError("configs with pos_embed_seq_len (Wan FLF2V) are not supported")
+                raise ConfigFieldError("pos_embed_seq_len", "configs with pos_embed_seq_len (Wan FLF2V) are not supported")
             kind = "i2v" if (image_dim is not None or in_ch > out_ch) else ("ti2v" if in_ch == 48 else "t2v")
-            return cls(
-                dim=heads * hd, num_layers=int(cfg.get("num_layers", 40)), num_heads=heads,
-                ffn_dim=int(cfg.get("ffn_dim", 13824)), in_channels=in_ch, out_channels=out_ch,
-                text_dim=int(cfg.get("text_dim", 4096)), freq_dim=int(cfg.get("freq_dim", 256)),
-                patch_size=tuple(cfg.get("patch_size", (1, 2, 2))), eps=float(cfg.get("eps", 1e-6)),
-                image_dim=None if image_dim is None else int(image_dim),
-                cross_attn_norm=bool(cfg.get("cross_attn_norm", True)), kind=kind,
+            return f.build(
+                cls, dim=heads * hd, num_layers=f.integer("num_layers", 40), num_heads=heads,
+                ffn_dim=f.integer("ffn_dim", 13824), in_channels=in_ch, out_channels=out_ch,
+                text_dim=f.integer("text_dim", 4096), freq_dim=f.integer("freq_dim", 256),
+                patch_size=f.ints3("patch_size"), eps=f.number("eps", 1e-6), image_dim=image_dim,
+                cross_attn_norm=f.flag("cross_attn_norm", True), kind=kind,
                 per_token_timestep=kind == "ti2v", name="diffusers",
             )
         if "dim" in cfg and "num_heads" in cfg:  # original Wan
-            model_type = cfg.get("model_type", "t2v")
+            model_type = f.text("model_type", "t2v")
             if model_type in ("flf2v", "vace"):
-                raise ValueError(f"original Wan model_type {model_type!r} is not supported")
-            in_ch = int(cfg.get("in_dim", 16))
-            out_ch = int(cfg.get("out_dim", 16))
+                raise ConfigFieldError("model_type", f"original Wan model_type {model_type!r} is not supported")
             kind = model_type if model_type in _KINDS else "t2v"
             # Wan2.1 I2V carries CLIP image tokens; Wan2.2 I2V (same model_type) does not: the weights decide,
             # so callers pass image_dim explicitly via the checkpoint loader when img_emb is present.
-            image_dim = cfg.get("image_dim")
-            return cls(
-                dim=int(cfg["dim"]), num_layers=int(cfg.get("num_layers", 32)), num_heads=int(cfg["num_heads"]),
-                ffn_dim=int(cfg.get("ffn_dim", 8960)), in_channels=in_ch, out_channels=out_ch,
-                text_dim=int(cfg.get("text_dim", 4096)), text_len=int(cfg.get("text_len", 512)),
-                freq_dim=int(cfg.get("freq_dim", 256)), patch_size=tuple(cfg.get("patch_size", (1, 2, 2))),
-                eps=float(cfg.get("eps", 1e-6)), image_dim=None if image_dim is None else int(image_dim),
-                cross_attn_norm=bool(cfg.get("cross_attn_norm", True)), kind=kind,
+            return f.build(
+                cls, dim=f.integer("dim"), num_layers=f.integer("num_layers", 32), num_heads=f.integer("num_heads"),
+                ffn_dim=f.integer("ffn_dim", 8960), in_channels=f.integer("in_dim", 16), out_channels=f.integer("out_dim", 16),
+                text_dim=f.integer("text_dim", 4096), text_len=f.integer("text_len", 512),
+                freq_dim=f.integer("freq_dim", 256), patch_size=f.ints3("patch_size"),
+                eps=f.number("eps", 1e-6), image_dim=f.integer("image_dim", None),
+                cross_attn_norm=f.flag("cross_attn_norm", True), kind=kind,
                 per_token_timestep=kind == "ti2v", name="wan",
             )
         raise ValueError(
@@ -255,9 +256,74 @@ class WanDiTConfig:
 
     @classmethod
     def from_json(cls, path) -> "WanDiTConfig":
-        """:meth:`from_dict` of a ``config.json`` file."""
-        with open(path, encoding="utf-8") as f:
-            return cls.from_dict(json.load(f))
+        """:meth:`from_dict` of a ``config.json`` file (read by :func:`swift_model.files.read_json`)."""
+        return cls.from_dict(read_json(path))
+
+
+class ConfigFieldError(ValueError):
+    """A checkpoint config field of the wrong type or value; ``field`` names it."""
+
+    def __init__(self, field: str | None, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(f"field {field!r}: {problem}" if field else problem)
+
+
+_MISSING = object()
+
+
+class _Fields:
+    """Typed reads of a checkpoint config dict; each failure names its field (JSON has no int/str
+    confusion to forgive, so a string where a number belongs is an error, not something to parse)."""
+
+    def __init__(self, cfg: dict[str, Any]) -> None:
+        self.cfg = cfg
+
+    def _get(self, name: str, default):
+        v = self.cfg.get(name, default)
+        if v is _MISSING:
+            raise ConfigFieldError(name, "missing")
+        return v
+
+    def integer(self, name: str, default=_MISSING):
+        v = self._get(name, default)
+        if v is None and default is None:
+            return None
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ConfigFieldError(name, f"expected an integer, got {v!r}")
+        return v
+
+    def number(self, name: str, default=_MISSING) -> float:
+        v = self._get(name, default)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigFieldError(name, f"expected a number, got {v!r}")
+        return float(v)
+
+    def flag(self, name: str, default=_MISSING) -> bool:
+        v = self._get(name, default)
+        if not isinstance(v, bool):
+            raise ConfigFieldError(name, f"expected true or false, got {v!r}")
+        return v
+
+    def text(self, name: str, default=_MISSING) -> str:
+        v = self._get(name, default)
+        if not isinstance(v, str):
+            raise ConfigFieldError(name, f"expected a string, got {v!r}")
+        return v
+
+    def ints3(self, name: str) -> tuple[int, int, int]:
+        v = self._get(name, (1, 2, 2))
+        if not isinstance(v, (list, tuple)) or len(v) != 3 or any(isinstance(x, bool) or not isinstance(x, int) for x in v):
+            raise ConfigFieldError(name, f"expected a list of three integers, got {v!r}")
+        return tuple(v)
+
+    @staticmethod
+    def build(cls, **fields):
+        """``cls(**fields)``, with the dataclass's own range checks reported as config errors."""
+        try:
+            return cls(**fields)
+        except (TypeError, ValueError) as exc:
+            raise ConfigFieldError(None, f"values that make no model: {exc}") from None
 
 
 _COMMON_14B = dict(dim=5120, num_layers=40, num_heads=40, ffn_dim=13824)

@@ -12,6 +12,14 @@ original Wan names both ways). What differs is how it runs:
   gated residual fused with the *next* norm (self-attn residual + cross-attn LayerNorm, cross-attn residual +
   FFN AdaLN, FFN residual + the next block's AdaLN or the head's), RMSNorm of q/k + 3D RoPE in one pass
   (:func:`~swift_kernels.dit_ops.qk_norm_rope`);
+- every transformer block is a module (:class:`WanBlock`) that reads only its own parameters, so FSDP2,
+  activation checkpointing and weight streaming work per block. The fusion across blocks is kept by passing
+  activations: in the *fused* boundary (inference, the default) a block hands its FFN output and gate to the
+  next block, which adds them in the pass of its own AdaLN; the *unfused* boundary (training) completes each
+  block's residual in the block. :attr:`WanDiT.block_boundary` chooses, :attr:`WanDiT.checkpoint_blocks`
+  turns on per-block activation checkpointing; all four combinations give the same bits;
+- ``forward(..., sp_group=...)`` runs the tokens sharded over a process group (Ulysses sequence parallelism,
+  :mod:`swift_model.parallel`);
 - the per-token timestep embedding (Wan2.2 TI2V, CSG windows) is computed once per distinct timestep value,
   and the fused ops read the modulation as ``[K, dim]`` tables of those K values plus a per-token row index
   (``mod_index``) instead of ``[B, L, dim]`` fp32 tensors per token;
@@ -31,11 +39,16 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 from swift_kernels import CSGLayout, frame_block_attention
 from swift_kernels.dit_ops import adaln_modulate, gated_residual, qk_norm_rope, rope_table
 
 from .config import WanDiTConfig
+from .parallel import check_heads, gather_tokens, group_rank, group_size, shard_sizes, token_range, ulysses_attention
+
+# The block boundaries of WanDiT.block_boundary (see WanBlock).
+BLOCK_BOUNDARIES = ("fused", "unfused")
 
 # Parameters kept in fp32 whatever the model dtype (diffusers' _keep_in_fp32_modules and the original's fp32
 # autocast regions): the timestep MLP, the modulation tables and the affine LayerNorms.
@@ -118,7 +131,22 @@ class _Attention(nn.Module):
             self.add_k_proj = self.add_v_proj = self.norm_added_k = None
 
 
-class _Block(nn.Module):
+class WanBlock(nn.Module):
+    """One Wan transformer block: AdaLN self-attention, cross-attention to the text (and CLIP image) tokens, FFN.
+
+    A block reads only its own parameters (so FSDP2, activation checkpointing and weight streaming work per
+    block); what it shares with the other blocks arrives as :class:`BlockInputs` (the timestep modulation, the
+    RoPE table, the embedded context, the self-attention spec).
+
+    Two block boundaries, bitwise equal in outputs and gradients:
+
+    - *fused* (inference): the block returns its FFN output and gate unapplied (``defer_residual=True``), and the
+      next block adds them in the same pass as its own AdaLN (``pending``): one read of the residual stream
+      saved per block. The head finishes the last block's residual.
+    - *unfused* (training): the block completes its own residual and the next one does its own AdaLN, so under
+      activation checkpointing a block boundary holds one ``[B, L, dim]`` tensor instead of two.
+    """
+
     def __init__(self, cfg: WanDiTConfig) -> None:
         super().__init__()
         d = cfg.dim
@@ -127,6 +155,117 @@ class _Block(nn.Module):
         self.norm2 = _LayerNorm(d, eps=cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else None
         self.ffn = _FeedForward(d, cfg.ffn_dim, approximate="tanh")
         self.scale_shift_table = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+        self.num_heads, self.head_dim, self.eps = cfg.num_heads, cfg.head_dim, cfg.eps
+
+    def context_kv(self, context: torch.Tensor, image_context: torch.Tensor | None = None) -> tuple:
+        """Cross-attention keys and values of this block: ``(k, v, k_img, v_img)``, each ``[B, N, H, D]``.
+
+        ``context``: the embedded text ``[B, text_len, dim]``; ``image_context``: the embedded CLIP tokens
+        ``[B, 257, dim]`` or ``None`` (then ``k_img = v_img = None``). :meth:`WanDiT.precompute_context` calls it
+        once per conditioning to reuse the result across steps and segments.
+
+        A second entry point into the block's parameters besides :meth:`forward` (wrappers that gather or
+        stream weights per block must treat it as one: :func:`swift_model.parallel.fsdp_shard_blocks` does).
+        """
+        return self._cross_kv(context, image_context)
+
+    def _cross_kv(self, context: torch.Tensor, image_context: torch.Tensor | None) -> tuple:
+        # the body of context_kv, called by forward directly: a wrapper hooked on context_kv (FSDP's
+        # registered forward method) would free the gathered weights when it returns, in the middle of forward
+        a, H, D = self.attn2, self.num_heads, self.head_dim
+        k = a.norm_k(a.to_k(context)).unflatten(-1, (H, D))
+        v = a.to_v(context).unflatten(-1, (H, D))
+        ki = vi = None
+        if image_context is not None:
+            ki = a.norm_added_k(a.add_k_proj(image_context)).unflatten(-1, (H, D))
+            vi = a.add_v_proj(image_context).unflatten(-1, (H, D))
+        return k, v, ki, vi
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: "AttentionSpec") -> torch.Tensor:
+        """The self-attention of ``q, k, v [B, L, H, D]`` as ``spec`` says (the block's only attention call).
+
+        With a sequence-parallel group, ``q, k, v`` hold this rank's tokens and the attention runs over the
+        whole sequence per head shard (:func:`swift_model.parallel.ulysses_attention`).
+        """
+        def attend(q, k, v):
+            return frame_block_attention(q, k, v, spec.block_mask, spec.block_tokens, backend=spec.backend)
+
+        if spec.sp_group is None:
+            return attend(q, k, v)
+        return ulysses_attention(q, k, v, attend, spec.sp_sizes, spec.sp_group)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        inputs: "BlockInputs",
+        pending: tuple[torch.Tensor, torch.Tensor] | None = None,
+        *,
+        context_kv: tuple | None = None,
+        defer_residual: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Run the block on the residual stream ``x [B, L, dim]``.
+
+        Args:
+            x: the residual stream (this rank's tokens under sequence parallelism).
+            inputs: what all blocks share (:class:`BlockInputs`).
+            pending: ``(y, gate)``, the previous block's FFN output and gate not yet added to ``x`` (fused
+                boundary); this block finishes that residual in the pass of its own AdaLN. ``None``: ``x`` is
+                complete.
+            context_kv: this block's cross-attention ``(k, v, k_img, v_img)`` from a :class:`ContextCache`;
+                default: computed from ``inputs.context`` / ``inputs.image_context``.
+            defer_residual: return this block's FFN residual unapplied (fused boundary) instead of adding it.
+
+        Returns:
+            ``(x, pending)``: with ``defer_residual`` the stream without this block's FFN residual and that
+            residual as ``(y, gate)``; otherwise the completed stream and ``None``.
+        """
+        H, D, eps = self.num_heads, self.head_dim, self.eps
+        mod = inputs.modulation
+        mi = mod.index  # None unless the modulation comes as tables + a per-token row index
+        table = self.scale_shift_table
+        if pending is None:
+            xm = adaln_modulate(x, mod.get(table, 0), mod.get(table, 1), eps, mod_index=mi)
+        else:
+            y, gate = pending
+            x, xm = gated_residual(x, y, gate, shift=mod.get(table, 0), scale=mod.get(table, 1), eps=eps,
+                                   mod_index=mi)
+        B, L, C = x.shape
+        # self-attention
+        a1 = self.attn1
+        q = a1.to_q(xm).view(B, L, H, D)
+        k = a1.to_k(xm).view(B, L, H, D)
+        v = a1.to_v(xm).view(B, L, H, D)
+        # RMSNorm across all heads of a token: per token, so it runs before any sequence-parallel exchange
+        q, k = qk_norm_rope(q, k, a1.norm_q.weight, a1.norm_k.weight, inputs.rope, eps)
+        o = self.attention(q, k, v, inputs.attention)
+        y = a1.to_out[0](o.reshape(B, L, C))
+        gate = mod.get(table, 2)
+        if self.norm2 is not None:
+            # LN(x)*w + b written as an AdaLN with scale = w - 1, shift = b, fused into the residual pass.
+            w = mod.const(self.norm2.weight.float() - 1.0)
+            b = mod.const(self.norm2.bias)
+            x, xn = gated_residual(x, y, gate, shift=b, scale=w, eps=self.norm2.eps, mod_index=mi)
+        else:
+            x = gated_residual(x, y, gate, mod_index=mi)
+            xn = x
+        # cross-attention: local queries against the whole (replicated) context, no communication
+        a2 = self.attn2
+        kc, vc, ki, vi = context_kv if context_kv is not None else self._cross_kv(inputs.context, inputs.image_context)
+        q = a2.norm_q(a2.to_q(xn)).view(B, L, H, D).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, kc.transpose(1, 2).expand(B, -1, -1, -1),
+                                           vc.transpose(1, 2).expand(B, -1, -1, -1))
+        if ki is not None:
+            o = o + F.scaled_dot_product_attention(q, ki.transpose(1, 2).expand(B, -1, -1, -1),
+                                                   vi.transpose(1, 2).expand(B, -1, -1, -1))
+        y = a2.to_out[0](o.transpose(1, 2).reshape(B, L, C))
+        ones = mod.const(torch.ones(C, device=x.device))
+        x, xm = gated_residual(x, y, ones, shift=mod.get(table, 3), scale=mod.get(table, 4), eps=eps, mod_index=mi)
+        # feed-forward
+        y = self.ffn(xm)
+        gate = mod.get(table, 5)
+        if defer_residual:
+            return x, (y, gate)
+        return gated_residual(x, y, gate, mod_index=mi), None
 
 
 class _TimeEmbedder(nn.Module):
@@ -183,7 +322,7 @@ def _linear32(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, layer.weight.float(), None if layer.bias is None else layer.bias.float())
 
 
-class _Modulation:
+class Modulation:
     """Timestep-dependent modulation in the layout the fused ops read.
 
     ``e`` is the projected embedding ``[K, 6, dim]`` of the K distinct timestep values (per token) or
@@ -212,6 +351,13 @@ class _Modulation:
         """``table[0, j] + e[:, j]`` laid out for the fused ops (fp32)."""
         return self._layout(table[0, j].float() + self.e[:, j])
 
+    def shard(self, start: int, end: int) -> "Modulation":
+        """The modulation of tokens ``start:end`` only (a sequence-parallel rank's shard): the per-token
+        index is sliced, the tables (of every distinct timestep of the whole sequence) are shared."""
+        if self.inv is None:
+            return self
+        return Modulation(self.temb, self.e, self.inv[:, start:end].contiguous(), indexed=self.indexed)
+
     def head(self, table: torch.Tensor, j: int) -> torch.Tensor:
         """The head's shift (j=0) / scale (j=1): ``table[0, j] + temb``."""
         return self._layout(table[0, j].float() + self.temb)
@@ -223,6 +369,45 @@ class _Modulation:
         if self.indexed:
             return v.expand(self.e.shape[0], v.shape[0])
         return v.expand(self.batch, 1, v.shape[0])
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """How a block runs its self-attention (:meth:`WanBlock.attention`).
+
+    Attributes:
+        block_mask: bool ``[n, n]`` block table (``[[True]]`` with ``block_tokens = L`` for dense attention).
+        block_tokens: tokens per block of the table.
+        backend: the kernel backend for :func:`~swift_kernels.frame_block_attention` (``None``: automatic).
+        sp_group: the sequence-parallel process group, or ``None``.
+        sp_sizes: tokens of every rank of ``sp_group`` (:func:`swift_model.parallel.shard_sizes`).
+    """
+
+    block_mask: torch.Tensor
+    block_tokens: int
+    backend: str | None = None
+    sp_group: Any = None
+    sp_sizes: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class BlockInputs:
+    """What every block of one forward call reads besides its own parameters and the residual stream.
+
+    Attributes:
+        modulation: the timestep modulation (:class:`Modulation`); each block adds its own table to it.
+        rope: the RoPE (cos, sin) table ``[L, head_dim // 2, 2]`` fp32 of the block's tokens.
+        attention: the self-attention spec (:class:`AttentionSpec`).
+        context: the embedded text ``[B or 1, text_len, dim]`` from which a block computes its cross-attention
+            keys/values (``None`` when they come from a :class:`ContextCache`).
+        image_context: the embedded CLIP image tokens ``[B or 1, 257, dim]`` (Wan2.1 I2V), or ``None``.
+    """
+
+    modulation: Modulation
+    rope: torch.Tensor
+    attention: AttentionSpec
+    context: torch.Tensor | None = None
+    image_context: torch.Tensor | None = None
 
 
 @dataclass
@@ -263,7 +448,7 @@ class WanDiT(nn.Module):
         d = config.dim
         self.patch_embedding = nn.Conv3d(config.in_channels, d, kernel_size=config.patch_size, stride=config.patch_size)
         self.condition_embedder = _ConditionEmbedder(config)
-        self.blocks = nn.ModuleList([_Block(config) for _ in range(config.num_layers)])
+        self.blocks = nn.ModuleList([WanBlock(config) for _ in range(config.num_layers)])
         self.proj_out = nn.Linear(d, config.out_channels * math.prod(config.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, d) / d**0.5)
         self._rope_cache: dict[Any, torch.Tensor] = {}
@@ -271,6 +456,13 @@ class WanDiT(nn.Module):
         # timestep values plus a per-token row index (True), or expanded to [B, L, dim] per token (False; the
         # same numbers, ~6 x B*L*dim*4 more bytes read per block: kept as the reference layout).
         self.indexed_modulation = True
+        # Block boundary: "fused" (inference: each block finishes the previous block's FFN residual in the pass
+        # of its own AdaLN) or "unfused" (training: each block completes its own residual, so a checkpointed
+        # boundary holds one [B, L, dim] tensor). Both give the same bits.
+        self.block_boundary = "fused"
+        # Activation checkpointing per block (torch.utils.checkpoint, non-reentrant) while grad is enabled:
+        # a block's activations are recomputed in the backward instead of kept.
+        self.checkpoint_blocks = False
 
     # -- bookkeeping ----------------------------------------------------------------------------------
 
@@ -357,9 +549,9 @@ class WanDiT(nn.Module):
                                             (context.shape[0] if isinstance(context, torch.Tensor) and context.dim() == 3 else 1))
         return self._context_kv(context, clip_fea, B)
 
-    def _context_kv(self, context, clip_fea, batch: int) -> ContextCache:
+    def _embed_context(self, context, clip_fea, batch: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The embedded text ``[B or 1, text_len, dim]`` and CLIP tokens ``[B or 1, 257, dim]`` (or None)."""
         cfg = self.config
-        H, D = cfg.num_heads, cfg.head_dim
         ctx = self._embed_text(context, batch)
         img = None
         if cfg.image_dim is not None:
@@ -372,16 +564,12 @@ class WanDiT(nn.Module):
             img = self.condition_embedder.image_embedder(clip_fea.to(self.device, self.dtype))
         elif clip_fea is not None:
             raise ValueError(f"this model ({cfg.name}) takes no CLIP image tokens; pass clip_fea=None")
-        kv = []
-        for blk in self.blocks:
-            a = blk.attn2
-            k = a.norm_k(a.to_k(ctx)).unflatten(-1, (H, D))
-            v = a.to_v(ctx).unflatten(-1, (H, D))
-            ki = vi = None
-            if img is not None:
-                ki = a.norm_added_k(a.add_k_proj(img)).unflatten(-1, (H, D))
-                vi = a.add_v_proj(img).unflatten(-1, (H, D))
-            kv.append((k, v, ki, vi))
+        return ctx, img
+
+    def _context_kv(self, context, clip_fea, batch: int) -> ContextCache:
+        ctx, img = self._embed_context(context, clip_fea, batch)
+        # each block computes its own keys/values (WanBlock.context_kv reads only that block's parameters)
+        kv = [blk.context_kv(ctx, img) for blk in self.blocks]
         return ContextCache(kv=kv, batch=ctx.shape[0], dtype=self.dtype, device=self.device)
 
     def _time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -392,7 +580,7 @@ class WanDiT(nn.Module):
         e = _linear32(ce.time_proj, F.silu(temb)).unflatten(1, (6, self.config.dim))
         return temb, e
 
-    def _modulation(self, timestep, B: int, F_: int, P: int, device) -> _Modulation:
+    def _modulation(self, timestep, B: int, F_: int, P: int, device) -> Modulation:
         L = F_ * P
         try:
             t = torch.as_tensor(timestep, device=device)
@@ -408,7 +596,7 @@ class WanDiT(nn.Module):
             if t.shape[0] != B:
                 raise ValueError(f"timestep [B] must have B={B} entries, got {tuple(t.shape)}")
             temb, e = self._time(t)
-            return _Modulation(temb, e, None)
+            return Modulation(temb, e, None)
         if t.dim() != 2 or t.shape[0] not in (1, B) or t.shape[1] not in (L, F_):
             raise ValueError(f"timestep must be [B], [B, L] (L={L} tokens) or [B, F] (F={F_} frames), got {tuple(t.shape)}")
         if t.shape[1] != L:  # per frame -> per token
@@ -419,8 +607,8 @@ class WanDiT(nn.Module):
         uniq, inv = torch.unique(t, return_inverse=True)
         temb, e = self._time(uniq)
         if uniq.numel() == 1:  # one value everywhere: the cheaper per-sample layout, same numbers
-            return _Modulation(temb.expand(B, -1), e.expand(B, -1, -1), None)
-        return _Modulation(temb, e, inv, indexed=self.indexed_modulation)
+            return Modulation(temb.expand(B, -1), e.expand(B, -1, -1), None)
+        return Modulation(temb, e, inv, indexed=self.indexed_modulation)
 
     def _rope(self, grid: tuple[int, int, int], positions: torch.Tensor | None, device) -> torch.Tensor:
         key = (grid, None if positions is None else tuple(positions.tolist()), str(device))
@@ -447,6 +635,7 @@ class WanDiT(nn.Module):
         frame_positions: Sequence[int] | torch.Tensor | None = None,
         context_cache: ContextCache | None = None,
         attention_backend: str | None = None,
+        sp_group: "torch.distributed.ProcessGroup | None" = None,
     ) -> torch.Tensor:
         """Velocity prediction for ``latents``.
 
@@ -466,6 +655,12 @@ class WanDiT(nn.Module):
                 ``layout.block_ids``).
             context_cache: the result of :meth:`precompute_context`.
             attention_backend: forwarded to :func:`~swift_kernels.frame_block_attention`.
+            sp_group: a sequence-parallel (Ulysses) process group of W ranks, all calling ``forward`` with the
+                same arguments: each rank runs its share of the tokens (:func:`swift_model.parallel.shard_sizes`),
+                the self-attention exchanges heads and tokens (:func:`swift_model.parallel.ulysses_attention`),
+                and the output is gathered, so every rank returns the full (identical) velocity. ``num_heads``
+                must be a multiple of W (``ValueError`` otherwise). Differentiable: parameter gradients are then
+                each rank's partial sums, to be summed over the group (see :func:`swift_model.parallel.gather_tokens`).
 
         Returns:
             ``[B, C_out, F, H, W]`` in ``latents.dtype``.
@@ -486,7 +681,7 @@ class WanDiT(nn.Module):
         Fp, Hp, Wp = Fr // pt, Hl // ph, Wl // pw
         P = Hp * Wp
         L = Fp * P
-        H, D = cfg.num_heads, cfg.head_dim
+        H = cfg.num_heads
         device, dtype = self.device, self.dtype
         if latents.device != device:
             raise ValueError(f"latents are on {latents.device} but the model is on {device}")
@@ -522,69 +717,71 @@ class WanDiT(nn.Module):
                 raise ValueError(f"frame_positions must have {Fp} entries (one per latent frame), got {pos.numel()}")
         freqs = self._rope((Fp, Hp, Wp), pos, device)
 
+        # -- sequence parallelism: checked before any work, identically on every rank
+        W = group_size(sp_group)
+        if W > 1:
+            check_heads(H, W)
+            sp_sizes = shard_sizes(L, W)
+        else:
+            sp_group = sp_sizes = None
+
         # -- conditioning
+        ctx = img = None
         if context_cache is None:
             if context is None:
                 raise ValueError("context (text embeddings) is required unless context_cache is given")
-            context_cache = self._context_kv(context, clip_fea, B)
+            ctx, img = self._embed_context(context, clip_fea, B)
         elif not isinstance(context_cache, ContextCache):
             raise TypeError(f"context_cache must come from precompute_context, got {type(context_cache).__name__}")
         elif context_cache.batch not in (1, B):
             raise ValueError(f"context_cache was built for batch {context_cache.batch}, latents have batch {B}")
+        elif len(context_cache.kv) != len(self.blocks):
+            raise ValueError(f"context_cache holds {len(context_cache.kv)} blocks, the model has {len(self.blocks)}")
         mod = self._modulation(timestep, B, Fp, P, device)
 
         # -- patch embedding: [B, C, F, H, W] -> [B, L, dim]
         x = self.patch_embedding(latents.to(dtype)).flatten(2).transpose(1, 2).contiguous()
+        if sp_group is not None:
+            # this rank's tokens: the stream, their RoPE rows and their modulation rows; nothing else is per token
+            start, end = token_range(L, W, group_rank(sp_group))
+            x = x[:, start:end].contiguous()
+            freqs = freqs[start:end]
+            mod = mod.shard(start, end)
 
-        eps = cfg.eps
-        mi = mod.index  # None unless the modulation comes as tables + a per-token row index
-        ones = mod.const(torch.ones(cfg.dim, device=device))
-        blocks = list(self.blocks)
-        xm = adaln_modulate(x, mod.get(blocks[0].scale_shift_table, 0), mod.get(blocks[0].scale_shift_table, 1), eps,
-                            mod_index=mi)
-        for i, blk in enumerate(blocks):
-            table = blk.scale_shift_table
-            # self-attention
-            a1 = blk.attn1
-            q = a1.to_q(xm).view(B, L, H, D)
-            k = a1.to_k(xm).view(B, L, H, D)
-            v = a1.to_v(xm).view(B, L, H, D)
-            q, k = qk_norm_rope(q, k, a1.norm_q.weight, a1.norm_k.weight, freqs, eps)
-            o = frame_block_attention(q, k, v, mask, btok, backend=attention_backend)
-            y = a1.to_out[0](o.reshape(B, L, cfg.dim))
-            gate = mod.get(table, 2)
-            if blk.norm2 is not None:
-                # LN(x)*w + b written as an AdaLN with scale = w - 1, shift = b, fused into the residual pass.
-                w = mod.const(blk.norm2.weight.float() - 1.0)
-                b = mod.const(blk.norm2.bias)
-                x, xn = gated_residual(x, y, gate, shift=b, scale=w, eps=blk.norm2.eps, mod_index=mi)
-            else:
-                x = gated_residual(x, y, gate, mod_index=mi)
-                xn = x
-            # cross-attention
-            a2 = blk.attn2
-            kc, vc, ki, vi = context_cache.kv[i]
-            q = a2.norm_q(a2.to_q(xn)).view(B, L, H, D).transpose(1, 2)
-            o = F.scaled_dot_product_attention(q, kc.transpose(1, 2).expand(B, -1, -1, -1),
-                                               vc.transpose(1, 2).expand(B, -1, -1, -1))
-            if ki is not None:
-                o = o + F.scaled_dot_product_attention(q, ki.transpose(1, 2).expand(B, -1, -1, -1),
-                                                       vi.transpose(1, 2).expand(B, -1, -1, -1))
-            y = a2.to_out[0](o.transpose(1, 2).reshape(B, L, cfg.dim))
-            x, xm = gated_residual(x, y, ones, shift=mod.get(table, 3), scale=mod.get(table, 4), eps=eps, mod_index=mi)
-            # feed-forward; its residual is fused with the next block's (or the head's) AdaLN
-            y = blk.ffn(xm)
-            if i + 1 < len(blocks):
-                nt = blocks[i + 1].scale_shift_table
-                x, xm = gated_residual(x, y, mod.get(table, 5), shift=mod.get(nt, 0), scale=mod.get(nt, 1), eps=eps,
-                                       mod_index=mi)
-            else:
-                x, xm = gated_residual(x, y, mod.get(table, 5), shift=mod.head(self.scale_shift_table, 0),
-                                       scale=mod.head(self.scale_shift_table, 1), eps=eps, mod_index=mi)
-        out = self.proj_out(xm)
+        inputs = BlockInputs(modulation=mod, rope=freqs, context=ctx, image_context=img,
+                             attention=AttentionSpec(mask, btok, attention_backend, sp_group,
+                                                     None if sp_sizes is None else tuple(sp_sizes)))
+        out = self._head(*self._run_blocks(x, inputs, context_cache), mod)
+        if sp_group is not None:
+            out = gather_tokens(out, sp_group, sp_sizes)  # the full velocity, identical on every rank
         # unpatchify: features are ordered (pt, ph, pw, c)
         out = out.view(B, Fp, Hp, Wp, pt, ph, pw, cfg.out_channels).permute(0, 7, 1, 4, 2, 5, 3, 6)
         return out.reshape(B, cfg.out_channels, Fr, Hl, Wl).to(latents.dtype)
+
+    def _run_blocks(self, x: torch.Tensor, inputs: BlockInputs, context_cache: ContextCache | None):
+        """Every block in order, at the chosen boundary, checkpointed or not; returns ``(x, pending)``."""
+        if self.block_boundary not in BLOCK_BOUNDARIES:
+            raise ValueError(f"block_boundary must be one of {BLOCK_BOUNDARIES}, got {self.block_boundary!r}")
+        defer = self.block_boundary == "fused"
+        recompute = self.checkpoint_blocks and torch.is_grad_enabled()
+        pending = None
+        for i, blk in enumerate(self.blocks):
+            kv = None if context_cache is None else context_cache.kv[i]
+            if recompute:
+                x, pending = checkpoint(blk, x, inputs, pending, context_kv=kv, defer_residual=defer,
+                                        use_reentrant=False)
+            else:
+                x, pending = blk(x, inputs, pending, context_kv=kv, defer_residual=defer)
+        return x, pending
+
+    def _head(self, x: torch.Tensor, pending, mod: Modulation) -> torch.Tensor:
+        """Final AdaLN (finishing the last block's residual when it is pending) and output projection."""
+        shift, scale = mod.head(self.scale_shift_table, 0), mod.head(self.scale_shift_table, 1)
+        if pending is None:
+            xm = adaln_modulate(x, shift, scale, self.config.eps, mod_index=mod.index)
+        else:
+            _, xm = gated_residual(x, *pending, shift=shift, scale=scale, eps=self.config.eps, mod_index=mod.index)
+        return self.proj_out(xm)
 
     # -- loading ---------------------------------------------------------------------------------------
 
@@ -599,6 +796,7 @@ class WanDiT(nn.Module):
         lora_scale: float = 1.0,
         config: WanDiTConfig | None = None,
         extra_in_channels: int = 0,
+        stage: str | None = None,
     ) -> "WanDiT":
         """Load a public checkpoint: a diffusers-format folder or an original Wan file/folder.
 
@@ -606,11 +804,27 @@ class WanDiT(nn.Module):
         CUDA, fp32 on CPU (the timestep MLP, modulation tables and affine LayerNorms stay fp32). ``lora``: a
         LoRA path, state dict or list of ``(path_or_state_dict, scale)`` merged at load time, at ``lora_scale``.
         ``config``: the architecture when the checkpoint has none. ``extra_in_channels``: zero-initialised extra
-        input channels (48 for the Stage II "swift" variant). Returns the model in eval-ready form on ``device``.
-        Raises ``FileNotFoundError`` (missing files), ``TypeError``/``ValueError`` (bad arguments, unknown
-        format, missing/unexpected keys, shape mismatches); see :func:`swift_model.checkpoint.load_dit`.
+        input channels (48 for the Stage II "swift" variant). ``stage``: the label errors carry (``"stage1"``,
+        ``"stage2"``). Returns the model in eval-ready form on ``device``. Raises ``FileNotFoundError`` (missing
+        files), ``TypeError``/``ValueError`` (bad arguments, unreadable files, unknown format,
+        missing/unexpected keys, shape mismatches); see :func:`swift_model.checkpoint.load_dit`.
         """
-        from .checkpoint import load_dit
+        if _pretrained_loader is None:
+            raise RuntimeError("no checkpoint loader registered: import swift_model (its __init__ imports "
+                               "swift_model.checkpoint, which registers it)")
+        return _pretrained_loader(path, device=device, dtype=dtype, lora=lora, lora_scale=lora_scale, config=config,
+                                  extra_in_channels=extra_in_channels, stage=stage, model_cls=cls)
 
-        return load_dit(path, device=device, dtype=dtype, lora=lora, lora_scale=lora_scale, config=config,
-                        extra_in_channels=extra_in_channels)
+
+# The checkpoint loader belongs to a later layer (swift_model.checkpoint), which imports this module; this
+# module must not import it back (not even lazily inside a function: that is the cycle the layering
+# forbids). The loader hands itself over when it is imported instead, and swift_model/__init__.py imports
+# it, so it is in place before any code can reach WanDiT. The dependency points one way, and the call
+# goes through a function value.
+_pretrained_loader = None
+
+
+def register_pretrained_loader(loader) -> None:
+    """Install the function behind :meth:`WanDiT.from_pretrained` (called by :mod:`swift_model.checkpoint`)."""
+    global _pretrained_loader
+    _pretrained_loader = loader

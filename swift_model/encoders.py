@@ -12,6 +12,8 @@ import os
 import torch
 import torch.nn.functional as F
 
+from .files import CheckpointError, read_json, read_tensors
+
 TEXT_LEN = 512  # Wan pads every prompt to 512 tokens (zeros past the prompt's length)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -63,30 +65,43 @@ def find_original_file(path: str, prefix: str) -> str | None:
 def _config_model_type(folder: str) -> str | None:
     """``model_type`` of a transformers ``config.json`` in ``folder`` (None when absent or not one: an
     original Wan folder's config.json is its DiT's)."""
-    import json
-
-    try:
-        with open(os.path.join(folder, "config.json")) as f:
-            return json.load(f).get("model_type")
-    except (OSError, ValueError, AttributeError):
+    path = os.path.join(folder, "config.json")
+    if not os.path.isfile(path):
         return None
+    model_type = read_json(path).get("model_type")  # an unreadable config.json raises, naming the file
+    return model_type if isinstance(model_type, str) else None
 
 
-def _read_state(path: str) -> dict:
-    try:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
+def locate_text_encoder(path: str) -> tuple[str, str, str]:
+    """Where the UMT5 encoder of checkpoint folder ``path`` is, without reading weights:
+    ``(layout, model path, tokenizer folder)``, layout ``"transformers"`` (a ``text_encoder/`` folder or the
+    model's own folder) or ``"original"`` (``models_t5_*.pth`` + ``google/umt5-xxl``)."""
+    original = None if os.path.isdir(os.path.join(path, "text_encoder")) else find_original_file(path, T5_ORIGINAL_PREFIX)
+    if original is not None:
+        tok_dir = next((d for d in (os.path.join(path, T5_TOKENIZER_DIR), os.path.join(path, "tokenizer"))
+                        if os.path.isdir(d)), None)
+        if tok_dir is None:
+            raise ValueError(f"{original} found but no tokenizer folder {os.path.join(path, T5_TOKENIZER_DIR)}")
+        return "original", original, tok_dir
+    model_dir = _subfolder(path, "text_encoder")
+    if _config_model_type(model_dir) not in ("umt5", "t5", "mt5"):
+        raise ValueError(
+            f"no text encoder in {path} (expected text_encoder/config.json or models_t5_umt5-xxl-enc-bf16.pth); "
+            "pass precomputed prompt embeddings instead (--prompt-embeds FILE.safetensors)")
+    return "transformers", model_dir, _subfolder(path, "tokenizer")
 
-            return load_file(path)
-        try:  # memory-map the (11 GB for UMT5-XXL) file instead of reading it twice
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ValueError(f"cannot read checkpoint {path}: {exc}") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict")
-    return state
+
+def locate_image_encoder(path: str) -> tuple[str, str]:
+    """Where the CLIP vision encoder of checkpoint folder ``path`` is, without reading weights:
+    ``("transformers", folder)`` or ``("original", models_clip_*.pth)``."""
+    original = None if os.path.isdir(os.path.join(path, "image_encoder")) else find_original_file(path, CLIP_ORIGINAL_PREFIX)
+    if original is not None:
+        return "original", original
+    model_dir = _subfolder(path, "image_encoder")
+    if _config_model_type(model_dir) not in ("clip", "clip_vision_model"):
+        raise ValueError(f"no CLIP vision encoder in {path} (expected image_encoder/config.json or "
+                         "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth)")
+    return "transformers", model_dir
 
 
 def _load_into(model_cls, config, state: dict, dtype, what: str):
@@ -229,25 +244,16 @@ class TextEncoder:
         (``models_t5_umt5-xxl-enc-bf16.pth`` + the tokenizer folder ``google/umt5-xxl``)."""
         from transformers import AutoTokenizer, UMT5EncoderModel
 
-        original = None if os.path.isdir(os.path.join(path, "text_encoder")) else find_original_file(path, T5_ORIGINAL_PREFIX)
-        if original is not None:
-            tok_dir = next((d for d in (os.path.join(path, T5_TOKENIZER_DIR), os.path.join(path, "tokenizer"))
-                            if os.path.isdir(d)), None)
-            if tok_dir is None:
-                raise ValueError(f"{original} found but no tokenizer folder {os.path.join(path, T5_TOKENIZER_DIR)}")
-            state = _read_state(original)
+        layout, model_path, tok_dir = locate_text_encoder(path)
+        if layout == "original":
+            state = read_tensors(model_path, stage="text encoder")
             model = _load_into(UMT5EncoderModel, umt5_config_from_original(state), convert_umt5_original(state),
-                               dtype, f"UMT5 encoder ({original})")
+                               dtype, f"UMT5 encoder ({model_path})")
             del state
             tokenizer = AutoTokenizer.from_pretrained(tok_dir)
             return cls(model.to(device) if device is not None else model, tokenizer)
-        model_dir = _subfolder(path, "text_encoder")
-        if _config_model_type(model_dir) not in ("umt5", "t5", "mt5"):
-            raise ValueError(
-                f"no text encoder in {path} (expected text_encoder/config.json or models_t5_umt5-xxl-enc-bf16.pth); "
-                "pass precomputed prompt embeddings instead (--prompt-embeds FILE.safetensors)")
-        model = UMT5EncoderModel.from_pretrained(model_dir, torch_dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(_subfolder(path, "tokenizer"))
+        model = UMT5EncoderModel.from_pretrained(model_path, torch_dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(tok_dir)
         return cls(model.to(device) if device is not None else model, tokenizer)
 
     @classmethod
@@ -295,19 +301,15 @@ class ImageEncoder:
         or an original Wan2.1 I2V folder (``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth``)."""
         from transformers import CLIPVisionModel
 
-        original = None if os.path.isdir(os.path.join(path, "image_encoder")) else find_original_file(path, CLIP_ORIGINAL_PREFIX)
-        if original is not None:
-            state = _read_state(original)
+        layout, model_path = locate_image_encoder(path)
+        if layout == "original":
+            state = read_tensors(model_path, stage="image encoder")
             config = clip_vision_config_from_original(state)
             model = _load_into(CLIPVisionModel, config, convert_clip_vision_original(state), dtype,
-                               f"CLIP vision ({original})")
+                               f"CLIP vision ({model_path})")
             del state
             return cls(model.to(device) if device is not None else model, int(config.image_size))
-        model_dir = _subfolder(path, "image_encoder")
-        if _config_model_type(model_dir) not in ("clip", "clip_vision_model"):
-            raise ValueError(f"no CLIP vision encoder in {path} (expected image_encoder/config.json or "
-                             "models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth)")
-        model = CLIPVisionModel.from_pretrained(model_dir, torch_dtype=dtype)
+        model = CLIPVisionModel.from_pretrained(model_path, torch_dtype=dtype)
         return cls(model.to(device) if device is not None else model, int(model.config.image_size))
 
     @classmethod
@@ -338,14 +340,12 @@ class ImageEncoder:
 def load_prompt_embeds(path: str, key: str = "prompt_embeds") -> torch.Tensor:
     """Prompt embeddings ``[1, L, dim]`` from a safetensors file (tensor ``prompt_embeds``, ``[L, dim]`` or
     ``[1, L, dim]``), padded with zeros to 512 tokens."""
-    from safetensors.torch import load_file
-
     if not os.path.isfile(path):
         raise ValueError(f"prompt embeddings file not found: {path}")
     try:
-        tensors = load_file(path)
-    except Exception as exc:
-        raise ValueError(f"cannot read prompt embeddings {path}: {exc}") from None
+        tensors = read_tensors(path, stage="prompt embeddings")
+    except CheckpointError as exc:
+        raise ValueError(f"cannot read prompt embeddings {path}: {exc.problem}") from None
     if key not in tensors:
         raise ValueError(f"{path} has no tensor {key!r} (has {sorted(tensors)})")
     emb = tensors[key].float()

@@ -1,39 +1,49 @@
-"""Low-rank adapters (LoRA) merged into a Wan DiT's weights at load time.
+"""Low-rank adapters (LoRA) and weight deltas merged into a Wan DiT's weights (loading layer).
 
-Formats understood (keys may carry a ``diffusion_model.``, ``model.diffusion_model.``, ``transformer.`` or
-``base_model.model.`` prefix):
+Formats understood (keys may carry any export prefix of :data:`swift_model.keys.PREFIXES`:
+``diffusion_model.`` (LightX2V, Kijai), ``model.diffusion_model.``, ``transformer.``, PEFT's
+``base_model.model.``, kohya's ``lora_unet_`` / ``lora_transformer_``):
 
-- **original-Wan keys, kohya-style factors** (the lightx2v / CausVid step-distillation LoRAs people use with
-  Wan): ``blocks.0.self_attn.q.lora_down.weight``, ``...lora_up.weight``, optional ``...alpha``; full deltas
-  ``...diff`` (weight) and ``...diff_b`` (bias), e.g. for norms and the time projection.
-- **diffusers / PEFT**: ``blocks.0.attn1.to_q.lora_A.weight`` / ``lora_B.weight`` (also ``lora_A.default.weight``
-  and original-Wan module names with ``lora_A``/``lora_B``), optional ``lora_B.bias``; ``alpha`` from an
-  ``.alpha`` key when present (PEFT keeps it in ``adapter_config.json``: pass it as ``alpha=``).
-- **kohya flattened names**: ``lora_unet_blocks_0_self_attn_q.lora_down.weight`` (+ ``.alpha``).
+- **kohya-style factors**, original-Wan or diffusers module names (the LightX2V / CausVid step-distillation
+  LoRAs): ``blocks.0.self_attn.q.lora_down.weight``, ``...lora_up.weight``, optional ``...alpha``;
+- **diffusers / PEFT factors**: ``blocks.0.attn1.to_q.lora_A.weight`` / ``lora_B.weight``, also with PEFT's
+  ``.default`` adapter name (``lora_A.default.weight``), optional ``lora_B.bias`` (a bias delta); PEFT keeps
+  alpha in ``adapter_config.json``, not in the file: pass it as ``alpha=``;
+- **kohya flattened names**: ``lora_unet_blocks_0_self_attn_q.lora_down.weight`` (+ ``.alpha``);
+- **full deltas**: ``<module>.diff`` (added to the weight, or to a whole parameter such as
+  ``head.modulation``), ``<module>.diff_b`` (added to the bias) and ``<module>.diff_m`` (added to the
+  module's ``modulation`` table: ``blocks.3.diff_m`` -> ``blocks.3.modulation``, diffusers'
+  ``blocks.3.scale_shift_table``). The meaning of ``diff_m`` is LightX2V's: its LoRA format table
+  ("Modulation Diff | diff_m | modulation weight difference values", docs/EN/source/deploy_guides/
+  lora_deploy.md) and its merger (tools/extract/lora_merger.py, ``_find_source_key_from_diff`` replaces the
+  ``.diff_m`` suffix by ``.modulation`` and adds ``strength * diff``), in github.com/ModelTC/LightX2V.
 
-The merge is ``W += scale * (alpha / rank) * up @ down`` (rank = rows of ``down``; alpha defaults to the rank,
-i.e. factor 1), computed in fp32 on the target device before the weight is cast. A key that names no
-parameter of the model raises (so a 14B LoRA is not silently dropped on a 5B model).
+The merge is ``W + scale * (alpha / rank) * up @ down`` (rank = rows of ``down``; alpha defaults to the rank,
+i.e. factor 1) and ``W + scale * diff``, computed in fp32 on the target device before the weight is cast.
+
+Keys naming a Wan DiT module the model does not have (a Wan2.1 I2V LoRA's ``k_img``/``v_img``/``norm_k_img``
+on a Wan2.2 model) are skipped with one :class:`LoraKeysSkippedWarning` listing them. Keys that name no Wan
+module at all, factors that do not fit their weight, or a LoRA of which nothing applies raise
+:class:`~swift_model.files.CheckpointError` naming the file, the stage and the keys.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from collections import defaultdict
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from .checkpoint import _fmt, wan_to_diffusers_name
-
-_PREFIXES = ("base_model.model.", "model.diffusion_model.", "diffusion_model.", "transformer.", "lora_unet_",
-             "lora_transformer_", "unet.")
+from .files import CheckpointError, CheckpointNotFoundError, TensorFiles
+from .keys import format_keys, strip_prefixes, to_model_name, unflatten_module
 
 # (suffix, role); longer suffixes first
 _SUFFIXES = (
     (".lora_A.default.weight", "down"),
     (".lora_B.default.weight", "up"),
+    (".lora_B.default.bias", "diff_b"),
     (".lora_down.weight", "down"),
     (".lora_up.weight", "up"),
     (".lora.down.weight", "down"),
@@ -43,124 +53,132 @@ _SUFFIXES = (
     (".lora_B.bias", "diff_b"),
     (".alpha", "alpha"),
     (".diff_b", "diff_b"),
+    (".diff_m", "diff_m"),
     (".diff", "diff"),
 )
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_STATE_DICT = "<state dict>"
 
 
-def load_lora(source) -> dict[str, torch.Tensor]:
-    """The raw tensors of a LoRA file (``.safetensors`` or a torch checkpoint), or a dict passed through."""
+class LoraKeysSkippedWarning(UserWarning):
+    """A LoRA carries tensors for modules the model does not have; they were not merged."""
+
+
+def read_lora(source, *, stage: str | None = None, meta: bool = False) -> tuple[dict[str, torch.Tensor], str]:
+    """The tensors of a LoRA and a label for messages: ``(tensors, file path or "<state dict>")``.
+
+    ``source``: a ``.safetensors`` / torch file path, or a dict passed through. ``meta``: shapes and dtypes
+    only (no data read), for checks before loading.
+    """
     if isinstance(source, dict):
-        return source
-    p = Path(os.fspath(source))
-    if not p.is_file():
-        raise FileNotFoundError(f"LoRA file not found: {p}")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(p))
-        except Exception as exc:  # noqa: BLE001
-            raise ValueError(f"cannot read LoRA {p.name} as safetensors: {exc}") from exc
-    try:
-        sd = torch.load(str(p), map_location="cpu", mmap=True, weights_only=True)
-    except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"cannot read LoRA {p.name}: {exc}") from exc
-    if not isinstance(sd, dict):
-        raise ValueError(f"LoRA {p.name} does not hold a dict of tensors")
-    return sd
+        return source, _STATE_DICT
+    if not isinstance(source, (str, os.PathLike)):
+        raise TypeError(f"a LoRA must be a path or a state dict, got {type(source).__name__}")
+    path = os.fspath(source)
+    if not os.path.isfile(path):
+        raise CheckpointNotFoundError("LoRA file not found", file=path, stage=stage)
+    src = TensorFiles([path], stage=stage, meta=meta)
+    return {k: src.get(k) for k in src.keys()}, path
 
 
-def _strip(key: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for pre in _PREFIXES:
-            if key.startswith(pre):
-                key, changed = key[len(pre):], True
-    return key
+def load_lora(source, *, stage: str | None = None) -> dict[str, torch.Tensor]:
+    """The raw tensors of a LoRA file (``.safetensors`` or a torch checkpoint), or a dict passed through."""
+    return read_lora(source, stage=stage)[0]
 
 
-class _Resolver:
-    """Maps a LoRA module name (diffusers, original Wan or kohya-flattened) to a model parameter prefix."""
-
-    def __init__(self, params: dict[str, tuple[int, ...]]) -> None:
-        self.params = params
-        self.modules = {n.rpartition(".")[0] for n in params} | set(params)
-        self.flat: dict[str, str] = {}
-        for m in self.modules:
-            self.flat[m.replace(".", "_")] = m
-        # original-Wan names of every module, flattened too
-        for m in list(self.modules):
-            w = _diffusers_to_wan(m)
-            if w is not None:
-                self.flat.setdefault(w.replace(".", "_"), m)
-
-    def __call__(self, name: str) -> str | None:
-        if name in self.modules:
-            return name
-        d = wan_to_diffusers_name(name)
-        if d is not None and d in self.modules:
-            return d
-        return self.flat.get(name)
+def _split(key: str) -> tuple[str, str] | None:
+    """``(module, role)`` of a LoRA key without its export prefix; ``None`` for an unknown suffix."""
+    k = strip_prefixes(key)
+    for suf, role in _SUFFIXES:
+        if k.endswith(suf):
+            return k[: -len(suf)], role
+    return None
 
 
-def _diffusers_to_wan(name: str) -> str | None:
-    from .checkpoint import diffusers_to_wan_name
+def _resolve(mod: str, modules: set[str]) -> tuple[str | None, bool]:
+    """``(model name, known)`` of a LoRA module name in any naming. ``known`` says whether it is a Wan DiT
+    module at all; the name is ``None`` when it is not, and may be absent from ``modules`` when it is."""
+    if mod in modules:
+        return mod, True
+    named = to_model_name(mod)
+    if named is None and "." not in mod:  # kohya's flattened names carry no dots
+        dotted = unflatten_module(mod)
+        named = None if dotted is None else to_model_name(dotted)
+    return named, named is not None
 
-    return diffusers_to_wan_name(name)
 
+def parse_lora(sd: dict[str, Any], params: dict[str, tuple[int, ...]], *, source: str = _STATE_DICT,
+               stage: str | None = None) -> tuple[dict[str, dict[str, torch.Tensor]], list[str]]:
+    """Group a LoRA state dict by the model module (or whole parameter) it targets.
 
-def parse_lora(sd: dict[str, Any], params: dict[str, tuple[int, ...]]) -> dict[str, dict[str, torch.Tensor]]:
-    """Group a LoRA state dict by the model module it targets: ``{module: {role: tensor}}`` with roles
-    ``down``, ``up``, ``alpha``, ``diff``, ``diff_b``. Unknown keys or modules raise ``ValueError``."""
-    resolve = _Resolver(params)
+    Returns ``({target: {role: tensor}}, skipped keys)`` with roles ``down``, ``up``, ``alpha``, ``diff``,
+    ``diff_b``; ``diff_m`` deltas are returned as the ``diff`` of the modulation table they target. Skipped
+    keys name Wan modules this model does not have. Raises :class:`CheckpointError` for keys of an unknown
+    format, keys naming no Wan module, non-float tensors, unpaired factors.
+    """
+    modules = {n.rpartition(".")[0] for n in params} | set(params)
     groups: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-    unknown_suffix, unknown_module = [], []
+    unknown_suffix, unknown_module, skipped = [], [], []
+
+    def fail(problem: str, key: str | None = None):
+        return CheckpointError(problem, file=source, stage=stage, key=key)
+
     for key, t in sd.items():
         if not isinstance(t, torch.Tensor):
-            raise ValueError(f"LoRA entry {key!r} is not a tensor")
-        k = _strip(key)
-        for suf, role in _SUFFIXES:
-            if k.endswith(suf):
-                mod = k[: -len(suf)]
-                break
-        else:
-            if k.endswith("dora_scale"):
-                raise ValueError(f"DoRA adapters are not supported (key {key!r})")
+            raise fail("entry is not a tensor", key)
+        split = _split(key)
+        if split is None:
+            if key.endswith(("dora_scale", "lora_magnitude_vector")) or ".lora_magnitude_vector." in key:
+                raise fail("DoRA adapters are not supported", key)
             unknown_suffix.append(key)
             continue
-        target = resolve(mod)
-        if target is None:
+        mod, role = split
+        if role != "alpha" and t.dtype not in _FLOATS:
+            raise fail(f"dtype {t.dtype} is not a floating-point dtype; refusing to convert it", key)
+        if role == "diff_m":  # "<module>.diff_m" is the delta of "<module>.modulation" (see the module docstring)
+            mod, role = (f"{mod}.modulation" if mod else "modulation"), "diff"
+        target, known = _resolve(mod, modules)
+        if not known:
             unknown_module.append(key)
             continue
+        if target not in modules:
+            skipped.append(key)
+            continue
         if role in groups[target]:
-            raise ValueError(f"LoRA has two {role!r} tensors for {target} (last: {key!r})")
+            raise fail(f"a second {role!r} tensor for {target}", key)
         groups[target][role] = t
     if unknown_suffix:
-        raise ValueError(f"LoRA keys of an unknown format: {_fmt(unknown_suffix)}")
+        raise fail(f"LoRA keys of an unknown format: {format_keys(unknown_suffix)}")
     if unknown_module:
-        raise ValueError(f"LoRA keys that target no parameter of this model: {_fmt(unknown_module)}")
+        raise fail(f"LoRA keys that target no parameter of a Wan DiT: {format_keys(unknown_module)}")
     for mod, g in groups.items():
         if ("down" in g) != ("up" in g):
-            raise ValueError(f"LoRA for {mod} has {'lora_down/A' if 'down' in g else 'lora_up/B'} without its pair")
+            raise fail(f"LoRA for {mod} has {'lora_down/A' if 'down' in g else 'lora_up/B'} without its pair")
         if "alpha" in g and "down" not in g:
-            raise ValueError(f"LoRA for {mod} has an alpha but no factors")
-    return dict(groups)
+            raise fail(f"LoRA for {mod} has an alpha but no factors")
+    if not groups:
+        if skipped:
+            raise fail(f"LoRA keys that target no parameter of this model: {format_keys(skipped)}")
+        raise fail("the LoRA holds no tensors")
+    return dict(groups), skipped
 
 
 class LoraDeltas:
     """Per-parameter weight deltas of one or more LoRAs, applied while a checkpoint loads."""
 
-    def __init__(self, params: dict[str, tuple[int, ...]], device: torch.device) -> None:
+    def __init__(self, params: dict[str, tuple[int, ...]], device: torch.device, stage: str | None = None) -> None:
         self.params = params
         self.device = device
+        self.stage = stage
         self.entries: dict[str, list[tuple[str, dict[str, torch.Tensor], float]]] = defaultdict(list)
         self.used: set[str] = set()
 
     @classmethod
-    def build(cls, lora, scale: float, params: dict[str, tuple[int, ...]], device, alpha: float | None = None) -> "LoraDeltas":
-        """``lora``: a path, a state dict, or a list of ``(path_or_dict, scale)`` pairs."""
-        out = cls(params, torch.device(device))
+    def build(cls, lora, scale: float, params: dict[str, tuple[int, ...]], device, alpha: float | None = None, *,
+              stage: str | None = None, meta: bool = False) -> "LoraDeltas":
+        """``lora``: a path, a state dict, or a list of ``(path_or_dict, scale)`` pairs. ``meta``: read only
+        the files' headers (checks shapes and names without reading data; nothing can be applied)."""
+        out = cls(params, torch.device(device), stage)
         items = lora if isinstance(lora, (list, tuple)) else [(lora, scale)]
         for item in items:
             if not (isinstance(item, (list, tuple)) and len(item) == 2):
@@ -168,32 +186,40 @@ class LoraDeltas:
             src, s = item
             if isinstance(s, bool) or not isinstance(s, (int, float)):
                 raise TypeError(f"lora scale must be a number, got {type(s).__name__}")
-            for mod, g in parse_lora(load_lora(src), params).items():
+            sd, label = read_lora(src, stage=stage, meta=meta)
+            groups, skipped = parse_lora(sd, params, source=label, stage=stage)
+            if skipped:
+                warnings.warn(f"{stage or 'checkpoint'}: LoRA {label}: skipped {len(skipped)} tensors for modules "
+                              f"this model does not have: {format_keys(skipped)}", LoraKeysSkippedWarning,
+                              stacklevel=3)
+            for mod, g in groups.items():
                 if alpha is not None and "alpha" not in g:
                     g = dict(g, alpha=torch.tensor(float(alpha)))
-                out._add(mod, g, float(s))
+                out._add(mod, g, float(s), label)
         return out
 
-    def _add(self, mod: str, g: dict[str, torch.Tensor], s: float) -> None:
+    def _add(self, mod: str, g: dict[str, torch.Tensor], s: float, label: str) -> None:
+        def fail(problem: str):
+            return CheckpointError(problem, file=label, stage=self.stage, key=mod)
+
         if "down" in g or "diff" in g:
             wname = mod if mod in self.params else f"{mod}.weight"
             if wname not in self.params:
-                raise ValueError(f"LoRA targets {mod}, which has no weight in this model")
+                raise fail("the LoRA targets a module with no weight in this model")
+            want = self.params[wname]
             if "down" in g:
                 down, up = g["down"], g["up"]
-                want = self.params[wname]
-                if down.shape[0] != up.shape[1] or up.shape[0] != want[0] or down[0].numel() != math_prod(want[1:]):
-                    raise ValueError(
-                        f"LoRA factors for {mod} do not fit its weight {list(want)}: "
-                        f"down {list(down.shape)}, up {list(up.shape)}"
-                    )
-            if "diff" in g and tuple(g["diff"].shape) != self.params[wname]:
-                raise ValueError(f"LoRA diff for {mod} has shape {list(g['diff'].shape)}, weight is {list(self.params[wname])}")
+                if down.dim() < 2 or up.dim() < 2 or down.shape[0] != up.shape[1] or up.shape[0] != want[0] \
+                        or down[0].numel() != _prod(want[1:]):
+                    raise fail(f"LoRA factors do not fit the weight {list(want)}: "
+                               f"down {list(down.shape)}, up {list(up.shape)}")
+            if "diff" in g and tuple(g["diff"].shape) != want:
+                raise fail(f"LoRA diff has shape {list(g['diff'].shape)}, the weight is {list(want)}")
             self.entries[wname].append(("weight", g, s))
         if "diff_b" in g:
             bname = f"{mod}.bias"
             if bname not in self.params or tuple(g["diff_b"].shape) != self.params[bname]:
-                raise ValueError(f"LoRA bias delta for {mod} does not fit the model")
+                raise fail(f"LoRA bias delta of shape {list(g['diff_b'].shape)} does not fit the model")
             self.entries[bname].append(("bias", g, s))
 
     def apply(self, name: str, w: torch.Tensor) -> torch.Tensor:
@@ -220,18 +246,24 @@ class LoraDeltas:
     def check_all_used(self) -> None:
         left = set(self.entries) - self.used
         if left:
-            raise RuntimeError(f"LoRA deltas were never applied: {_fmt(left)}")
+            raise RuntimeError(f"LoRA deltas were never applied: {format_keys(left)}")
 
 
-def math_prod(shape) -> int:
+def _prod(shape) -> int:
     n = 1
     for s in shape:
         n *= int(s)
     return n
 
 
+def check_lora(lora, params: dict[str, tuple[int, ...]], *, stage: str | None = None) -> None:
+    """Check, from the files' headers only, that ``lora`` (as for :func:`merge_lora`) parses and fits a model
+    with parameters ``params`` (name -> shape); raises as loading would, reads no tensor data."""
+    LoraDeltas.build(lora, 1.0, params, "meta", stage=stage, meta=True)
+
+
 @torch.no_grad()
-def merge_lora(model, lora, scale: float = 1.0, *, alpha: float | None = None):
+def merge_lora(model, lora, scale: float = 1.0, *, alpha: float | None = None, stage: str | None = None):
     """Merge ``lora`` (path, state dict, or list of ``(source, scale)``) into ``model``'s weights in place.
 
     The same merge as loading with ``WanDiT.from_pretrained(..., lora=..., lora_scale=...)``, for a model
@@ -239,7 +271,7 @@ def merge_lora(model, lora, scale: float = 1.0, *, alpha: float | None = None):
     the model.
     """
     params = {n: tuple(p.shape) for n, p in model.named_parameters()}
-    deltas = LoraDeltas.build(lora, scale, params, next(model.parameters()).device, alpha=alpha)
+    deltas = LoraDeltas.build(lora, scale, params, next(model.parameters()).device, alpha=alpha, stage=stage)
     for n, p in model.named_parameters():
         if n in deltas.entries:
             p.copy_(deltas.apply(n, p).to(p.dtype))

@@ -16,6 +16,8 @@ from typing import Iterator
 
 import torch
 
+from .files import read_json, read_tensors
+
 # Architecture of the public VAEs (diffusers config values), used when building from an original Wan file.
 WAN21_CONFIG = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
 WAN22_CONFIG = dict(base_dim=160, decoder_base_dim=256, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
@@ -95,15 +97,28 @@ def convert_wan22_vae_original(state: dict) -> dict:
 
 def _is_vae_config(path: str) -> bool:
     """Whether ``path`` is a diffusers ``AutoencoderKLWan`` config (not, e.g., an original Wan DiT's config)."""
-    import json
-
     if not os.path.isfile(path):
         return False
-    try:
-        with open(path) as f:
-            return json.load(f).get("_class_name") == "AutoencoderKLWan"
-    except (OSError, ValueError, AttributeError):
-        return False
+    return read_json(path).get("_class_name") == "AutoencoderKLWan"  # an unreadable config raises, naming it
+
+
+def locate_vae(path: str) -> tuple[str, str]:
+    """Where the VAE of checkpoint ``path`` is, without reading weights: ``("diffusers", folder)`` for a
+    diffusers ``AutoencoderKLWan`` folder (or a pipeline folder's ``vae/``), ``("original", file)`` for an
+    original Wan VAE file (``path`` itself, or the ``*VAE*.pth`` of an original Wan folder)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"VAE path does not exist: {path}")
+    if not os.path.isdir(path):
+        return "original", path
+    if os.path.isfile(os.path.join(path, "vae", "config.json")):
+        path = os.path.join(path, "vae")
+    if _is_vae_config(os.path.join(path, "config.json")):
+        return "diffusers", path
+    # An original Wan folder: its config.json (if any) is the DiT's, the VAE is a *VAE*.pth file.
+    files = [f for f in sorted(os.listdir(path)) if "vae" in f.lower() and f.endswith((".pth", ".safetensors"))]
+    if not files:
+        raise ValueError(f"no VAE found in {path} (expected vae/config.json or a *VAE*.pth file)")
+    return "original", os.path.join(path, files[-1])
 
 
 def _is_wan22_original(state: dict) -> bool:
@@ -202,28 +217,15 @@ class WanVAE:
         """
         from diffusers import AutoencoderKLWan
 
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"VAE path does not exist: {path}")
-        if os.path.isdir(path):
-            if os.path.isfile(os.path.join(path, "vae", "config.json")):
-                path = os.path.join(path, "vae")
-            if _is_vae_config(os.path.join(path, "config.json")):
-                model = AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype)
-                return cls(model.to(device) if device is not None else model, **kw)
-            # An original Wan folder: its config.json (if any) is the DiT's, the VAE is a *VAE*.pth file.
-            files = [f for f in sorted(os.listdir(path)) if "vae" in f.lower() and f.endswith((".pth", ".safetensors"))]
-            if not files:
-                raise ValueError(f"no VAE found in {path} (expected vae/config.json or a *VAE*.pth file)")
-            path = os.path.join(path, files[-1])
+        layout, path = locate_vae(path)
+        if layout == "diffusers":
+            model = AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype)
+            return cls(model.to(device) if device is not None else model, **kw)
         # Original files: build the architecture and rename the original keys. The file's layout (not its
         # name) tells Wan2.1 from Wan2.2; the latent statistics come from the constants above.
         from diffusers.loaders.single_file_utils import convert_wan_vae_to_diffusers
-        from diffusers.models.modeling_utils import load_state_dict
 
-        try:
-            state = load_state_dict(path)
-        except Exception as exc:
-            raise ValueError(f"cannot read VAE checkpoint {path}: {exc}") from None
+        state = read_tensors(path, stage="VAE")
         wan22 = _is_wan22_original(state)
         arch = dict(config if config is not None else (WAN22_CONFIG if wan22 else WAN21_CONFIG))
         arch.setdefault("latents_mean", WAN22_LATENTS_MEAN if wan22 else WAN21_LATENTS_MEAN)

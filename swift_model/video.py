@@ -8,7 +8,7 @@ half-written mp4 behind.
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from typing import Iterable
 
 import numpy as np
@@ -69,6 +69,22 @@ def check_output_path(path: str) -> str:
     return path
 
 
+def _new_temp_file(folder: str) -> str:
+    """Create an empty, uniquely named hidden ``.mp4`` in ``folder`` and return its path.
+
+    Created with mode 0o666 filtered by the process umask, as ``open(path, "w")`` would make it: the video
+    renamed from it is then readable as any other file the user writes (``mkstemp`` would force 0o600).
+    """
+    for _ in range(100):
+        tmp = os.path.join(folder, f".swift-i2v-{secrets.token_hex(8)}.mp4")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(f"cannot create a temporary file in {folder}")
+
+
 def write_mp4(frames: Iterable, path: str, fps: int = 16, quality: int = 8) -> str:
     """Write ``frames`` (uint8 ``[H, W, 3]`` arrays/tensors, or ``[F, H, W, 3]`` chunks) to ``path`` atomically.
 
@@ -77,8 +93,7 @@ def write_mp4(frames: Iterable, path: str, fps: int = 16, quality: int = 8) -> s
     import imageio.v2 as imageio
 
     path = check_output_path(path)
-    fd, tmp = tempfile.mkstemp(suffix=".mp4", prefix=".swift-i2v-", dir=os.path.dirname(path))
-    os.close(fd)
+    tmp = _new_temp_file(os.path.dirname(path))
     n = 0
     writer = None
     try:

@@ -1,6 +1,8 @@
 """The swift-i2v command line on the tiny random-weight models (small sizes: fast on CPU)."""
 
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -20,7 +22,12 @@ def _png(path, w=40, h=30):
 
 def test_demo_writes_mp4_and_report(tmp_path, capsys):
     out, rep = tmp_path / "demo.mp4", tmp_path / "r.json"
-    assert main(["demo", "--out", str(out), "--report", str(rep)] + SMALL) == 0
+    old = os.umask(0o022)  # the mp4 gets a normal file's mode under the umask (not mkstemp's 0600)
+    try:
+        assert main(["demo", "--out", str(out), "--report", str(rep)] + SMALL) == 0
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o644
     video = read_mp4(str(out))
     assert video.shape == (5, 64, 64, 3)
     report = json.loads(rep.read_text())

@@ -1,6 +1,7 @@
 """The pipeline pieces: VAE wrapper, bridge, video I/O, and the tiny end-to-end pipeline on CPU."""
 
 import os
+import stat
 
 import numpy as np
 import pytest
@@ -109,6 +110,21 @@ def test_write_mp4_atomic(tmp_path):
         write_mp4([frames], str(tmp_path / "missing" / "c.mp4"))
     with pytest.raises(ValueError, match="mp4"):
         write_mp4([frames], str(tmp_path / "c.avi"))
+
+
+@pytest.mark.parametrize("umask,mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_write_mp4_mode_follows_the_umask(tmp_path, umask, mode):
+    frames = torch.randint(0, 256, (1, 16, 16, 3), dtype=torch.uint8)
+    out = tmp_path / "v.mp4"
+    out.write_bytes(b"an older file of mode 0600")
+    out.chmod(0o600)
+    old = os.umask(umask)
+    try:
+        write_mp4([frames], str(out))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(out.stat().st_mode) == mode
+    assert read_mp4(str(out)).shape == (1, 16, 16, 3) and os.listdir(tmp_path) == ["v.mp4"]
 
 
 def test_read_image_errors(tmp_path):
