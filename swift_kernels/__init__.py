@@ -1,7 +1,9 @@
 """swift_kernels: GPU kernels for 2K image-to-video by Conditional Segment-wise Generation (SwiftI2V).
 
 Every op has a plain PyTorch reference, a Triton kernel and, where it pays, a CUDA C++ kernel in the
-compiled extension ``swift_kernels._C``. Importing this package never requires the extension.
+compiled extension ``swift_kernels._C``. Importing this package never requires the extension. Attention takes
+an :class:`AttentionPlan` (``plan_attention(layout, device=...)``, built once per layout shape); the automatic
+backend choice uses our kernels only where they are verified on the GPU at hand (:mod:`swift_kernels.verified`).
 """
 
 from ._backend import BackendUnavailableError, extension_available

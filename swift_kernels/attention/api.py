@@ -36,9 +36,7 @@ def _kernel_module(name: str):
 
 def _why_not(name: str, head_dim: int, dtype: torch.dtype, device: torch.device):
     """The op's limits per backend for these inputs: None when ``name`` can take them, else (error, why)."""
-    if name == "torch":
-        return None
-    if name == "sdpa":
+    if name in ("torch", "sdpa"):  # any head_dim, any float dtype
         return None
     if name == "flex":
         from . import torch_backends
@@ -72,11 +70,6 @@ def _choose_backend(backend, device, head_dim, dtype, empty, dense) -> str:
 
 # ---------------------------------------------------------------------------------------------------------
 # Our kernels as custom ops
-
-
-def _tables(mask_table, block_tokens, kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx):
-    return KernelTables(mask_table, block_tokens, kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx,
-                        full_q_num, full_q_idx)
 
 
 def _run_forward(backend: str, q, k, v, t: KernelTables, scale: float):
@@ -123,7 +116,8 @@ def _fba_forward(
     allowed_pairs: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    t = _tables(mask_table, block_tokens, kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx)
+    t = KernelTables(mask_table, block_tokens, kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num,
+                     full_q_idx)
     out, lse = _run_forward(backend, q, k, v, t, scale)
     return out, lse
 
@@ -158,7 +152,8 @@ def _fba_backward(
     allowed_pairs: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    t = _tables(mask_table, block_tokens, kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num, full_q_idx)
+    t = KernelTables(mask_table, block_tokens, kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num,
+                     full_q_idx)
     dq, dk, dv = _run_backward(backend, dout, q, k, v, out, lse, t, scale)
     return dq, dk, dv
 

@@ -14,6 +14,7 @@ so FlexAttention and our Triton and CUDA kernels read the very same tensors; see
 from __future__ import annotations
 
 import collections
+import itertools
 import operator
 import threading
 from typing import NamedTuple
@@ -29,6 +30,7 @@ _CACHE_SIZE = 32  # plans kept by plan_attention; a 2K clip plan holds about 6 M
 _cache: collections.OrderedDict = collections.OrderedDict()
 _lock = threading.Lock()
 _stats = {"builds": 0, "hits": 0}
+_ids = itertools.count(1)  # plan ids (next() on a count is atomic: ids stay unique across threads)
 # The cached plans by id: compiled graphs look their plan up here (see plan_id_of_layout).
 PLANS_BY_ID: dict[int, "AttentionPlan"] = {}
 
@@ -119,8 +121,9 @@ class AttentionPlan:
         else:
             on_device = [t.to(device) for t in (table, *host)]
         set_ = object.__setattr__
-        _stats["builds"] += 1
-        set_(self, "_id", _stats["builds"])
+        set_(self, "_id", next(_ids))
+        with _lock:
+            _stats["builds"] += 1
         set_(self, "_mask", mask)
         set_(self, "_block_tokens", block_tokens)
         set_(self, "_device", device)
