@@ -15,8 +15,9 @@ outputs land in NaN-poisoned memory. One line per case goes to ``checks.jsonl``;
 update`` turns into verified-table rows.
 
 Speed (``bench-*``) records one line per measurement in ``bench.jsonl`` as it finishes: forward TFLOP/s (only
-allowed pairs counted) of ours vs SDPA's flash and cuDNN kernels vs FlexAttention, with an 8192^3 bf16 matrix
-product as the measured ceiling; fused-op GB/s vs a device-to-device copy; forward+backward; and a 2K Wan2.2 VAE
+allowed pairs counted) of ours vs SDPA's flash and cuDNN kernels (each window gathered, then dense) vs
+FlexAttention on the window, the clip and the packed windows, with an 8192^3 bf16 matrix product as the measured
+ceiling; fused-op GB/s vs a device-to-device copy; forward+backward; and a 2K Wan2.2 VAE
 decode (random weights) in seconds per latent frame.
 
 The dry run (``DRY=1``, on a CPU) runs every step on tiny sizes (Triton in its interpreter, fp16 and fp32): it
@@ -96,6 +97,17 @@ def layouts():
         "window": CSGLayout(T, P, 2, (1, 0), mode="window", segment=1),  # anchor + 1 left + 2 own: 4 blocks, dense
         "clip": CSGLayout(T, P, 2, (1, 0), mode="clip"),  # 21 blocks once each, block-sparse
     }
+
+
+def bench_layouts(grad: bool):
+    """The layouts timed: the window and the clip, and in the forward the packed windows (every segment's window
+    in one sequence, 31 blocks: 109,120 tokens at 2K) too."""
+    from swift_kernels import CSGLayout
+
+    cases = layouts()
+    if not grad and not DRY:  # the same code path as the clip: the dry run saves its time
+        cases["packed"] = CSGLayout(T, P, 2, (1, 0), mode="packed")
+    return cases
 
 
 def groups(layout):
@@ -400,7 +412,7 @@ def bench_attention(grad: bool) -> None:
     from swift_kernels import plan_attention
 
     dtype = torch.bfloat16 if GPU else torch.float32  # fp32 on a CPU: the interpreter and FlexAttention take it
-    for case, layout in layouts().items():
+    for case, layout in bench_layouts(grad).items():
         plan = plan_attention(layout, device=DEV)
         gen = torch.Generator(device=DEV).manual_seed(0)
         shape = (1, layout.num_tokens, H, D)

@@ -33,8 +33,9 @@
 #   c-ops       Triton sampler step and DiT ops at 2K sizes vs their references              120  ~30
 #   c-torch     PyTorch's kernels the automatic choice takes where none of ours is verified:
 #               SDPA on the dense window, FlexAttention on the clip (bf16)                    180  ~75
-#   b-fwd       forward TFLOP/s: ours vs SDPA flash / cuDNN (each window gathered) vs Flex-
-#               Attention vs the automatic choice; an 8192^3 bf16 matmul as the ceiling      180  ~90
+#   b-fwd       forward TFLOP/s on the window, clip and packed windows: ours vs SDPA flash /
+#               cuDNN (each window gathered) vs FlexAttention vs the automatic choice; an
+#               8192^3 bf16 matmul as the ceiling                                             180  ~100
 #   b-ops       fused-op GB/s vs a device-to-device copy, vs the reference                   90   ~25
 #   b-bwd       forward+backward, the same implementations                                   150  ~80
 #   t-gpu       pytest -m gpu: extension edge cases, sync-free plans, > 2^31-element tensors  150  ~60
