@@ -154,6 +154,6 @@ step summary 60 "${CHECK[@]}" summary
 echo "===== total $(( $(date +%s) - T0 )) s (rc 124: cut by its limit); results in $OUT"
 cat "$OUT/steps.jsonl"
 grep -E "^(FAILED|ERROR) " "$LOG" | cut -c1-200 | head -n 20
-tail -n 60 "$LOG" | sed -n '/===== summary/,$p' | tail -n +2
+sed -n '/^===== summary/,$p' "$LOG" | tail -n +2  # the summary's table
 n=$(find "$OUT" -maxdepth 1 -type f | wc -l)
 [ "$n" -le 8 ] || echo "warning: $n files in $OUT (this check writes 7; others were there before)"
