@@ -16,8 +16,8 @@ Rivals compute the same output rows from the same inputs:
   one mask row (in ``clip`` mode: a segment's own blocks; in ``packed`` mode: a window), against that
   group's allowed keys gathered into one contiguous tensor (anchors + window), outputs concatenated.
   Gathering is part of its time, as it would be in a real pipeline.
-* ``flex``: FlexAttention with ``layout.to_block_mask()`` (``torch.compile``d on a GPU; eager on a CPU,
-  where it is an unfused reference, so CPU ratios to it are not meaningful).
+* ``flex``: FlexAttention with the plan's ``BlockMask`` (the tables our kernels read; ``torch.compile``d on a
+  GPU; eager on a CPU, where it is an unfused reference, so CPU ratios to it are not meaningful).
 * ``flash``: ``flash_attn.flash_attn_func`` per group like ``sdpa``, when ``flash_attn`` imports.
 
 FLOPs count only allowed pairs (forward ``4*H*D*pairs``, forward+backward 3.5x that), for every
@@ -34,9 +34,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from swift_kernels import BackendUnavailableError, CSGLayout, csg_attention
+from swift_kernels import BackendUnavailableError, CSGLayout, csg_attention, plan_attention
 from swift_kernels._backend import backend_unavailable_reason
-from swift_kernels.attention.schedule import allowed_pairs
 
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 ON_GPU = DEVICE.type == "cuda"
@@ -150,7 +149,7 @@ def _flex_function():
 
 
 def make_flex(layout: CSGLayout, scale: float):
-    block_mask = layout.to_block_mask(device=DEVICE)
+    block_mask = plan_attention(layout, device=DEVICE).to_block_mask()  # the tables our kernels read
     flex = _flex_function()
 
     def run(q, k, v):
@@ -192,7 +191,8 @@ def implementation(impl: str, layout: CSGLayout, scale: float, grad: bool):
     reason = backend_unavailable_reason(impl, DEVICE)
     if reason:
         pytest.skip(f"backend {impl!r} unavailable: {reason}")
-    return lambda q, k, v: csg_attention(q, k, v, layout, softmax_scale=scale, backend=impl)
+    plan = plan_attention(layout, device=DEVICE)  # built once, as a DiT builds it once per window shape
+    return lambda q, k, v: csg_attention(q, k, v, plan, softmax_scale=scale, backend=impl)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -255,7 +255,7 @@ def test_attention(benchmark, record, timer, case, pass_, impl):
     else:
         timer(benchmark, run)
 
-    pairs = BATCH * allowed_pairs(layout.block_mask, layout.block_tokens)
+    pairs = BATCH * plan_attention(layout, device=DEVICE).allowed_pairs
     flops = 4.0 * HEADS * HEAD_DIM * pairs * (3.5 if grad else 1.0)
     record(
         benchmark,

@@ -1,33 +1,81 @@
-"""Choosing an implementation (backend) for an op.
+"""Choosing an implementation (backend) for an op: one registry for attention, the sampler and the DiT ops.
 
-Every public op takes ``backend=None | "torch" | "triton" | "cuda"``. ``None`` means: the value of the
-environment variable ``SWIFT_KERNELS_BACKEND`` if it is set, otherwise the fastest available backend for
-the tensors' device (CUDA extension, then Triton, on a GPU; the PyTorch reference on a CPU).
+Every public op takes ``backend=None`` or a name. The names:
 
-Under ``TRITON_INTERPRET=1`` Triton kernels run on CPU tensors, so ``"triton"`` is available on the CPU
-then (that is how the CPU test suite checks the kernels); it is never chosen automatically there.
+``"torch"``   the PyTorch reference (any device, any float dtype)
+``"triton"``  our Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``)
+``"cuda"``    our CUDA C++ extension ``swift_kernels._C`` (attention only)
+``"sdpa"``    ``torch.nn.functional.scaled_dot_product_attention`` (attention only)
+``"flex"``    FlexAttention with the plan's ``BlockMask`` (attention only)
+
+An explicit request (the argument, else the environment variable ``SWIFT_KERNELS_BACKEND``) always runs what it
+names, or raises: :class:`BackendUnavailableError` when the backend cannot run here, ``TypeError`` /
+``ValueError`` when it cannot take these inputs.
+
+The automatic choice (``backend=None``) is safe first:
+
+1. a preference the op states for these inputs, when it can run (dense attention: ``"sdpa"``);
+2. on a GPU, one of our kernels only where it has passed its GPU checks on this compute capability and torch
+   version (:mod:`swift_kernels.verified`), or anywhere with ``SWIFT_KERNELS_UNVERIFIED=1``; the CUDA extension
+   only on a GPU whose architecture it was compiled for;
+3. otherwise the op's GPU fallback (block-sparse attention: ``"flex"``; the fused ops: ``"torch"``);
+4. on a CPU (and for fake tensors without a CUDA driver), the reference.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib
 import os
+import re
 import warnings
+from typing import Callable
 
 import torch
 
-BACKENDS = ("torch", "triton", "cuda")
+BACKENDS = ("torch", "triton", "cuda", "sdpa", "flex")
 ENV_VAR = "SWIFT_KERNELS_BACKEND"
+UNVERIFIED_ENV = "SWIFT_KERNELS_UNVERIFIED"
 
 
 class BackendUnavailableError(RuntimeError):
     """Raised when a backend is asked for explicitly but cannot run here."""
 
 
+@dataclasses.dataclass(frozen=True)
+class OpFamily:
+    """How an op's backend is chosen.
+
+    ``name``: the op (the verified table's ``op``); ``backends``: every implementation it has; ``custom``: our
+    GPU kernels among them, in order of preference; ``gpu_fallback``: the automatic choice on a GPU where
+    none of ``custom`` is verified.
+    """
+
+    name: str
+    backends: tuple[str, ...]
+    custom: tuple[str, ...]
+    gpu_fallback: str
+
+
+ATTENTION = OpFamily("frame_block_attention", ("torch", "triton", "cuda", "sdpa", "flex"), ("cuda", "triton"), "flex")
+FLOW_STEP = OpFamily("flow_step", ("torch", "triton"), ("triton",), "torch")
+ADALN_MODULATE = OpFamily("adaln_modulate", ("torch", "triton"), ("triton",), "torch")
+GATED_RESIDUAL = OpFamily("gated_residual", ("torch", "triton"), ("triton",), "torch")
+QK_NORM_ROPE = OpFamily("qk_norm_rope", ("torch", "triton"), ("triton",), "torch")
+
+# why_not(backend) -> None when the backend can take these inputs, else (the exception type to raise, why).
+WhyNot = Callable[[str], "tuple[type[Exception], str] | None"]
+
+
 def triton_interpreting() -> bool:
     """True when Triton kernels are being run by the CPU interpreter."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unverified_allowed() -> bool:
+    """True when ``SWIFT_KERNELS_UNVERIFIED=1`` lets the automatic choice take kernels not verified on this GPU."""
+    return os.environ.get(UNVERIFIED_ENV, "0") not in ("", "0")
 
 
 @functools.lru_cache(maxsize=None)
@@ -66,9 +114,54 @@ def extension():
     return importlib.import_module("swift_kernels._C")
 
 
+def gpu_present() -> bool:
+    """True when a CUDA device can actually run kernels (False for fake CUDA tensors on a CPU machine)."""
+    return torch.cuda.is_available()
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return tuple(torch.cuda.get_device_capability(index))
+
+
+def device_capability(device: torch.device) -> tuple[int, int] | None:
+    """(major, minor) of a CUDA device, or None when there is no such device to ask."""
+    if device.type != "cuda" or not gpu_present():
+        return None
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())
+
+
+_ARCH = re.compile(r"^(sm|compute)_(\d+)(\d)([af]?)$")
+
+
+def arch_serves(arch: str, capability: tuple[int, int]) -> bool:
+    """Whether code compiled for ``arch`` runs on a device of ``capability``.
+
+    ``sm_XY`` (a cubin) runs on the devices of major X and minor >= Y; ``sm_XYa`` only on exactly X.Y;
+    ``sm_XYf`` on major X, minor >= Y (its family); ``compute_XY`` (PTX, compiled by the driver at load
+    time) on every device of capability >= X.Y (``compute_XYa`` only on X.Y).
+    """
+    m = _ARCH.match(arch)
+    if m is None:
+        return False
+    kind, major, minor, suffix = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+    if suffix == "a":
+        return capability == (major, minor)
+    if kind == "compute":
+        return capability >= (major, minor)
+    return capability[0] == major and capability[1] >= minor
+
+
+def extension_archs() -> tuple[str, ...]:
+    """The architectures the compiled extension carries (``_C.CUDA_ARCHS``; empty when unknown or missing)."""
+    if _extension_import_error() is not None:
+        return ()
+    return tuple(getattr(extension(), "CUDA_ARCHS", ()))
+
+
 def backend_unavailable_reason(backend: str, device: torch.device) -> str | None:
     """Why ``backend`` cannot run tensors on ``device`` (``None`` when it can)."""
-    if backend == "torch":
+    if backend in ("torch", "sdpa", "flex"):
         return None
     if backend == "triton":
         err = _triton_import_error()
@@ -86,47 +179,85 @@ def backend_unavailable_reason(backend: str, device: torch.device) -> str | None
         err = _extension_import_error()
         if err is not None:
             return f"the compiled extension swift_kernels._C is not available ({err})"
+        cap = device_capability(device)
+        if cap is None:
+            return "no CUDA device to run the extension on"
+        from .attention.tiles import CUDA_CONSTANTS
+
+        if dict(getattr(extension(), "TILES", {})) != CUDA_CONSTANTS:
+            return "swift_kernels._C was built from other sources (its tile sizes differ from this package's): rebuild it"
+        archs = extension_archs()
+        if not any(arch_serves(a, cap) for a in archs):
+            return (
+                f"swift_kernels._C was compiled for {', '.join(archs) or 'unknown architectures'}, which cannot run "
+                f"on this compute capability {cap[0]}.{cap[1]} device; rebuild with SWIFT_KERNELS_CUDA_ARCHS="
+                f"'{cap[0]}.{cap[1]}'"
+            )
         return None
     raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
 
 
-def backend_is_explicit(backend: str | None) -> bool:
-    """True when a backend was asked for, by the argument or by ``SWIFT_KERNELS_BACKEND``.
+def is_verified_here(op: str, backend: str, device: torch.device) -> bool:
+    """True when ``op``'s ``backend`` kernel is verified for ``device``'s architecture and this torch."""
+    cap = device_capability(device)
+    if cap is None:
+        return False
+    from .verified import is_verified
 
-    An explicit request that cannot be met raises; only the automatic choice may fall back quietly.
-    """
-    return backend is not None or bool(os.environ.get(ENV_VAR))
+    return is_verified(op, backend, cap)
 
 
-def resolve_backend(
+def choose_backend(
+    family: OpFamily,
     backend: str | None,
     device: torch.device,
     *,
-    supported: tuple[str, ...] = BACKENDS,
-    op: str = "op",
+    why_not: WhyNot | None = None,
+    prefer: str | None = None,
 ) -> str:
-    """Pick the backend that will run ``op`` on ``device``.
+    """The backend that runs ``family``'s op on ``device`` (see the module docstring for the rules).
 
-    ``supported`` lists the backends that implement this op. An explicit request (argument or
-    environment variable) that cannot be honoured raises :class:`BackendUnavailableError`; the automatic
-    choice always succeeds because the PyTorch reference runs everywhere.
+    ``why_not(name)`` states the op's limits per backend for these inputs (dtype, head dim): ``None`` when it
+    can take them, else ``(exception type, reason)``. ``prefer`` is the op's automatic first choice for these
+    inputs, taken when it can run.
     """
+    why_not = why_not or (lambda name: None)
     explicit = backend if backend is not None else (os.environ.get(ENV_VAR) or None)
     if explicit is not None:
         if not isinstance(explicit, str) or explicit not in BACKENDS:
             source = "backend" if backend is not None else ENV_VAR
             raise ValueError(f"{source} must be one of {BACKENDS} or None, got {explicit!r}")
-        if explicit not in supported:
-            raise BackendUnavailableError(f"{op} has no {explicit!r} implementation (it has {supported})")
+        if explicit not in family.backends:
+            raise BackendUnavailableError(f"{family.name} has no {explicit!r} implementation (it has {family.backends})")
         reason = backend_unavailable_reason(explicit, device)
         if reason is not None:
-            raise BackendUnavailableError(f"{op}: backend {explicit!r} is unavailable: {reason}")
+            raise BackendUnavailableError(f"{family.name}: backend {explicit!r} is unavailable: {reason}")
+        limit = why_not(explicit)
+        if limit is not None:
+            error, why = limit
+            raise error(f"{family.name}: backend {explicit!r} does not support {why}")
         return explicit
-    if device.type == "cuda":
-        for candidate in ("cuda", "triton"):
-            if candidate in supported and backend_unavailable_reason(candidate, device) is None:
-                return candidate
+
+    def can_run(name: str) -> bool:
+        return backend_unavailable_reason(name, device) is None and why_not(name) is None
+
+    if prefer is not None and can_run(prefer):
+        return prefer
+    if device.type == "cuda" and gpu_present():
+        for name in family.custom:
+            if can_run(name) and (unverified_allowed() or is_verified_here(family.name, name, device)):
+                return name
+        if can_run(family.gpu_fallback):
+            return family.gpu_fallback
     return "torch"
+
+
+def constant_under_compile(fn):
+    """``torch.compiler.assume_constant_result(fn)``, without importing ``torch._dynamo`` (about a second) when the
+    package is imported: that decorator only sets this attribute, which dynamo reads while tracing (torch marks
+    its own functions the same way; tests/test_dispatch.py checks that the decorator still does just this)."""
+    fn._dynamo_marked_constant = True
+    return fn
 
 
 _warned: set[str] = set()

@@ -3,7 +3,7 @@
 Lays out a short clip the way Conditional Segment-wise Generation does (an anchor frame, segments of M
 frames, neighbours on each side), runs ``csg_attention`` and PyTorch's own scaled-dot-product attention
 with the equivalent dense token mask, and prints the largest difference and both timings. Runs on the
-CPU in seconds; on a GPU it uses the fastest backend available.
+CPU in seconds; on a GPU it uses the automatic backend choice (see ``swift_kernels._backend``).
 """
 
 from __future__ import annotations
@@ -14,8 +14,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .attention import CSGLayout, csg_attention
-from .attention.schedule import allowed_pairs
+from .attention import CSGLayout, csg_attention, plan_attention
 
 
 def _time(fn, repeats: int) -> float:
@@ -56,8 +55,10 @@ def main(argv: list[str] | None = None) -> int:
     token_block = torch.arange(layout.num_tokens, device=device) // layout.block_tokens
     dense_mask = layout.block_mask.to(device)[token_block[:, None], token_block[None, :]]
 
+    plan = plan_attention(layout, device=device)  # built once; every call below reuses its tables
+
     def ours():
-        return csg_attention(q, k, v, layout)
+        return csg_attention(q, k, v, plan)
 
     def sdpa():
         out = F.scaled_dot_product_attention(
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     err_sdpa = (sdpa().double() - expect).abs().max().item()
     t_ours, t_sdpa = _time(ours, args.repeats), _time(sdpa, args.repeats)
 
-    pairs = allowed_pairs(layout.block_mask, layout.block_tokens)
+    pairs = plan.allowed_pairs
     density = pairs / layout.num_tokens**2
     print(f"swift_kernels demo on {device} ({dtype}): {layout}")
     print(f"  tokens {layout.num_tokens}, heads {args.heads}, head_dim {args.head_dim}, mask density {density:.1%}")

@@ -1,7 +1,18 @@
 """Test configuration shared by every test module.
 
-Without a GPU, Triton kernels are tested through Triton's CPU interpreter; the variable must be set before
-triton is first imported, which is why it is set here, at collection time.
+Triton kernels are tested on CPU tensors through Triton's CPU interpreter (``TRITON_INTERPRET=1``, set here, at
+collection time, before triton is first imported) when there is no GPU. Kinds of Triton tests:
+
+* ``interpreter`` tests run Triton kernels on CPU tensors (marked so, or parametrized with ``backend="triton"``
+  and not marked ``gpu``). They must never meet CUDA: on a machine with a GPU (where the interpreter is off, so
+  Triton would compile for the GPU and reject CPU tensors) they are skipped in this process and run by
+  ``test_interpreter_tests_in_a_subprocess`` in a child process that sees no GPU.
+* ``triton_device`` tests run Triton kernels on the test device: in the interpreter without a GPU, on the GPU
+  with the real compiler otherwise.
+* ``gpu`` tests need a CUDA GPU and are skipped without one.
+
+Triton releases before 3.7 break in the interpreter with NumPy 2.4 or newer (``only 0-dimensional arrays can be
+converted to Python scalars``): there, tests that would run the interpreter are skipped with that reason.
 """
 
 import os
@@ -19,13 +30,51 @@ if not _HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for p in text.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in p if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def interpreter_broken_reason() -> str | None:
+    """Why Triton's CPU interpreter cannot run here (None when it can)."""
+    try:
+        import numpy
+        import triton
+    except ImportError as exc:  # pragma: no cover - depends on the install
+        return f"Triton's interpreter needs triton and numpy ({exc})"
+    if _version(triton.__version__) < (3, 7) and _version(numpy.__version__) >= (2, 4):
+        return (f"Triton {triton.__version__}'s CPU interpreter breaks with NumPy {numpy.__version__} (>= 2.4): "
+                "its interpreter tests need Triton >= 3.7 or NumPy < 2.4")
+    return None
+
+
+def is_interpreter_test(item) -> bool:
+    if "interpreter" in item.keywords:
+        return True
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return params.get("backend") == "triton" and "gpu" not in item.keywords
+
+
 def pytest_collection_modifyitems(config, items):
-    if _HAS_GPU:
-        return
-    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    if os.environ.get("SWIFT_TESTS_INTERPRETER_ONLY") == "1":
+        # the child process of test_interpreter_tests_in_a_subprocess: only the tests that need the interpreter
+        keep = [i for i in items if is_interpreter_test(i) or "triton_device" in i.keywords]
+        config.hook.pytest_deselected(items=[i for i in items if i not in keep])
+        items[:] = keep
+    broken = interpreter_broken_reason()
     for item in items:
-        if "gpu" in item.keywords:
-            item.add_marker(skip_gpu)
+        interp = is_interpreter_test(item)
+        if _HAS_GPU and interp:
+            item.add_marker(pytest.mark.skip(
+                reason="runs Triton's CPU interpreter on CPU tensors: on a GPU machine it runs in a child process "
+                       "without the GPU (test_interpreter_tests_in_a_subprocess)"))
+        elif broken and (interp or ("triton_device" in item.keywords and not _HAS_GPU)):
+            item.add_marker(pytest.mark.skip(reason=broken))
+        elif not _HAS_GPU and "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU"))
 
 
 @pytest.fixture

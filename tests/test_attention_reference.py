@@ -89,12 +89,16 @@ def test_csg_attention_equals_frame_block_attention():
     torch.testing.assert_close(got, dense_attention(q, k, v, layout.block_mask, 6), rtol=1e-12, atol=1e-12)
 
 
-def test_compile_fullgraph_traces_the_custom_op():
+@pytest.mark.parametrize("with_plan", [False, True], ids=["layout", "plan"])
+def test_compile_fullgraph_traces_the_custom_op(with_plan):
+    from swift_kernels import plan_attention
+
     layout = CSGLayout(5, 4, 2, neighbors=(1, 0), mode="clip")
     q, k, v = _inputs(1, 5, 4, 2, 8, dtype=torch.float32, requires_grad=True)
+    arg = plan_attention(layout) if with_plan else layout
 
     def f(q, k, v):
-        return csg_attention(q * 2, k, v, layout, backend="torch").sum()
+        return csg_attention(q * 2, k, v, arg, backend="torch").sum()
 
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     got = compiled(q, k, v)
@@ -189,8 +193,13 @@ def test_backend_selection(monkeypatch):
     with pytest.raises(ValueError, match="head_dim"):
         frame_block_attention(q[..., :6], k[..., :6], v[..., :6], mask, bt, backend="triton")  # 6 unsupported
     monkeypatch.delenv("TRITON_INTERPRET")
-    # On a CPU the automatic choice is the reference, and it equals the explicit one.
-    assert torch.equal(frame_block_attention(*args), frame_block_attention(*args, backend="torch"))
+    # On a CPU the automatic choice is SDPA for a dense table and the reference otherwise.
+    q, k, v, mask, bt = args
+    dense = frame_block_attention(q, k, v, mask, bt)
+    torch.testing.assert_close(dense, frame_block_attention(q, k, v, mask, bt, backend="torch"), rtol=1e-5, atol=1e-6)
+    assert torch.equal(dense, frame_block_attention(q, k, v, mask, bt, backend="sdpa"))
+    sparse = torch.tensor([[True, False], [True, True]])
+    assert torch.equal(frame_block_attention(q, k, v, sparse, bt), frame_block_attention(q, k, v, sparse, bt, backend="torch"))
 
 
 def test_package_imports_without_extension():

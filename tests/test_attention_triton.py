@@ -1,12 +1,14 @@
 """Triton frame-block-sparse attention (forward and backward) against a dense masked softmax in fp64.
 
 Without a GPU the kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1``, set by conftest.py
-before triton is imported); shapes are kept small there. GPU tests (marked ``gpu``) check bf16/fp16 at
-the real Stage II sizes (3,520 tokens per block, 24 heads of 128).
+before triton is imported); shapes are kept small there. ``triton_device`` tests run on the GPU when there is
+one; ``interpreter`` tests (fp32) only in the interpreter (see conftest.py). GPU tests (marked ``gpu``) check
+bf16/fp16 at the real Stage II sizes (3,520 tokens per block, 24 heads of 128).
 
-Tolerance rule (DESIGN.md): a low-precision result passes when its max error against the fp64 truth is
-at most twice the error of the same dense computation done by PyTorch in that precision, plus a rounding
-floor; fp32 (exact fp32 products in the kernels) is held to a tight absolute bound.
+Tolerance rule (DESIGN.md, tests/attention_checks.py): a low-precision result passes when its max error against
+the fp64 (fp32 at real sizes) truth is at most twice the error of the same computation done by PyTorch in that
+precision, plus one ulp of the largest value; fp32 (exact fp32 products in the kernels) is held to a tight
+absolute bound.
 """
 
 from __future__ import annotations
@@ -19,8 +21,10 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from attention_checks import bound, max_err, sdpa_baseline  # noqa: E402
 from swift_kernels._backend import triton_interpreting  # noqa: E402
 from swift_kernels.attention import triton_backend as tb  # noqa: E402
+from swift_kernels.attention.plan import AttentionPlan  # noqa: E402
 
 HAS_GPU = torch.cuda.is_available()
 # Interpreter tests run on CPU tensors; on a GPU machine the same tests run on the GPU.
@@ -64,16 +68,6 @@ def dense_grads(q, k, v, dout, block_mask, block_tokens, scale, dtype):
     return (out.detach(), lse.detach(), *grads)
 
 
-def max_err(a, b):
-    return (a.double() - b.double()).abs().max().item()
-
-
-def bound(truth, lowp_baseline, dtype):
-    """2x the error of PyTorch in ``dtype`` plus a rounding floor (one ulp of the largest value)."""
-    floor = torch.finfo(dtype).eps * max(truth.abs().max().item(), 1.0)
-    return 2 * max_err(lowp_baseline, truth) + floor
-
-
 FP32_ATOL = 2e-5
 
 
@@ -105,6 +99,11 @@ def random_mask(blocks, generator, p=0.5, empty_row=True, empty_col=False):
     return mask
 
 
+def tables(mask: torch.Tensor, block_tokens: int):
+    """The kernel tables of a block table on the test device (what the public API passes the backend)."""
+    return AttentionPlan(mask, block_tokens, DEVICE).tables
+
+
 @pytest.fixture(autouse=True)
 def poison_allocations(monkeypatch):
     """Fill every fresh torch.empty / empty_like float buffer with NaN, so an element the kernels
@@ -127,8 +126,8 @@ def check_against_dense(q, k, v, mask, block_tokens, config=None, scale=None):
     scale = head_dim**-0.5 if scale is None else scale
     dout = torch.randn(q.shape, device=q.device).to(dtype)
 
-    out, lse = tb.forward(q, k, v, mask, block_tokens, scale, config=config)
-    dq, dk, dv = tb.backward(dout, q, k, v, out, lse, mask, block_tokens, scale, config=config)
+    out, lse = tb.forward(q, k, v, tables(mask, block_tokens), scale, config=config)
+    dq, dk, dv = tb.backward(dout, q, k, v, out, lse, tables(mask, block_tokens), scale, config=config)
     for name, t in (("out", out), ("dq", dq), ("dk", dk), ("dv", dv)):
         assert t.dtype == dtype and t.shape == q.shape, name
         assert not torch.isnan(t).any(), f"{name} has NaN (unwritten or bad masking)"
@@ -181,7 +180,9 @@ SMALL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+# fp32 runs in the interpreter only (on a GPU the Triton backend refuses fp32 attention, which would spill).
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, marks=pytest.mark.interpreter),
+                                   pytest.param(torch.float16, marks=pytest.mark.triton_device)], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("batch,blocks,block_tokens,heads,head_dim,config", SMALL_CASES)
 def test_forward_backward_random_mask(dtype, batch, blocks, block_tokens, heads, head_dim, config):
     gen = torch.Generator().manual_seed(1000 * blocks + block_tokens + head_dim)
@@ -193,6 +194,7 @@ def test_forward_backward_random_mask(dtype, batch, blocks, block_tokens, heads,
     assert torch.all(dk[:, cols] == 0) and torch.all(dv[:, cols] == 0)
 
 
+@pytest.mark.interpreter
 @pytest.mark.parametrize("layout", ["packed", "bhld"])
 def test_strided_inputs(layout):
     """Non-contiguous [B, L, H, D] views (fused qkv, transposed [B, H, L, D]) are read through strides."""
@@ -203,6 +205,7 @@ def test_strided_inputs(layout):
     check_against_dense(q, k, v, mask, 48, scale=0.3)
 
 
+@pytest.mark.triton_device
 def test_dense_mask_full_tiles_only():
     """All-True mask with block_tokens a tile multiple: every tile pair takes the unmasked path."""
     mask = torch.ones(3, 3, dtype=torch.bool)
@@ -210,28 +213,31 @@ def test_dense_mask_full_tiles_only():
     check_against_dense(q, k, v, mask, 64)
 
 
+@pytest.mark.interpreter
 def test_all_false_mask():
     """No allowed pair at all: zero output, lse = -inf everywhere, zero gradients."""
     mask = torch.zeros(3, 3, dtype=torch.bool)
     q, k, v = random_qkv(1, 3, 40, 2, 16, torch.float32)
-    out, lse = tb.forward(q, k, v, mask, 40, 0.25)
+    out, lse = tb.forward(q, k, v, tables(mask, 40), 0.25)
     assert torch.all(out == 0) and torch.all(lse == float("-inf"))
-    dq, dk, dv = tb.backward(torch.randn_like(q), q, k, v, out, lse, mask, 40, 0.25)
+    dq, dk, dv = tb.backward(torch.randn_like(q), q, k, v, out, lse, tables(mask, 40), 0.25)
     assert all(torch.all(g == 0) for g in (dq, dk, dv))
 
 
+@pytest.mark.interpreter
 def test_large_scores_no_overflow():
     """Scores of several hundred (scale 1 on large inputs) must not overflow exp: online softmax."""
     gen = torch.Generator().manual_seed(3)
     mask = random_mask(3, gen, p=0.8, empty_row=False)
     q, k, v = (t * 4 for t in random_qkv(1, 3, 40, 1, 32, torch.float32))
-    out, lse = tb.forward(q, k, v, mask, 40, 1.0)
+    out, lse = tb.forward(q, k, v, tables(mask, 40), 1.0)
     want_out, want_lse = dense_attention(q, k, v, mask, 40, 1.0, torch.float64)
     assert torch.isfinite(out).all()
     assert max_err(out, want_out) <= 1e-4 * want_out.abs().max().item()
     assert max_err(lse, want_lse) <= 1e-4 * want_lse.abs().max().item()
 
 
+@pytest.mark.interpreter
 def test_end_to_end_through_api():
     """frame_block_attention(..., backend="triton") matches backend="torch", forward and gradients."""
     from swift_kernels.attention import frame_block_attention
@@ -254,29 +260,33 @@ def test_end_to_end_through_api():
 # Bad inputs
 
 
+@pytest.mark.triton_device
 def test_bad_inputs():
+    """Inputs are validated once, at the public entry; the Triton backend's own limits are named there."""
+    from swift_kernels.attention import frame_block_attention
+
     mask = torch.ones(2, 2, dtype=torch.bool)
     q, k, v = random_qkv(1, 2, 16, 1, 32, torch.float32)
+
+    def fba(*args):
+        return frame_block_attention(*args, backend="triton")
+
     with pytest.raises(ValueError, match="head_dim"):
         x = torch.randn(1, 32, 1, 48, device=DEVICE)
-        tb.forward(x, x, x, mask, 16, 1.0)
-    with pytest.raises(TypeError, match="q"):
-        tb.forward(q.double(), k.double(), v.double(), mask, 16, 1.0)
+        fba(x, x, x, mask, 16)
+    with pytest.raises(TypeError, match="dtype"):
+        fba(q.double(), k.double(), v.double(), mask, 16)
     with pytest.raises(TypeError, match="k"):
-        tb.forward(q, k.half(), v, mask, 16, 1.0)
+        fba(q, k.half(), v, mask, 16)
     with pytest.raises(ValueError, match="v"):
-        tb.forward(q, k, v[:, :16], mask, 16, 1.0)
-    with pytest.raises(ValueError, match="k"):
-        tb.forward(q, torch.randn(1, 32, 1, 64, device=DEVICE)[..., ::2], v, mask, 16, 1.0)  # stride(-1) != 1
+        fba(q, k, v[:, :16], mask, 16)
     with pytest.raises(ValueError, match="block_mask"):
-        tb.forward(q, k, v, torch.ones(3, 3, dtype=torch.bool), 16, 1.0)
+        fba(q, k, v, torch.ones(3, 3, dtype=torch.bool), 16)
     with pytest.raises(TypeError, match="block_mask"):
-        tb.forward(q, k, v, mask.int(), 16, 1.0)
-    out, lse = tb.forward(q, k, v, mask, 16, 1.0)
-    with pytest.raises(ValueError, match="lse"):
-        tb.backward(out, q, k, v, out, lse[:, :, :8], mask, 16, 1.0)
-    with pytest.raises(ValueError, match="config"):
-        tb.AttnConfig(fwd_m=96)
+        fba(q, k, v, mask.int(), 16)
+    for bad in (96, 256, 8):
+        with pytest.raises(ValueError, match="config"):
+            tb.AttnConfig(fwd_m=bad)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -287,19 +297,6 @@ def _reference():
     from swift_kernels.attention import reference
 
     return reference
-
-
-def _sdpa_lowp(q, k, v, dout, mask, block_tokens, scale):
-    """PyTorch's own low-precision attention (SDPA with a token mask): the error baseline."""
-    import torch.nn.functional as F
-
-    leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
-    allowed = token_mask(mask.to(q.device), block_tokens)
-    out = F.scaled_dot_product_attention(
-        *(t.transpose(1, 2) for t in leaves), attn_mask=allowed, scale=scale
-    ).transpose(1, 2)
-    grads = torch.autograd.grad(out, leaves, dout)
-    return (out.detach(), *grads)
 
 
 @pytest.mark.gpu
@@ -323,13 +320,13 @@ def test_gpu_real_sizes(dtype, blocks, mask_kind):
     q, k, v = random_qkv(1, blocks, block_tokens, heads, head_dim, dtype)
     dout = torch.randn(q.shape, device=DEVICE).to(dtype)
     scale = head_dim**-0.5
-    out, lse = tb.forward(q, k, v, mask, block_tokens, scale)
-    dq, dk, dv = tb.backward(dout, q, k, v, out, lse, mask, block_tokens, scale)
+    out, lse = tb.forward(q, k, v, tables(mask, block_tokens), scale)
+    dq, dk, dv = tb.backward(dout, q, k, v, out, lse, tables(mask, block_tokens), scale)
 
     f32 = [t.float() for t in (q, k, v)]
     t_out, t_lse = ref.forward(*f32, mask, block_tokens, scale)
     t_grads = ref.backward(dout.float(), *f32, t_out, t_lse, mask, block_tokens, scale)
-    base = _sdpa_lowp(q, k, v, dout, mask, block_tokens, scale)
+    base = sdpa_baseline(q, k, v, dout, AttentionPlan(mask, block_tokens, DEVICE), scale)
     assert max_err(lse, t_lse) <= 1e-2
     for name, got, want, b in zip(("out", "dq", "dk", "dv"), (out, dq, dk, dv), (t_out, *t_grads), base):
         assert not torch.isnan(got).any(), name
@@ -347,6 +344,7 @@ def test_gpu_head_dim_64_empty_rows(dtype):
     check_against_dense(q, k, v, mask, 3520)
 
 
+@pytest.mark.interpreter
 def test_very_negative_scores_after_masked_tile():
     """A row whose first visited key tile is wholly masked and whose allowed scores are all far below 0
     (about -290): the running max must stay -inf across the masked tile (not a finite stand-in, or
@@ -360,7 +358,7 @@ def test_very_negative_scores_after_masked_tile():
     q = 3 + 0.1 * torch.randn(shape, device=DEVICE, generator=gen)
     k = -(3 + 0.1 * torch.randn(shape, device=DEVICE, generator=gen))
     v = torch.randn(shape, device=DEVICE, generator=gen)
-    out, lse = tb.forward(q, k, v, mask, 40, 1.0)
+    out, lse = tb.forward(q, k, v, tables(mask, 40), 1.0)
     want_out, want_lse = dense_attention(q, k, v, mask, 40, 1.0, torch.float64)
     assert want_lse.max() < -250
     assert max_err(lse, want_lse) <= 1e-4 * want_lse.abs().max().item()
@@ -368,57 +366,14 @@ def test_very_negative_scores_after_masked_tile():
 
 
 # ----------------------------------------------------------------------------------------------
-# The interpreter accepts code that the GPU compiler rejects. Without a GPU, compile every attention
-# kernel ahead of time for Hopper (sm_90) at the GPU tile configuration, in a subprocess with the
-# interpreter off, so such code fails here rather than on the first GPU run.
+# The interpreter accepts code that the GPU compiler rejects. Without a GPU, compile every production
+# attention kernel config ahead of time for Hopper (sm_90), in a subprocess with the interpreter off, so such
+# code fails here rather than on the first GPU run; tests/aot_sm90.py also reports each config's registers,
+# stack frame (spills) and shared memory and fails past its documented limits.
 # ----------------------------------------------------------------------------------------------
-
-_ATTENTION_AOT_SCRIPT = r'''
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from swift_kernels.attention import triton_kernels as K
-from swift_kernels.attention.triton_backend import _GPU_CONFIG_16BIT as C
-
-def arg_type(name, dt):
-    if name in ("Lse", "Delta"):
-        return "*fp32"
-    if name == "mask_tab":
-        return "*i8"
-    if name in ("indptr", "num_full", "indices"):
-        return "*i32"
-    if name in ("qk_scale", "scale"):
-        return "fp32"
-    if name in ("Q", "K", "V", "Out", "dOut", "dK", "dV", "dQ"):
-        return "*" + dt
-    return "i32"  # strides and sizes
-
-def compile_for_sm90(fn, dt, const, num_warps, num_stages):
-    sig = {n: ("constexpr" if n in const else arg_type(n, dt)) for n in fn.arg_names}
-    k = triton.compile(ASTSource(fn, sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": num_warps, "num_stages": num_stages})
-    assert "cubin" in k.asm
-
-for dt in ("bf16", "fp16"):
-    for d in (64, 128):
-        for two in (True, False):
-            common = dict(HEAD_DIM=d, TWO_BLOCKS=two, PRECISION="tf32")
-            compile_for_sm90(K.fwd_kernel, dt, dict(common, BLOCK_M=C.fwd_m, BLOCK_N=C.fwd_n), C.fwd_warps, C.fwd_stages)
-            compile_for_sm90(K.bwd_dkdv_kernel, dt, dict(common, BLOCK_M=C.dkdv_m, BLOCK_N=C.dkdv_n), C.dkdv_warps, C.dkdv_stages)
-            compile_for_sm90(K.bwd_dq_kernel, dt, dict(common, BLOCK_M=C.dq_m, BLOCK_N=C.dq_n), C.dq_warps, C.dq_stages)
-        compile_for_sm90(K.bwd_preprocess_kernel, dt, dict(HEAD_DIM=d, BLOCK_M=64), 4, 1)
-print("AOT-OK")
-'''
 
 
 def test_attention_kernels_compile_for_sm90(tmp_path):
-    import subprocess
-    import sys
+    from aot_sm90 import run_aot
 
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
-    proc = subprocess.run(
-        [sys.executable, "-c", _ATTENTION_AOT_SCRIPT], env=env, capture_output=True, text=True, timeout=900
-    )
-    if proc.returncode != 0 and "ptxas" in proc.stderr and ("not found" in proc.stderr or "No such file" in proc.stderr):
-        pytest.skip("no ptxas available to compile for sm_90")
-    assert proc.returncode == 0 and "AOT-OK" in proc.stdout, proc.stderr[-3000:]
+    run_aot("attention", tmp_path)

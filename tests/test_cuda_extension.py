@@ -1,11 +1,12 @@
 """The compiled CUDA extension ``swift_kernels._C`` (frame-block-sparse attention, mma.sync kernels).
 
 On a CPU-only machine: the package imports without the extension, and, when the extension was built
-(CI compiles it), it loads, exposes its ops, and validates arguments before touching a GPU. On a GPU
-(tests marked ``gpu``): forward and backward against the fp32 PyTorch reference with the FlashAttention
-error rule of DESIGN.md, for both dtypes and head dims, blocks that straddle tiles, random masks, query
-rows with no allowed key, batch and heads > 1, misaligned inputs, and bad arguments. The Hopper forward
-(``fwd_sm90``, opt-in with ``SWIFT_KERNELS_HOPPER=1``) gets the same forward checks on a 9.x device.
+(CI compiles it), it loads, exposes its ops, tile sizes and architectures, and validates arguments before
+touching a GPU. On a GPU (tests marked ``gpu``): forward and backward against the fp32 PyTorch reference with
+DESIGN.md's error rule (2x the error of PyTorch's SDPA in the same dtype, plus one ulp of the largest value),
+for both dtypes and head dims, blocks that straddle tiles, random masks, query rows with no allowed key,
+batch and heads > 1, misaligned inputs, and bad arguments. The Hopper forward (``fwd_sm90``) gets the same
+forward checks on a 9.0 device.
 
 Under the sanitizers, on a GPU:
     compute-sanitizer --tool memcheck  python -m pytest tests/test_cuda_extension.py -m gpu -x -q
@@ -22,9 +23,10 @@ import pytest
 import torch
 
 import swift_kernels
-from swift_kernels._backend import BackendUnavailableError, _extension_import_error, extension, extension_available
-from swift_kernels.attention import reference
-from swift_kernels.attention.schedule import get_schedule
+from attention_checks import check_rule, sdpa_baseline
+from swift_kernels._backend import _extension_import_error, extension, extension_available
+from swift_kernels.attention import reference, tiles
+from swift_kernels.attention.plan import AttentionPlan
 
 needs_ext = pytest.mark.skipif(
     not extension_available(), reason=f"swift_kernels._C was not built ({_extension_import_error()})"
@@ -70,32 +72,33 @@ def test_package_imports_without_extension():
 
 
 @needs_ext
-def test_extension_exposes_ops():
+def test_extension_exposes_ops_tiles_and_archs():
+    """The extension's tile sizes are this package's (tiles.py, through the generated header), and it names the
+    architectures it carries, which dispatch reads."""
+    import re
+
     ext = extension()
-    for name in ("fwd", "tile_sizes", "bwd_tile_sizes"):
+    for name in ("fwd", "fwd_sm90"):
         assert callable(getattr(ext, name)), name
     if ext.HAS_BACKWARD:
         assert callable(ext.bwd)
     assert tuple(ext.SUPPORTED_HEAD_DIMS) == (64, 128)
-    for d in (64, 128):
-        tq, tk = ext.tile_sizes(d)
-        bq, bk = ext.bwd_tile_sizes(d)
-        # The kernels assume these exact tiles (8 warps x 16 rows; 64-wide partner tiles).
-        assert (tq, tk) == (128, 64)
-        assert (bq, bk) == (64, 128)
-    with pytest.raises(ValueError, match="head_dim"):
-        ext.tile_sizes(96)
+    assert dict(ext.TILES) == tiles.CUDA_CONSTANTS
+    assert isinstance(ext.HAS_SM90, bool)
+    assert ext.CUDA_ARCHS and all(re.fullmatch(r"(sm|compute)_\d+[af]?", a) for a in ext.CUDA_ARCHS), ext.CUDA_ARCHS
+    assert ext.HAS_SM90 == ("sm_90a" in ext.CUDA_ARCHS)
+    assert "sm_90" not in ext.CUDA_ARCHS, "a plain sm_90 cubin beside sm_90a: the driver could load the wrong one"
 
 
 @needs_ext
 def test_extension_rejects_cpu_tensors():
-    """Argument checks run before any CUDA call, so they are testable on a CPU."""
+    """Argument checks (TORCH_CHECKs) run before any CUDA call, so they are testable on a CPU."""
     ext = extension()
     q = torch.randn(1, 256, 2, 64, dtype=torch.float16)
-    mask = torch.ones(2, 2, dtype=torch.int8)
-    idx = torch.zeros(3, dtype=torch.int32)
-    with pytest.raises(ValueError, match="q must be a CUDA tensor"):
-        ext.fwd(q, q, q, mask, 128, 0.125, idx, idx[:2], idx)
+    t = AttentionPlan(torch.ones(2, 2, dtype=torch.bool), 128).tables
+    for fwd in (ext.fwd, ext.fwd_sm90):
+        with pytest.raises(ValueError, match="q must be a CUDA tensor"):
+            fwd(q, q, q, t.mask_table, 128, 0.125, t.kv_num, t.kv_idx, t.full_kv_num, t.full_kv_idx)
 
 
 @needs_ext
@@ -104,16 +107,17 @@ def test_backend_module_contract():
 
     assert cuda_backend.SUPPORTED_HEAD_DIMS == (64, 128)
     assert cuda_backend.SUPPORTED_DTYPES == (torch.float16, torch.bfloat16)
+    cpu = torch.device("cpu")
+    assert cuda_backend.unsupported(64, torch.float16, cpu) is None
+    assert cuda_backend.unsupported(96, torch.float16, cpu)[0] is ValueError
+    assert cuda_backend.unsupported(64, torch.float32, cpu)[0] is TypeError
     with pytest.raises(ValueError, match="CUDA"):
         q = torch.randn(1, 8, 1, 64, dtype=torch.float16)
-        cuda_backend.forward(q, q, q, torch.ones(2, 2, dtype=torch.bool), 4, 0.125)
+        cuda_backend.forward(q, q, q, AttentionPlan(torch.ones(2, 2, dtype=torch.bool), 4).tables, 0.125)
 
 
 # ---------------------------------------------------------------------------------------------------
 # GPU side
-
-EPS = {torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
-
 
 def _poison_allocator(nbytes: int) -> None:
     """Fill the CUDA caching allocator's free memory with NaN, so outputs the kernel fails to write show up.
@@ -140,19 +144,6 @@ def _inputs(batch, blocks, block_tokens, heads, head_dim, dtype, seed):
     return q, k, v, dout, gen
 
 
-def _max_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
-
-
-def _check_rule(name, got, ref32, ref_low, dtype):
-    """DESIGN.md: error <= 2 x PyTorch's own low-precision error + a rounding floor."""
-    err = _max_err(got, ref32)
-    torch_err = _max_err(ref_low, ref32)
-    floor = 4 * EPS[dtype] * max(1.0, ref32.abs().max().item())
-    assert math.isfinite(err), f"{name}: non-finite values"
-    assert err <= 2 * torch_err + floor, f"{name}: error {err:.3e} > 2 x {torch_err:.3e} + {floor:.3e}"
-
-
 CASES = [
     # (batch, blocks, block_tokens, heads) -- 200 straddles every tile size; 3520 is the 2K frame.
     pytest.param(2, 5, 200, 3, id="P200-B2-H3"),
@@ -171,14 +162,13 @@ def test_forward_backward_vs_reference(batch, blocks, block_tokens, heads, dtype
     q, k, v, dout, gen = _inputs(batch, blocks, block_tokens, heads, head_dim, dtype, seed=blocks * 7 + head_dim)
     mask = _random_mask(blocks, gen)
     scale = head_dim**-0.5
+    plan = AttentionPlan(mask, block_tokens, q.device)
 
     _poison_allocator(8 * q.numel() * 4)
-    out, lse = cuda_backend.forward(q, k, v, mask, block_tokens, scale)
+    out, lse = cuda_backend.forward(q, k, v, plan.tables, scale)
     ref_out, ref_lse = reference.forward(q.float(), k.float(), v.float(), mask, block_tokens, scale)
-    # PyTorch's own low-precision computation of the same thing (dense, in the input dtype).
-    ql, kl, vl = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    low_out = reference.dense_attention(ql, kl, vl, mask, block_tokens, scale)
-    _check_rule("out", out, ref_out, low_out, dtype)
+    low = sdpa_baseline(q, k, v, dout, plan, scale)  # PyTorch's own low-precision computation of the same thing
+    check_rule("out", out, ref_out, low[0], dtype)
 
     assert lse.dtype == torch.float32 and lse.shape == (batch, heads, q.shape[1])
     empty = ~mask.any(dim=1)
@@ -191,14 +181,13 @@ def test_forward_backward_vs_reference(batch, blocks, block_tokens, heads, dtype
     if not extension().HAS_BACKWARD:
         pytest.skip("built with SWIFT_KERNELS_NO_BACKWARD=1")
     _poison_allocator(8 * q.numel() * 4)
-    dq, dk, dv = cuda_backend.backward(dout, q, k, v, out, lse, mask, block_tokens, scale)
+    dq, dk, dv = cuda_backend.backward(dout, q, k, v, out, lse, plan.tables, scale)
     rdq, rdk, rdv = reference.backward(
         dout.float(), q.float(), k.float(), v.float(), ref_out, ref_lse, mask, block_tokens, scale
     )
-    low_out.backward(dout)
-    for name, got, r32, rlow in (("dq", dq, rdq, ql.grad), ("dk", dk, rdk, kl.grad), ("dv", dv, rdv, vl.grad)):
+    for name, got, r32, rlow in (("dq", dq, rdq, low[1]), ("dk", dk, rdk, low[2]), ("dv", dv, rdv, low[3])):
         assert got.dtype == dtype and got.shape == q.shape
-        _check_rule(name, got, r32, rlow, dtype)
+        check_rule(name, got, r32, rlow, dtype)
     assert (dq[:, row_empty] == 0).all()
     unseen = ~mask.any(dim=0)  # key blocks nobody attends
     if unseen.any():
@@ -239,9 +228,9 @@ def test_bad_inputs_raise():
     block_tokens, blocks = 128, 2
     q = torch.randn(1, blocks * block_tokens, 2, 64, device="cuda", dtype=torch.float16)
     mask = torch.ones(blocks, blocks, dtype=torch.bool)
-    sched = get_schedule(mask, block_tokens, q.shape[1], *ext.tile_sizes(64), q.device).by_query
-    m8 = mask.to("cuda", torch.int8)
-    args = (m8, block_tokens, 0.125, sched.indptr, sched.num_full, sched.indices)
+    t = AttentionPlan(mask, block_tokens, q.device).tables
+    tabs = (t.kv_num, t.kv_idx, t.full_kv_num, t.full_kv_idx)
+    args = (t.mask_table, block_tokens, 0.125, *tabs)
     with pytest.raises(TypeError, match="q must be float16 or bfloat16"):
         ext.fwd(q.float(), q.float(), q.float(), *args)
     with pytest.raises(TypeError, match="k must have the dtype"):
@@ -258,37 +247,25 @@ def test_bad_inputs_raise():
         ext.fwd(q, q, q, torch.ones(3, 3, dtype=torch.int8, device="cuda"), *args[1:])
     with pytest.raises(TypeError, match="mask_i8 must be int8"):
         ext.fwd(q, q, q, mask.cuda(), *args[1:])
-    with pytest.raises(ValueError, match="q_indptr"):
-        ext.fwd(q, q, q, m8, block_tokens, 0.125, sched.indptr[:-1], sched.num_full, sched.indices)
-    with pytest.raises(TypeError, match="q_indices must be int32"):
-        ext.fwd(q, q, q, m8, block_tokens, 0.125, sched.indptr, sched.num_full, sched.indices.long())
+    with pytest.raises(ValueError, match="kv_num"):
+        ext.fwd(q, q, q, t.mask_table, block_tokens, 0.125, t.kv_num[:-1], *tabs[1:])
+    with pytest.raises(ValueError, match="kv_idx"):
+        ext.fwd(q, q, q, t.mask_table, block_tokens, 0.125, t.kv_num, t.kv_idx[:, :1], *tabs[2:])
+    with pytest.raises(TypeError, match="kv_idx must be int32"):
+        ext.fwd(q, q, q, t.mask_table, block_tokens, 0.125, t.kv_num, t.kv_idx.long(), *tabs[2:])
+    with pytest.raises(ValueError, match="device"):
+        ext.fwd(q, q, q, t.mask_table, block_tokens, 0.125, t.kv_num.cpu(), *tabs[1:])
 
 
 # ---------------------------------------------------------------------------------------------------
-# The Hopper (sm_90a: TMA + wgmma) forward, opt-in with SWIFT_KERNELS_HOPPER=1 until verified on a GPU.
-
-
-@needs_ext
-def test_extension_exposes_sm90_forward():
-    """HAS_SM90 says whether the sm_90a kernel was compiled; fwd_sm90 and its tile sizes exist either way."""
-    ext = extension()
-    assert isinstance(ext.HAS_SM90, bool)
-    assert callable(ext.fwd_sm90)
-    for d in (64, 128):
-        assert tuple(ext.sm90_tile_sizes(d)) == (128, 128)
-    with pytest.raises(ValueError, match="head_dim"):
-        ext.sm90_tile_sizes(96)
-    q = torch.randn(1, 256, 2, 64, dtype=torch.float16)
-    idx = torch.zeros(3, dtype=torch.int32)
-    with pytest.raises(ValueError, match="q must be a CUDA tensor"):
-        ext.fwd_sm90(q, q, q, torch.ones(2, 2, dtype=torch.int8), 128, 0.125, idx, idx[:2], idx)
+# The Hopper (sm_90a: TMA + wgmma) forward: used where verified, or with SWIFT_KERNELS_HOPPER=1.
 
 
 def _needs_hopper():
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    if torch.cuda.get_device_capability()[0] != 9:
-        pytest.skip(f"the sm_90a kernel needs a compute capability 9.x device, got {torch.cuda.get_device_capability()}")
+    if torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip(f"the sm_90a kernel needs a compute capability 9.0 device, got {torch.cuda.get_device_capability()}")
     if not extension().HAS_SM90:
         pytest.skip("swift_kernels._C was built without sm_90a (SWIFT_KERNELS_CUDA_ARCHS)")
 
@@ -304,16 +281,17 @@ def test_sm90_forward_vs_reference(batch, blocks, block_tokens, heads, dtype, he
     _needs_hopper()
     monkeypatch.setenv("SWIFT_KERNELS_HOPPER", "1")
     q, k, v, _, gen = _inputs(batch, blocks, block_tokens, heads, head_dim, dtype, seed=blocks * 13 + head_dim)
-    assert cuda_backend._use_hopper(extension(), q)
+    assert cuda_backend.forward_variant(q.device) == "cuda-sm90"
     mask = _random_mask(blocks, gen)
     scale = head_dim**-0.5
+    plan = AttentionPlan(mask, block_tokens, q.device)
 
     _poison_allocator(8 * q.numel() * 4)
-    out, lse = cuda_backend.forward(q, k, v, mask, block_tokens, scale)
+    out, lse = cuda_backend.forward(q, k, v, plan.tables, scale, hopper=True)
     ref_out, ref_lse = reference.forward(q.float(), k.float(), v.float(), mask, block_tokens, scale)
-    low_out = reference.dense_attention(q, k, v, mask, block_tokens, scale)
+    low_out = sdpa_baseline(q, k, v, None, plan, scale)[0]
     assert out.dtype == dtype and out.shape == q.shape
-    _check_rule("out (sm90)", out, ref_out, low_out, dtype)
+    check_rule("out (sm90)", out, ref_out, low_out, dtype)
 
     assert lse.dtype == torch.float32 and lse.shape == (batch, heads, q.shape[1])
     row_empty = (~mask.any(dim=1)).repeat_interleave(block_tokens).to("cuda")
@@ -326,9 +304,9 @@ def test_sm90_forward_vs_reference(batch, blocks, block_tokens, heads, dtype, he
 
 @pytest.mark.gpu
 @needs_ext
-def test_sm90_strided_inputs_and_default_off(monkeypatch):
+def test_sm90_strided_inputs_and_switch(monkeypatch):
     """q, k, v as strided views of one packed [B, L, 3, H, D] buffer (TMA row stride 3 * H * D), single batch
-    and head (size-1 dimensions); and without SWIFT_KERNELS_HOPPER the sm_90a kernel is not used."""
+    and head (size-1 dimensions); SWIFT_KERNELS_HOPPER=0 turns the Hopper forward off, =1 on."""
     from swift_kernels.attention import cuda_backend
 
     _needs_hopper()
@@ -338,12 +316,45 @@ def test_sm90_strided_inputs_and_default_off(monkeypatch):
     packed = torch.randn(1, blocks * block_tokens, 3, 1, head_dim, generator=gen).to("cuda", dtype)
     q, k, v = packed.unbind(dim=2)
     assert not q.is_contiguous()
-    monkeypatch.delenv("SWIFT_KERNELS_HOPPER", raising=False)
-    assert not cuda_backend._use_hopper(extension(), q)
+    monkeypatch.setenv("SWIFT_KERNELS_HOPPER", "0")
+    assert cuda_backend.forward_variant(q.device) == "cuda"
     monkeypatch.setenv("SWIFT_KERNELS_HOPPER", "1")
-    assert cuda_backend._use_hopper(extension(), q)
-    out, lse = cuda_backend.forward(q, k, v, mask, block_tokens, head_dim**-0.5)
+    assert cuda_backend.forward_variant(q.device) == "cuda-sm90"
+    plan = AttentionPlan(mask, block_tokens, q.device)
+    out, lse = cuda_backend.forward(q, k, v, plan.tables, head_dim**-0.5, hopper=True)
     ref_out, ref_lse = reference.forward(q.float(), k.float(), v.float(), mask, block_tokens, head_dim**-0.5)
-    low_out = reference.dense_attention(q, k, v, mask, block_tokens, head_dim**-0.5)
-    _check_rule("out (sm90, strided)", out, ref_out, low_out, dtype)
+    low_out = sdpa_baseline(q, k, v, None, plan, head_dim**-0.5)[0]
+    check_rule("out (sm90, strided)", out, ref_out, low_out, dtype)
     torch.testing.assert_close(lse, ref_lse, atol=2e-2, rtol=0)
+
+
+@needs_ext
+def test_hopper_forward_sass_uses_hopper_instructions():
+    """The sm_90a cubin's Hopper forward holds wgmma (HGMMA), TMA loads (UTMALDG) and register reallocation
+    (USETMAXREG): the kernel is on Hopper's own path, not a fallback; compiled for any other architecture its
+    body is a trap."""
+    import os
+    import shutil
+
+    import triton
+
+    ext = extension()
+    if "sm_90a" not in ext.CUDA_ARCHS:
+        pytest.skip("the extension was built without sm_90a")
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    tool = tool if os.path.exists(tool) else shutil.which("cuobjdump")
+    if tool is None:
+        pytest.skip("no cuobjdump to disassemble with")
+    sass = subprocess.run([tool, "-sass", "-arch", "sm_90a", ext.__file__], capture_output=True, text=True,
+                          timeout=300).stdout
+    start = sass.find("fba_fwd_sm90_kernel")
+    assert start >= 0, "no Hopper forward in the sm_90a cubin"
+    body = sass[start:]
+    for instr in ("HGMMA", "UTMALDG", "USETMAXREG"):
+        assert instr in body, instr
+    if "sm_80" in ext.CUDA_ARCHS:
+        # In every other cubin the Hopper forward traps instead of returning unwritten memory.
+        sass80 = subprocess.run([tool, "-sass", "-arch", "sm_80", ext.__file__], capture_output=True, text=True,
+                                timeout=300).stdout
+        stub = sass80[sass80.find("fba_fwd_sm90_kernel"):][:2000]
+        assert "BPT.TRAP" in stub, stub[:500]

@@ -12,6 +12,7 @@ import triton.language as tl
 from swift_kernels._backend import BackendUnavailableError
 from swift_kernels.sampler import FlowSchedule, FlowStepResult, flow_step
 from swift_kernels.sampler import reference as R
+from swift_kernels.sampler.triton_kernels import philox_randint4x, philox_randn4x
 
 # ----------------------------------------------------------------------------------------------
 # schedule
@@ -70,8 +71,8 @@ def _draw_kernel(i_ptr, n_ptr, seed, offset, N, BLOCK: tl.constexpr):
     o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = o < N
     c = o.to(tl.int64) + offset
-    i1, i2, i3, i4 = tl.randint4x(seed, c)
-    n1, n2, n3, n4 = tl.randn4x(seed, c)
+    i1, i2, i3, i4 = philox_randint4x(seed, c)  # the sampler kernel's generator
+    n1, n2, n3, n4 = philox_randn4x(seed, c)
     tl.store(i_ptr + 4 * o, i1.to(tl.int32, bitcast=True), mask=m)
     tl.store(i_ptr + 4 * o + 1, i2.to(tl.int32, bitcast=True), mask=m)
     tl.store(i_ptr + 4 * o + 2, i3.to(tl.int32, bitcast=True), mask=m)
@@ -82,8 +83,9 @@ def _draw_kernel(i_ptr, n_ptr, seed, offset, N, BLOCK: tl.constexpr):
     tl.store(n_ptr + 4 * o + 3, n4, mask=m)
 
 
+@pytest.mark.triton_device
 @pytest.mark.parametrize("seed, offset", [(12345, 0), (2**40 + 7, 2**33 + 5)])
-def test_reference_noise_matches_triton_randn4x(seed, offset):
+def test_reference_noise_matches_kernel_philox(seed, offset):
     N = 256
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     ints = torch.full((N, 4), -1, dtype=torch.int32, device=dev)
@@ -160,6 +162,7 @@ def test_last_step_returns_x0_exactly(backend, mode):
     assert torch.equal(res.x0, expected)
 
 
+@pytest.mark.interpreter
 def test_backends_agree():
     x, v = _latent()
     for mode in ("euler", "renoise"):
@@ -305,6 +308,7 @@ def test_noise_statistics_torch_large():
     _check_normal(_noise((1 << 20,), 2024, 0, "torch"))
 
 
+@pytest.mark.interpreter
 def test_noise_statistics_triton():
     _check_normal(_noise((1 << 14,), 7, 3, "triton"))
 

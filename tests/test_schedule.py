@@ -1,11 +1,11 @@
-"""The tile schedule against a brute-force token-level statement of which tile pairs matter."""
+"""The sparse-block tables against a brute-force token-level statement of which tile pairs matter."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swift_kernels.attention.schedule import allowed_pairs, build_schedule, get_schedule
+from swift_kernels.attention.schedule import allowed_pairs, ordered, tile_tables
 
 
 def _truth(mask, block_tokens, tokens, tile_q, tile_k):
@@ -24,30 +24,29 @@ def _truth(mask, block_tokens, tokens, tile_q, tile_k):
     return visit, full
 
 
-def _rows(sched):
-    """Decode the CSR into (set of full columns, set of partial columns) per row."""
+def _rows(num, idx):
+    """Decode FlexAttention's ordered encoding into the set of listed columns per row (ascending in each row)."""
     out = []
-    for r in range(sched.num_rows):
-        lo, hi = int(sched.indptr[r]), int(sched.indptr[r + 1])
-        cols = sched.indices[lo:hi].tolist()
-        nf = int(sched.num_full[r])
-        assert cols[:nf] == sorted(cols[:nf]) and cols[nf:] == sorted(cols[nf:])
-        out.append((set(cols[:nf]), set(cols[nf:])))
+    for r in range(num.shape[0]):
+        cols = idx[r, : int(num[r])].tolist()
+        assert cols == sorted(cols)
+        out.append(set(cols))
     return out
 
 
 def _check(mask, block_tokens, tile_q, tile_k):
     tokens = mask.shape[0] * block_tokens
-    sched = build_schedule(mask, block_tokens, tokens, tile_q, tile_k)
-    visit, full = _truth(mask, block_tokens, tokens, tile_q, tile_k)
-    for r, (f, p) in enumerate(_rows(sched.by_query)):
-        assert f == set(torch.nonzero(visit[r] & full[r]).flatten().tolist())
-        assert p == set(torch.nonzero(visit[r] & ~full[r]).flatten().tolist())
-    for c, (f, p) in enumerate(_rows(sched.by_key)):
-        assert f == set(torch.nonzero(visit[:, c] & full[:, c]).flatten().tolist())
-        assert p == set(torch.nonzero(visit[:, c] & ~full[:, c]).flatten().tolist())
-    assert sched.by_query.nnz == sched.by_key.nnz == int(visit.sum())
-    assert sched.by_query.max_row_len == int(visit.sum(1).max())
+    partial, full = tile_tables(mask, block_tokens, tokens, tile_q, tile_k)
+    visit, tfull = _truth(mask, block_tokens, tokens, tile_q, tile_k)
+    assert torch.equal(full, visit & tfull)
+    assert torch.equal(partial, visit & ~tfull)
+    for table in (partial, full, partial.T, full.T):
+        num, idx = ordered(table)
+        assert num.dtype == idx.dtype == torch.int32 and idx.shape == table.shape
+        for r, cols in enumerate(_rows(num, idx)):
+            assert cols == set(torch.nonzero(table[r]).flatten().tolist())
+        # every row is a permutation of the columns: listed ones first, then the others
+        assert torch.equal(idx.sort(dim=-1).values, torch.arange(table.shape[1], dtype=torch.int32).expand_as(idx))
 
 
 @settings(max_examples=40, deadline=None)
@@ -69,24 +68,10 @@ def test_real_block_size_straddles_tiles():
     # 3,520 tokens per latent frame at 2K: block borders fall inside 128-token tiles.
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [0, 1, 1]], dtype=torch.bool)
     _check(mask, 3520 // 40, 16, 8)  # scaled down: 88 tokens per block, same straddling pattern
-    sched = build_schedule(mask, 3520, 3 * 3520, 128, 128)
+    partial, full = tile_tables(mask, 3520, 3 * 3520, 128, 128)
     # Query tile 27 covers tokens 3456..3583: blocks 0 and 1, so its tiles over block 2 are partial.
-    row = _rows(sched.by_query)[27]
     last_k_tile_of_block2 = (3 * 3520 - 1) // 128
-    assert last_k_tile_of_block2 in row[1]
-
-
-def test_get_schedule_caches_by_content():
-    mask = torch.rand(5, 5) < 0.5
-    a = get_schedule(mask, 10, 50, 16, 16, "cpu")
-    b = get_schedule(mask.clone(), 10, 50, 16, 16, "cpu")
-    assert a is b
-    c = get_schedule(~mask, 10, 50, 16, 16, "cpu")
-    assert c is not a
-    # The kernels' int8 block table comes with the cached schedule: built once per mask, not per call.
-    assert a.mask_table.dtype == torch.int8 and a.mask_table.is_contiguous()
-    assert torch.equal(a.mask_table, mask.to(torch.int8))
-    assert torch.equal(c.mask_table, (~mask).to(torch.int8))
+    assert partial[27, last_k_tile_of_block2] and not full[27, last_k_tile_of_block2]
 
 
 def test_allowed_pairs_counts_token_pairs():
@@ -108,8 +93,6 @@ def test_allowed_pairs_rejects_bad_arguments():
 @pytest.mark.parametrize("density", [0.0, 1.0])
 def test_extremes(density):
     mask = torch.full((4, 4), bool(density))
-    sched = build_schedule(mask, 64, 256, 128, 64)
-    if density == 0.0:
-        assert sched.by_query.nnz == 0
-    else:
-        assert sched.by_query.nnz == 2 * 4 and int(sched.by_query.num_full.sum()) == 8
+    partial, full = tile_tables(mask, 64, 256, 128, 64)
+    assert not partial.any()
+    assert bool(full.all()) == bool(density) and int(full.sum()) == (8 if density else 0)

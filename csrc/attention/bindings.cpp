@@ -1,27 +1,25 @@
 // pybind11 bindings of the extension swift_kernels._C: the only translation unit that includes torch.
 //
 // Exposed (all tensors on one CUDA device):
-//   tile_sizes(head_dim) -> (tile_q, tile_k)
-//       the tiles of the forward schedule (also used by the dQ backward kernel).
-//   bwd_tile_sizes(head_dim) -> (tile_q, tile_k)
-//       the tiles of the schedule whose transpose (by_key) drives the dK/dV backward kernel.
-//   fwd(q, k, v, mask_i8, block_tokens, scale, q_indptr, q_num_full, q_indices) -> (out, lse)
+//   fwd(q, k, v, mask_i8, block_tokens, scale, kv_num, kv_idx, full_kv_num, full_kv_idx) -> (out, lse)
 //       q, k, v: [B, L, H, D] fp16/bf16, stride(-1) == 1, L = n_blocks * block_tokens, D in {64, 128};
-//       mask_i8: int8 [n_blocks, n_blocks] (nonzero = allowed); q_*: the by_query CSR (int32) of a schedule
-//       built with tile_sizes(D). Returns out [B, L, H, D] (q's dtype, contiguous) and lse fp32 [B, H, L]
-//       (natural log; -inf and a zero output row for a query with no allowed key).
-//   sm90_tile_sizes(head_dim) -> (tile_q, tile_k)
-//       the tiles of the schedule that fwd_sm90 walks.
-//   fwd_sm90(q, k, v, mask_i8, block_tokens, scale, q_indptr, q_num_full, q_indices) -> (out, lse)
-//       the Hopper (sm_90a: TMA + wgmma) forward, the same arguments and results as fwd, with q_* the
-//       by_query CSR of a schedule built with sm90_tile_sizes(D). Raises RuntimeError when the module was
-//       not compiled for sm_90a (HAS_SM90 is False) or the device is not compute capability 9.x.
-//       Opt-in until verified on a GPU (see swift_kernels/attention/cuda_backend.py).
-//   bwd(dout, q, k, v, out, lse, mask_i8, block_tokens, scale,
-//       q_indptr, q_num_full, q_indices, k_indptr, k_num_full, k_indices) -> (dq, dk, dv)
-//       q_*: as for fwd; k_*: the by_key CSR of a schedule built with bwd_tile_sizes(D).
+//       mask_i8: int8 [n_blocks, n_blocks] (nonzero = allowed); kv_*: the forward tables of an attention plan
+//       (swift_kernels/attention/plan.py, FlexAttention's BlockMask layout over sparse blocks of kSparseBlock
+//       tokens: int32 num [R], idx [R, R] with R = ceil(L / kSparseBlock)). Returns out [B, L, H, D] (q's dtype,
+//       contiguous) and lse fp32 [B, H, L] (natural log; -inf and a zero output row for a query with no allowed
+//       key).
+//   fwd_sm90(...) -> (out, lse)
+//       the Hopper (sm_90a: TMA + wgmma) forward, the same arguments and results as fwd. Raises RuntimeError when
+//       the module was not compiled for sm_90a (HAS_SM90 is False) or the device is not compute capability 9.x.
+//   bwd(dout, q, k, v, out, lse, mask_i8, block_tokens, scale, kv_num, kv_idx, full_kv_num, full_kv_idx,
+//       q_num, q_idx, full_q_num, full_q_idx) -> (dq, dk, dv)
+//       kv_*: as for fwd (the dQ kernel); q_*: the plan's transposed tables (the dK/dV kernel).
+//   TILES: {name: value} of the tile sizes compiled in (fba_tiles.h, generated from
+//       swift_kernels/attention/tiles.py); CUDA_ARCHS: the architectures compiled in ("sm_80", "sm_90a",
+//       "compute_90" for PTX); HAS_SM90, HAS_BACKWARD, SUPPORTED_HEAD_DIMS.
 // Bad arguments raise ValueError / TypeError naming the argument; CUDA errors raise RuntimeError naming
-// the kernel. The CSR contents are trusted (they come from swift_kernels.attention.schedule).
+// the kernel. The tables' contents are trusted (they come from swift_kernels.attention.plan); their shapes,
+// dtypes and devices are checked.
 #include <torch/extension.h>
 
 #include <c10/cuda/CUDAStream.h>
@@ -114,27 +112,27 @@ sa::Problem make_problem(const at::Tensor& q, const at::Tensor& mask, int64_t bl
   return pb;
 }
 
-sa::Csr make_csr(const at::Tensor& indptr, const at::Tensor& num_full, const at::Tensor& indices, int64_t rows,
-                 const at::Tensor& q, const char* which) {
+// One direction of a plan's tables, checked against the sequence: R = ceil(L / kSparseBlock) rows of R columns.
+sa::BlockTable make_table(const at::Tensor& num, const at::Tensor& idx, const at::Tensor& full_num,
+                          const at::Tensor& full_idx, int64_t tokens, const at::Tensor& q, const char* which) {
   const std::string w(which);
-  const auto check = [&](const at::Tensor& t, const std::string& name) {
+  const int64_t rows = ceil_div(tokens, sa::kSparseBlock);
+  const auto check = [&](const at::Tensor& t, const std::string& name, int64_t dim) {
     TORCH_CHECK_VALUE(t.is_cuda() && t.device() == q.device(), "swift_kernels._C: ", name,
                       " must be on the device of q (", q.device(), "), got ", t.device());
     TORCH_CHECK_TYPE(t.scalar_type() == at::kInt, "swift_kernels._C: ", name, " must be int32, got ",
                      t.scalar_type());
-    TORCH_CHECK_VALUE(t.dim() == 1 && t.is_contiguous(), "swift_kernels._C: ", name,
-                      " must be a contiguous 1-D tensor, got ", t.sizes());
+    TORCH_CHECK_VALUE(t.dim() == dim && t.is_contiguous() && t.size(0) == rows && (dim == 1 || t.size(1) == rows),
+                      "swift_kernels._C: ", name, " must be a contiguous ", dim == 1 ? "[R]" : "[R, R]",
+                      " table with R = ceil(tokens / ", sa::kSparseBlock, ") = ", rows, ", got ", t.sizes(),
+                      " (was the plan built for these tokens?)");
   };
-  check(indptr, w + "_indptr");
-  check(num_full, w + "_num_full");
-  check(indices, w + "_indices");
-  TORCH_CHECK_VALUE(indptr.numel() == rows + 1, "swift_kernels._C: ", w, "_indptr must have ", rows + 1,
-                    " entries for this sequence and tile size, got ", indptr.numel(),
-                    " (was the schedule built with the extension's tile sizes?)");
-  TORCH_CHECK_VALUE(num_full.numel() == rows, "swift_kernels._C: ", w, "_num_full must have ", rows,
-                    " entries, got ", num_full.numel());
-  return {indptr.data_ptr<int32_t>(), num_full.data_ptr<int32_t>(), indices.data_ptr<int32_t>(),
-          static_cast<int>(rows)};
+  check(num, w + "_num", 1);
+  check(idx, w + "_idx", 2);
+  check(full_num, "full_" + w + "_num", 1);
+  check(full_idx, "full_" + w + "_idx", 2);
+  return {num.data_ptr<int32_t>(), idx.data_ptr<int32_t>(), full_num.data_ptr<int32_t>(),
+          full_idx.data_ptr<int32_t>(), static_cast<int>(rows), static_cast<int>(rows)};
 }
 
 // Run a launcher and re-raise its std::runtime_error as a torch error (RuntimeError in Python).
@@ -147,11 +145,11 @@ void guarded(F&& f) {
   }
 }
 
-// The forward of both kernels (sm90 selects the Hopper one; its schedule has query tiles of kSm90TileQ).
+// The forward of both kernels (sm90 selects the Hopper one).
 std::tuple<at::Tensor, at::Tensor> fwd_impl(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
                                             const at::Tensor& mask, int64_t block_tokens, double scale,
-                                            const at::Tensor& q_indptr, const at::Tensor& q_num_full,
-                                            const at::Tensor& q_indices, bool sm90) {
+                                            const at::Tensor& kv_num, const at::Tensor& kv_idx,
+                                            const at::Tensor& full_kv_num, const at::Tensor& full_kv_idx, bool sm90) {
   check_qkv(q_in, "q", q_in);
   check_qkv(k_in, "k", q_in);
   check_qkv(v_in, "v", q_in);
@@ -162,8 +160,7 @@ std::tuple<at::Tensor, at::Tensor> fwd_impl(const at::Tensor& q_in, const at::Te
   sa::FwdArgs args{};
   args.pb = make_problem(q, mask, block_tokens, scale);
   const int64_t B = q.size(0), L = q.size(1), H = q.size(2);
-  const int64_t tile_q = sm90 ? sa::kSm90TileQ : sa::kFwdTileQ;
-  args.by_query = make_csr(q_indptr, q_num_full, q_indices, ceil_div(L, tile_q), q, "q");
+  args.by_query = make_table(kv_num, kv_idx, full_kv_num, full_kv_idx, L, q, "kv");
   at::Tensor out = at::empty(q.sizes(), q.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor lse = at::empty({B, H, L}, q.options().dtype(at::kFloat));
   args.q = q.data_ptr();
@@ -185,24 +182,24 @@ std::tuple<at::Tensor, at::Tensor> fwd_impl(const at::Tensor& q_in, const at::Te
 
 std::tuple<at::Tensor, at::Tensor> fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                        const at::Tensor& mask, int64_t block_tokens, double scale,
-                                       const at::Tensor& q_indptr, const at::Tensor& q_num_full,
-                                       const at::Tensor& q_indices) {
-  return fwd_impl(q, k, v, mask, block_tokens, scale, q_indptr, q_num_full, q_indices, false);
+                                       const at::Tensor& kv_num, const at::Tensor& kv_idx,
+                                       const at::Tensor& full_kv_num, const at::Tensor& full_kv_idx) {
+  return fwd_impl(q, k, v, mask, block_tokens, scale, kv_num, kv_idx, full_kv_num, full_kv_idx, false);
 }
 
 std::tuple<at::Tensor, at::Tensor> fwd_sm90(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                             const at::Tensor& mask, int64_t block_tokens, double scale,
-                                            const at::Tensor& q_indptr, const at::Tensor& q_num_full,
-                                            const at::Tensor& q_indices) {
-  return fwd_impl(q, k, v, mask, block_tokens, scale, q_indptr, q_num_full, q_indices, true);
+                                            const at::Tensor& kv_num, const at::Tensor& kv_idx,
+                                            const at::Tensor& full_kv_num, const at::Tensor& full_kv_idx) {
+  return fwd_impl(q, k, v, mask, block_tokens, scale, kv_num, kv_idx, full_kv_num, full_kv_idx, true);
 }
 
 #ifndef SWIFT_KERNELS_NO_BACKWARD
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
     const at::Tensor& dout_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& mask, int64_t block_tokens, double scale,
-    const at::Tensor& q_indptr, const at::Tensor& q_num_full, const at::Tensor& q_indices,
-    const at::Tensor& k_indptr, const at::Tensor& k_num_full, const at::Tensor& k_indices) {
+    const at::Tensor& kv_num, const at::Tensor& kv_idx, const at::Tensor& full_kv_num, const at::Tensor& full_kv_idx,
+    const at::Tensor& q_num, const at::Tensor& q_idx, const at::Tensor& full_q_num, const at::Tensor& full_q_idx) {
   check_qkv(q_in, "q", q_in);
   check_qkv(k_in, "k", q_in);
   check_qkv(v_in, "v", q_in);
@@ -222,8 +219,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
   const at::Tensor lse = lse_in.contiguous();
   sa::BwdArgs args{};
   args.pb = make_problem(q, mask, block_tokens, scale);
-  args.by_query = make_csr(q_indptr, q_num_full, q_indices, ceil_div(L, sa::kFwdTileQ), q, "q");
-  args.by_key = make_csr(k_indptr, k_num_full, k_indices, ceil_div(L, sa::kBwdTileK), q, "k");
+  args.by_query = make_table(kv_num, kv_idx, full_kv_num, full_kv_idx, L, q, "kv");
+  args.by_key = make_table(q_num, q_idx, full_q_num, full_q_idx, L, q, "q");
   at::Tensor delta = at::empty({B, H, L}, q.options().dtype(at::kFloat));
   const auto contig = q.options().memory_format(at::MemoryFormat::Contiguous);
   at::Tensor dq = at::empty(q.sizes(), contig);
@@ -251,51 +248,57 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bwd(
 
 }  // namespace
 
+// SWIFT_KERNELS_CUDA_ARCHS is set by setup.py to the architectures compiled in, comma separated.
+#define SWIFT_STR2(...) #__VA_ARGS__
+#define SWIFT_STR(...) SWIFT_STR2(__VA_ARGS__)
+#ifdef SWIFT_KERNELS_CUDA_ARCHS
+constexpr const char* kCudaArchs = SWIFT_STR(SWIFT_KERNELS_CUDA_ARCHS);
+#else
+constexpr const char* kCudaArchs = "";
+#endif
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() =
-      "swift_kernels CUDA extension: frame-block-sparse attention (mma.sync, sm_80+; opt-in TMA + wgmma forward, "
-      "sm_90a)";
-  m.def(
-      "tile_sizes",
-      [](int64_t head_dim) {
-        check_head_dim(head_dim);
-        return std::make_tuple(sa::kFwdTileQ, sa::kFwdTileK);
-      },
-      "(tile_q, tile_k) of the forward / dQ schedule for a head_dim", pybind11::arg("head_dim"));
-  m.def(
-      "bwd_tile_sizes",
-      [](int64_t head_dim) {
-        check_head_dim(head_dim);
-        return std::make_tuple(sa::kBwdTileQ, sa::kBwdTileK);
-      },
-      "(tile_q, tile_k) of the schedule whose by_key CSR drives the dK/dV kernel", pybind11::arg("head_dim"));
+      "swift_kernels CUDA extension: frame-block-sparse attention (mma.sync, sm_80+; TMA + wgmma forward, sm_90a)";
+  const pybind11::arg a0("kv_num"), a1("kv_idx"), a2("full_kv_num"), a3("full_kv_idx");
   m.def("fwd", &fwd, "frame-block-sparse attention forward -> (out, lse)", pybind11::arg("q"), pybind11::arg("k"),
-        pybind11::arg("v"), pybind11::arg("mask_i8"), pybind11::arg("block_tokens"), pybind11::arg("scale"),
-        pybind11::arg("q_indptr"), pybind11::arg("q_num_full"), pybind11::arg("q_indices"));
-  m.def(
-      "sm90_tile_sizes",
-      [](int64_t head_dim) {
-        check_head_dim(head_dim);
-        return std::make_tuple(sa::kSm90TileQ, sa::kSm90TileK);
-      },
-      "(tile_q, tile_k) of the schedule of fwd_sm90 for a head_dim", pybind11::arg("head_dim"));
-  m.def("fwd_sm90", &fwd_sm90,
-        "frame-block-sparse attention forward on Hopper (sm_90a: TMA + wgmma) -> (out, lse); opt-in, unverified",
+        pybind11::arg("v"), pybind11::arg("mask_i8"), pybind11::arg("block_tokens"), pybind11::arg("scale"), a0, a1,
+        a2, a3);
+  m.def("fwd_sm90", &fwd_sm90, "frame-block-sparse attention forward on Hopper (sm_90a: TMA + wgmma) -> (out, lse)",
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("mask_i8"),
-        pybind11::arg("block_tokens"), pybind11::arg("scale"), pybind11::arg("q_indptr"), pybind11::arg("q_num_full"),
-        pybind11::arg("q_indices"));
-  // True when the sm_90a kernel was compiled (SWIFT_KERNELS_CUDA_ARCHS includes 90a); fwd_sm90 exists either
-  // way and raises when it is False.
+        pybind11::arg("block_tokens"), pybind11::arg("scale"), a0, a1, a2, a3);
+  // True when the sm_90a kernel was compiled (SWIFT_KERNELS_CUDA_ARCHS includes 90a); fwd_sm90 exists either way
+  // and raises when it is False.
   m.attr("HAS_SM90") = sa::fba_sm90_compiled();
 #ifndef SWIFT_KERNELS_NO_BACKWARD
   m.def("bwd", &bwd, "frame-block-sparse attention backward -> (dq, dk, dv)", pybind11::arg("dout"),
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("out"), pybind11::arg("lse"),
-        pybind11::arg("mask_i8"), pybind11::arg("block_tokens"), pybind11::arg("scale"), pybind11::arg("q_indptr"),
-        pybind11::arg("q_num_full"), pybind11::arg("q_indices"), pybind11::arg("k_indptr"),
-        pybind11::arg("k_num_full"), pybind11::arg("k_indices"));
+        pybind11::arg("mask_i8"), pybind11::arg("block_tokens"), pybind11::arg("scale"), a0, a1, a2, a3,
+        pybind11::arg("q_num"), pybind11::arg("q_idx"), pybind11::arg("full_q_num"), pybind11::arg("full_q_idx"));
   m.attr("HAS_BACKWARD") = true;
 #else
   m.attr("HAS_BACKWARD") = false;
 #endif
   m.attr("SUPPORTED_HEAD_DIMS") = pybind11::make_tuple(64, 128);
+  pybind11::dict tiles;
+  tiles["kSparseBlock"] = sa::kSparseBlock;
+  tiles["kThreads"] = sa::kThreads;
+  tiles["kFwdTileQ"] = sa::kFwdTileQ;
+  tiles["kFwdTileK"] = sa::kFwdTileK;
+  tiles["kBwdTileQ"] = sa::kBwdTileQ;
+  tiles["kBwdTileK"] = sa::kBwdTileK;
+  tiles["kSm90TileQ"] = sa::kSm90TileQ;
+  tiles["kSm90TileK"] = sa::kSm90TileK;
+  m.attr("TILES") = tiles;
+  pybind11::list archs;
+  std::string all(kCudaArchs), one;
+  for (char ch : all + ",") {
+    if (ch == ',' || ch == ' ') {
+      if (!one.empty()) archs.append(one);
+      one.clear();
+    } else {
+      one += ch;
+    }
+  }
+  m.attr("CUDA_ARCHS") = pybind11::tuple(archs);
 }

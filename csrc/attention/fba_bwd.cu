@@ -1,10 +1,11 @@
 // Backward of frame-block-sparse attention (mma.sync, sm_80+), as three kernels and no atomics, so the
 // gradients are deterministic:
 //   1. fba_bwd_delta_kernel: delta = rowsum(dO * O) in fp32, [B, H, L].
-//   2. fba_bwd_dq_kernel: per query tile of 128 (8 warps x 16 rows), walks the forward schedule's key
-//      tiles of 64: S = Q K^T, P = exp(S * scale - lse), dP = dO V^T, dS = P (dP - delta), dQ += dS K.
-//   3. fba_bwd_dkdv_kernel: per key tile of 128 (8 warps x 16 keys), walks the transposed schedule's query
-//      tiles of 64: S^T = K Q^T, P^T, dP^T = V dO^T, dS^T, dV += P^T dO, dK += dS^T Q.
+//   2. fba_bwd_dq_kernel: per query sparse block of 128 (8 warps x 16 rows), walks the forward (kv_*) table's
+//      sparse blocks in key tiles of 64: S = Q K^T, P = exp(S * scale - lse), dP = dO V^T, dS = P (dP - delta),
+//      dQ += dS K.
+//   3. fba_bwd_dkdv_kernel: per key sparse block of 128 (8 warps x 16 keys), walks the transposed (q_*) table's
+//      sparse blocks in query tiles of 64: S^T = K Q^T, P^T, dP^T = V dO^T, dS^T, dV += P^T dO, dK += dS^T Q.
 // S and dP are computed twice (once per kernel); the price of not reducing dQ across CTAs with atomics.
 // Rows with lse = -inf (no allowed key) get P = 0 and so contribute nothing.
 #include "fba_common.cuh"
@@ -71,7 +72,8 @@ __global__ void __launch_bounds__(kThreads, 1) fba_bwd_dq_kernel(const BwdArgs a
   const E* kb = head_base<E>(args.k, args.sk, b, h);
   const E* vb = head_base<E>(args.v, args.sv, b, h);
 
-  const auto [n, nfull, kidx] = csr_row(args.by_query, qt);
+  const TableRow<DQ_BK> row = table_row<DQ_BK>(args.by_query, qt);
+  const int n = row.n;
 
   load_tile<DQ_BQ, D>(smem, qb, args.sq.l, q0, L, tid);
   load_tile<DQ_BQ, D>(smem + DQ_BQ * D, dob, args.sdo.l, q0, L, tid);
@@ -102,7 +104,7 @@ __global__ void __launch_bounds__(kThreads, 1) fba_bwd_dq_kernel(const BwdArgs a
   float dq[D / 8][4];
   zero_acc(dq);
   if (n > 0) {
-    const int k0 = kidx[0] * DQ_BK;
+    const int k0 = row.start(0);
     load_tile<DQ_BK, D>(smem, kb, args.sk.l, k0, L, tid);
     load_tile<DQ_BK, D>(smem + DQ_BK * D, vb, args.sv.l, k0, L, tid);
     cp_async_commit();
@@ -110,14 +112,14 @@ __global__ void __launch_bounds__(kThreads, 1) fba_bwd_dq_kernel(const BwdArgs a
   for (int it = 0; it < n; ++it) {
     E* sK = smem + (it & 1) * (2 * DQ_BK * D);
     E* sV = sK + DQ_BK * D;
-    prefetch_next_kv<DQ_BK, D>(smem, it, n, kidx, kb, args.sk.l, vb, args.sv.l, L, tid);
+    prefetch_next_kv<DQ_BK, D>(smem, it, row, kb, args.sk.l, vb, args.sv.l, L, tid);
     __syncthreads();
 
     float s[DQ_BK / 8][4];
     zero_acc(s);
     gemm_abt<Tr, DQ_BK, D>(s, qf, sK, lane);
-    const int k0 = kidx[it] * DQ_BK;
-    const bool full = it < nfull;
+    const int k0 = row.start(it);
+    const bool full = row.full(it);
 #pragma unroll
     for (int nt = 0; nt < DQ_BK / 8; ++nt) {
 #pragma unroll
@@ -199,13 +201,14 @@ __global__ void __launch_bounds__(kThreads, 1) fba_bwd_dkdv_kernel(const BwdArgs
   const E* kb = head_base<E>(args.k, args.sk, b, h);
   const E* vb = head_base<E>(args.v, args.sv, b, h);
 
-  const auto [n, nfull, qidx] = csr_row(args.by_key, kt);
+  const TableRow<KV_BQ> row = table_row<KV_BQ>(args.by_key, kt);
+  const int n = row.n;
 
   load_tile<KV_BK, D>(sK, kb, args.sk.l, k0, L, tid);
   load_tile<KV_BK, D>(sV, vb, args.sv.l, k0, L, tid);
   cp_async_commit();
   if (n > 0) {
-    const int q0 = qidx[0] * KV_BQ;
+    const int q0 = row.start(0);
     load_tile<KV_BQ, D>(sQ, qb, args.sq.l, q0, L, tid);
     cp_async_commit();
     load_tile<KV_BQ, D>(sdO, dob, args.sdo.l, q0, L, tid);
@@ -223,8 +226,8 @@ __global__ void __launch_bounds__(kThreads, 1) fba_bwd_dkdv_kernel(const BwdArgs
   for (int it = 0; it < n; ++it) {
     cp_async_wait<1>();  // K, V and this tile's Q have landed; dO may still be in flight
     __syncthreads();
-    const int q0 = qidx[it] * KV_BQ;
-    const bool full = it < nfull;
+    const int q0 = row.start(it);
+    const bool full = row.full(it);
 
     // P^T [16 keys x 64 queries] per warp.
     float p[KV_BQ / 8][4];
@@ -264,7 +267,7 @@ __global__ void __launch_bounds__(kThreads, 1) fba_bwd_dkdv_kernel(const BwdArgs
     __syncthreads();  // every warp is done with Q, lse and delta of this tile
     const bool more = it + 1 < n;
     if (more) {
-      const int q0n = qidx[it + 1] * KV_BQ;
+      const int q0n = row.start(it + 1);
       load_tile<KV_BQ, D>(sQ, qb, args.sq.l, q0n, L, tid);
       cp_async_commit();
       load_row_stats<E>(s_lse, s_dlt, args, stat_base, q0n, tid);
@@ -273,7 +276,7 @@ __global__ void __launch_bounds__(kThreads, 1) fba_bwd_dkdv_kernel(const BwdArgs
     gemm_ab<Tr, KV_BQ / 16, D>(dv, af, sdO, lane);
     __syncthreads();  // every warp is done with dO
     if (more) {
-      load_tile<KV_BQ, D>(sdO, dob, args.sdo.l, qidx[it + 1] * KV_BQ, L, tid);
+      load_tile<KV_BQ, D>(sdO, dob, args.sdo.l, row.start(it + 1), L, tid);
       cp_async_commit();
     }
   }

@@ -232,29 +232,45 @@ __device__ __forceinline__ const E* head_base(const void* p, const Strides4& st,
   return static_cast<const E*>(p) + b * st.b + h * st.h;
 }
 
-// Row `row` of a CSR tile schedule: the number of tiles it lists, how many of those (the first ones) are
-// full, and a pointer to their indices.
-struct CsrRow {
-  int n;
-  int nfull;
-  const int32_t* idx;
+// Row `row` of a plan's table, walked in tiles of TILE tokens (TILE divides kSparseBlock): first the tiles of
+// its full sparse blocks (no element mask), then those of its partial ones. Tile `it` is part it % kParts of
+// the sparse block listed at it / kParts.
+template <int TILE>
+struct TableRow {
+  static constexpr int kParts = kSparseBlock / TILE;
+  static_assert(kSparseBlock % TILE == 0, "a tile is a part of a sparse block");
+  int n;      // tiles to walk
+  int nfull;  // the first nfull of them belong to full sparse blocks
+  const int32_t* full_idx;
+  const int32_t* part_idx;
+
+  __device__ __forceinline__ bool full(int it) const { return it < nfull; }
+  // First token of tile `it`.
+  __device__ __forceinline__ int start(int it) const {
+    const int e = it / kParts;
+    const int ef = nfull / kParts;
+    const int blk = e < ef ? full_idx[e] : part_idx[e - ef];
+    return blk * kSparseBlock + (it % kParts) * TILE;
+  }
 };
-__device__ __forceinline__ CsrRow csr_row(const Csr& csr, int row) {
-  const int e0 = csr.indptr[row];
-  return {csr.indptr[row + 1] - e0, csr.num_full[row], csr.indices + e0};
+template <int TILE>
+__device__ __forceinline__ TableRow<TILE> table_row(const BlockTable& t, int row) {
+  const int64_t off = static_cast<int64_t>(row) * t.row_stride;
+  const int nf = t.full_num[row] * TableRow<TILE>::kParts;
+  return {nf + t.num[row] * TableRow<TILE>::kParts, nf, t.full_idx + off, t.idx + off};
 }
 
 // Double-buffered K/V stages of the forward and dQ kernels: stage t holds a [BK x D] K tile and then a
-// [BK x D] V tile at smem + t * 2 * BK * D. At iteration it of n, prefetch key tile kidx[it + 1] into the
+// [BK x D] V tile at smem + t * 2 * BK * D. At iteration it of row.n, prefetch key tile it + 1 into the
 // other stage (it was last read in iteration it - 1, which every warp finished before that iteration's
 // closing barrier) and wait until this iteration's stage has landed; the caller's __syncthreads follows.
 template <int BK, int D, class E>
-__device__ __forceinline__ void prefetch_next_kv(E* smem, int it, int n, const int32_t* kidx, const E* kb,
+__device__ __forceinline__ void prefetch_next_kv(E* smem, int it, const TableRow<BK>& row, const E* kb,
                                                  int64_t k_stride, const E* vb, int64_t v_stride, int L,
                                                  int tid) {
-  if (it + 1 < n) {
+  if (it + 1 < row.n) {
     E* nK = smem + ((it + 1) & 1) * (2 * BK * D);
-    const int k0n = kidx[it + 1] * BK;
+    const int k0n = row.start(it + 1);
     load_tile<BK, D>(nK, kb, k_stride, k0n, L, tid);
     load_tile<BK, D>(nK + BK * D, vb, v_stride, k0n, L, tid);
     cp_async_commit();

@@ -1,7 +1,7 @@
-// Forward of frame-block-sparse attention: FlashAttention-2 style, mma.sync (sm_80+), driven by the CSR
-// tile schedule. One CTA of 8 warps owns a query tile of 128 tokens of one (batch, head); each warp owns
-// 16 query rows and keeps their Q fragments in registers. The CTA walks the key tiles (64 tokens) its
-// schedule row lists: full tiles first with no element mask, then partial tiles with the element mask
+// Forward of frame-block-sparse attention: FlashAttention-2 style, mma.sync (sm_80+), driven by the plan's
+// tables. One CTA of 8 warps owns a query tile of 128 tokens (one sparse block) of one (batch, head); each warp
+// owns 16 query rows and keeps their Q fragments in registers. The CTA walks the sparse blocks its table row
+// lists in key tiles of 64 tokens: full ones first with no element mask, then partial ones with the element mask
 // block_mask[q / P][k / P] and the sequence bounds. K/V tiles are double-buffered with cp.async; the
 // second buffer reuses the shared memory that staged Q.
 //
@@ -46,12 +46,13 @@ __global__ void __launch_bounds__(kThreads, 1) fba_fwd_kernel(const FwdArgs args
   const E* kb = head_base<E>(args.k, args.sk, b, h);
   const E* vb = head_base<E>(args.v, args.sv, b, h);
 
-  const auto [n, nfull, kidx] = csr_row(args.by_query, qt);
+  const TableRow<BK> row = table_row<BK>(args.by_query, qt);
+  const int n = row.n;
 
   load_tile<BQ, D>(sQ, qb, args.sq.l, q0, L, tid);
   cp_async_commit();
   if (n > 0) {
-    const int k0 = kidx[0] * BK;
+    const int k0 = row.start(0);
     load_tile<BK, D>(smem, kb, args.sk.l, k0, L, tid);
     load_tile<BK, D>(smem + BK * D, vb, args.sv.l, k0, L, tid);
     cp_async_commit();
@@ -76,14 +77,14 @@ __global__ void __launch_bounds__(kThreads, 1) fba_fwd_kernel(const FwdArgs args
   for (int it = 0; it < n; ++it) {
     E* sK = smem + (it & 1) * (2 * BK * D);
     E* sV = sK + BK * D;
-    prefetch_next_kv<BK, D>(smem, it, n, kidx, kb, args.sk.l, vb, args.sv.l, L, tid);
+    prefetch_next_kv<BK, D>(smem, it, row, kb, args.sk.l, vb, args.sv.l, L, tid);
     __syncthreads();
 
     float s[BK / 8][4];
     zero_acc(s);
     gemm_abt<Tr, BK, D>(s, qf, sK, lane);
 
-    scale_mask_scores(s, it < nfull, kidx[it] * BK, lane, qblk, L, P, pb.block_mask, pb.num_blocks, c);
+    scale_mask_scores(s, row.full(it), row.start(it), lane, qblk, L, P, pb.block_mask, pb.num_blocks, c);
     online_softmax_update(s, o, m, l);
 
     uint32_t pf[BK / 16][4];

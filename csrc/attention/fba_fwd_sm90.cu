@@ -1,11 +1,13 @@
 // Forward of frame-block-sparse attention for Hopper (sm_90a): FlashAttention-3 style.
 //
-// OPT-IN and UNVERIFIED: written and compiled without a GPU; the Python backend takes this path only
-// with SWIFT_KERNELS_HOPPER=1 on a compute capability 9.x device until GPU tests have passed.
+// UNVERIFIED: written and compiled without a GPU; the Python backend takes this path on a compute capability
+// 9.0 device only where it is verified (swift_kernels/verified_kernels.json) or when SWIFT_KERNELS_HOPPER=1
+// (or SWIFT_KERNELS_UNVERIFIED=1) asks for it.
 //
-// Design. One CTA of three warpgroups owns a query tile of 128 tokens of one (batch, head):
+// Design. One CTA of three warpgroups owns a query tile of 128 tokens (one sparse block of the plan) of one
+// (batch, head):
 //   * warpgroup 0 is the producer: one thread issues TMA bulk tensor copies (cp.async.bulk.tensor) of the
-//     Q tile (once) and of the K and V tiles the CSR schedule lists for this query tile (128 keys each)
+//     Q tile (once) and of the K and V tiles its table row lists for this query tile (128 keys each)
 //     into a ring of shared-memory stages. Each stage has a "K full", a "V full" and an "empty" mbarrier;
 //     the copies complete on the full barriers (transaction bytes), consumers release a stage by arriving
 //     on its empty barrier once their tensor-core reads of it are done.
@@ -37,7 +39,8 @@
 #include "fba_sm90.h"
 
 // The body exists only for the sm_90a target (wgmma and setmaxnreg need the "a" feature set); every other
-// device pass compiles an empty kernel, which the host launcher never starts.
+// device pass compiles a kernel that traps (__trap: the launch fails with an error), which the host launcher
+// never starts.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && defined(__CUDA_ARCH_FEAT_SM90_ALL)
 #define SWIFT_SM90_DEVICE 1
 #else
@@ -83,7 +86,7 @@ struct Sm90Params {
   float scale_log2;  // softmax scale * log2(e)
   void* out;         // [B, L, H, D] contiguous
   float* lse;        // [B, H, L]
-  Csr by_query;      // query tiles of BQ x key tiles of BK
+  BlockTable by_query;  // query sparse blocks, walked in key tiles of BK
 };
 
 #if SWIFT_SM90_DEVICE
@@ -269,7 +272,8 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
   const int b = blockIdx.y / p.heads;
   const int h = blockIdx.y % p.heads;
   const int L = p.tokens;
-  const auto [n, nfull, kidx] = csr_row(p.by_query, qt);
+  const TableRow<BK> row = table_row<BK>(p.by_query, qt);
+  const int n = row.n;
   // Warp-uniform role (the compiler cannot prove threadIdx.x / 128 uniform by itself).
   const int wg = __shfl_sync(0xffffffffu, static_cast<int>(threadIdx.x) / kWg, 0);
 
@@ -298,7 +302,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
         const int s = it % S;
         const uint32_t phase = (it / S) & 1;
         mbar_wait(empty(s), phase ^ 1);  // a fresh barrier passes parity 1 at once: the first S stages are free
-        const int k0 = kidx[it] * BK;
+        const int k0 = row.start(it);
         mbar_expect_tx(full_k(s), Cfg::kKBytes);
 #pragma unroll
         for (int pn = 0; pn < Cfg::kPanels; ++pn) {
@@ -356,7 +360,7 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
       wgmma_wait<0>();
       fence_regs(sc);
 
-      scale_mask_scores(sc, it < nfull, kidx[it] * BK, lane, qblk, L, P, p.block_mask, p.num_blocks, c);
+      scale_mask_scores(sc, row.full(it), row.start(it), lane, qblk, L, P, p.block_mask, p.num_blocks, c);
       online_softmax_update(sc, o, m, l);  // as in fba_fwd.cu
 
       // P as the A operand: the accumulator layout of 8-column chunks 2kk, 2kk + 1 is the A-fragment
@@ -385,6 +389,10 @@ __global__ void __launch_bounds__(kSm90Threads, 1)
     typename Tr::elem* ob = static_cast<typename Tr::elem*>(p.out) + (static_cast<int64_t>(b) * L * p.heads + h) * D;
     store_rows<Tr, D>(ob, static_cast<int64_t>(p.heads) * D, tok0, L, o, inv[0], inv[1], lane);
   }
+#elif defined(__CUDA_ARCH__)
+  // Compiled for an architecture without wgmma/setmaxnreg: the host never launches this, but if it ever
+  // ran (a plain sm_90 cubin loaded on a Hopper), it must fail loudly, not leave out and lse unwritten.
+  __trap();
 #endif  // SWIFT_SM90_DEVICE
 }
 

@@ -9,17 +9,15 @@
 
 #include <cuda_runtime.h>
 
+#include "fba_tiles.h"
+
 namespace swift_kernels {
 namespace attention {
 
-// Tile sizes. The forward and the dQ kernel walk query tiles of kFwdTileQ tokens (8 warps x 16 rows)
-// against key tiles of kFwdTileK tokens; the dK/dV kernel walks key tiles of kBwdTileK tokens (8 warps x
-// 16 rows) against query tiles of kBwdTileQ tokens. Python builds the CSR schedules with these.
-constexpr int kFwdTileQ = 128;
-constexpr int kFwdTileK = 64;
-constexpr int kBwdTileQ = 64;
-constexpr int kBwdTileK = 128;
-constexpr int kThreads = 256;
+// Tile sizes (kSparseBlock, kFwdTileQ, ...) come from swift_kernels/attention/tiles.py through the generated
+// fba_tiles.h: the forward and the dQ kernel own query tiles of kFwdTileQ tokens (8 warps x 16 rows, one sparse
+// block) and walk key tiles of kFwdTileK tokens; the dK/dV kernel owns key tiles of kBwdTileK tokens and walks
+// query tiles of kBwdTileQ tokens.
 
 enum class DType : int { kFloat16 = 0, kBFloat16 = 1 };
 
@@ -28,13 +26,16 @@ struct Strides4 {
   int64_t b, l, h;
 };
 
-// The CSR tile schedule (see swift_kernels/attention/schedule.py): row r visits indices[indptr[r] :
-// indptr[r+1]], the first num_full[r] of them without the element mask.
-struct Csr {
-  const int32_t* indptr;
-  const int32_t* num_full;
-  const int32_t* indices;
+// One direction of an attention plan's tables (swift_kernels/attention/plan.py: FlexAttention's BlockMask
+// layout over sparse blocks of kSparseBlock tokens): row r lists num[r] partial sparse blocks in
+// idx[r * row_stride ...] and full_num[r] full ones in full_idx[r * row_stride ...] (full: no element mask).
+struct BlockTable {
+  const int32_t* num;
+  const int32_t* idx;
+  const int32_t* full_num;
+  const int32_t* full_idx;
   int num_rows;
+  int row_stride;
 };
 
 struct Problem {
@@ -51,7 +52,7 @@ struct FwdArgs {
   Strides4 sq, sk, sv;
   void* out;       // [B, L, H, D] contiguous, q's dtype
   float* lse;      // [B, H, L] fp32, natural log
-  Csr by_query;    // rows: query tiles of kFwdTileQ; cols: key tiles of kFwdTileK
+  BlockTable by_query;  // rows: query sparse blocks (the kv_* tables), walked in key tiles of kFwdTileK
 };
 
 struct BwdArgs {
@@ -61,8 +62,8 @@ struct BwdArgs {
   const float* lse;  // [B, H, L] contiguous
   float* delta;      // [B, H, L] scratch, written by the preprocessing kernel
   void *dq, *dk, *dv;  // [B, L, H, D] contiguous
-  Csr by_query;      // as in FwdArgs (the dQ kernel)
-  Csr by_key;        // rows: key tiles of kBwdTileK; cols: query tiles of kBwdTileQ (the dK/dV kernel)
+  BlockTable by_query;  // as in FwdArgs (the dQ kernel)
+  BlockTable by_key;    // rows: key sparse blocks (the q_* tables), walked in query tiles of kBwdTileQ (dK/dV)
 };
 
 // Both throw std::runtime_error naming the kernel when a CUDA call or a launch fails.

@@ -1,8 +1,8 @@
 // Host-side interface of the Hopper (sm_90a) forward kernel, fba_fwd_sm90.cu. Like fba_launch.h it
 // includes no torch header; bindings.cpp is the only torch-facing translation unit.
 //
-// OPT-IN until verified on a GPU: the Python backend uses this path only on a compute capability 9.x
-// device with SWIFT_KERNELS_HOPPER=1 set (see swift_kernels/attention/cuda_backend.py).
+// Used by the Python backend on a compute capability 9.0 device only where verified on a GPU, or when asked for
+// with SWIFT_KERNELS_HOPPER=1 (see swift_kernels/attention/cuda_backend.py).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -12,10 +12,8 @@
 namespace swift_kernels {
 namespace attention {
 
-// Tiles of the sm_90a forward: one CTA owns kSm90TileQ query tokens (two consumer warpgroups of 64 rows)
-// and walks key tiles of kSm90TileK tokens. The schedule (FwdArgs::by_query) must be built with these.
-constexpr int kSm90TileQ = 128;
-constexpr int kSm90TileK = 128;
+// Tiles of the sm_90a forward (kSm90TileQ, kSm90TileK in fba_tiles.h): one CTA owns kSm90TileQ query tokens
+// (two consumer warpgroups of 64 rows, one sparse block) and walks key tiles of kSm90TileK tokens.
 
 // True when the extension was compiled with the sm_90a target (SWIFT_KERNELS_CUDA_ARCHS contains 90a):
 // only then does the kernel below have a body.

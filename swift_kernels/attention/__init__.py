@@ -2,6 +2,7 @@
 
 from .api import csg_attention, frame_block_attention
 from .layout import CSGLayout
+from .plan import AttentionPlan, plan_attention
 from .schedule import allowed_pairs
 
-__all__ = ["CSGLayout", "allowed_pairs", "csg_attention", "frame_block_attention"]
+__all__ = ["AttentionPlan", "CSGLayout", "allowed_pairs", "csg_attention", "frame_block_attention", "plan_attention"]

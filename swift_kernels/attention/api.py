@@ -1,90 +1,100 @@
 """Public entry points of frame-block-sparse attention: validation, backend dispatch, autograd.
 
-The forward and backward are registered as ``torch.library`` custom ops (``swift_kernels::fba_forward``
-and ``swift_kernels::fba_backward``) with fake implementations, so ``torch.compile(fullgraph=True)``
-traces through them, and the autograd formula is attached with ``register_autograd``.
+Inputs are validated here, once; the backends trust what they are given. A block table or a layout is
+turned into an :class:`~swift_kernels.attention.plan.AttentionPlan` (looked up, built on first use); a plan
+passes straight through.
+
+Our kernels run as ``torch.library`` custom ops (``swift_kernels::fba_forward`` and
+``swift_kernels::fba_backward``) with fake implementations, so ``torch.compile(fullgraph=True)`` traces through
+them; autograd is attached with ``register_autograd``, and ``torch.utils.flop_counter`` counts them as
+``4 * batch * heads * head_dim * allowed_pairs`` forward and 2.5 times that backward (only computed pairs). The
+``"sdpa"`` and ``"flex"`` backends are PyTorch's own differentiable ops, called directly.
 """
 
 from __future__ import annotations
 
 import importlib
 import math
-import operator
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
+from .. import _backend
+from .._backend import ATTENTION, choose_backend, constant_under_compile, extension, warn_once
 from .layout import CSGLayout
-from .._backend import (
-    BackendUnavailableError,
-    backend_is_explicit,
-    backend_unavailable_reason,
-    extension,
-    resolve_backend,
-    warn_once,
-)
+from .plan import PLANS_BY_ID, AttentionPlan, KernelTables, normalize_device, plan_attention, plan_id_of_layout
 
-_BACKEND_MODULES = {
-    "torch": "swift_kernels.attention.reference",
+_KERNEL_MODULES = {
     "triton": "swift_kernels.attention.triton_backend",
     "cuda": "swift_kernels.attention.cuda_backend",
 }
 
 
-def _backend_module(name: str):
-    return importlib.import_module(_BACKEND_MODULES[name])
+def _kernel_module(name: str):
+    return importlib.import_module(_KERNEL_MODULES[name])
 
 
-def _unsupported(module, head_dim: int, dtype: torch.dtype) -> tuple[type[Exception], str] | None:
-    """Why ``module`` cannot run this head_dim/dtype, as (the error type to raise, the reason); None when it can."""
-    dims = getattr(module, "SUPPORTED_HEAD_DIMS", None)
-    if dims is not None and head_dim not in dims:
-        return ValueError, f"head_dim {head_dim} (supported: {tuple(dims)})"
-    dtypes = getattr(module, "SUPPORTED_DTYPES", None)
-    if dtypes is not None and dtype not in dtypes:
-        # a dtype the backend lacks is a TypeError, as in the other ops
-        return TypeError, f"dtype {dtype} (supported: {tuple(dtypes)})"
-    return None
+def _why_not(name: str, head_dim: int, dtype: torch.dtype, device: torch.device):
+    """The op's limits per backend for these inputs: None when ``name`` can take them, else (error, why)."""
+    if name in ("torch", "sdpa"):  # any head_dim, any float dtype
+        return None
+    if name == "flex":
+        from . import torch_backends
 
-
-def _choose_backend(backend: str | None, q: torch.Tensor) -> str:
-    return _choose_backend_for(backend, q.device, q.shape[-1], q.dtype, q.numel() == 0)
+        return torch_backends.flex_unsupported(head_dim, dtype, device)
+    try:
+        module = _kernel_module(name)
+    except ImportError as exc:  # the backend needs something this install lacks
+        return _backend.BackendUnavailableError, f"this install ({exc})"
+    return module.unsupported(head_dim, dtype, device)
 
 
 # Under torch.compile the choice is made once, eagerly, while tracing (imports and environment lookups
 # cannot be traced) and baked into the graph as a constant.
-@torch.compiler.assume_constant_result
-def _choose_backend_for(backend, device, head_dim, dtype, empty) -> str:
-    """Resolve the backend, then make sure it can run this head_dim and dtype.
-
-    An explicit request (argument or ``SWIFT_KERNELS_BACKEND``) that cannot be met raises; the automatic
-    choice falls back along CUDA extension -> Triton -> reference with a one-time warning.
-    """
-    explicit = backend_is_explicit(backend)
-    name = resolve_backend(backend, device, op="frame_block_attention")
-    if empty:
+@constant_under_compile
+def _choose_backend(backend, device, head_dim, dtype, empty, dense) -> str:
+    """The backend of one call; see :mod:`swift_kernels._backend` for the rules. Dense plans prefer SDPA
+    (when there is a device to ask which SDPA kernel to run: not for fake CUDA tensors on a CPU machine).
+    A cuda choice comes back as ``"cuda-sm90"`` when the Hopper forward is to run."""
+    name = choose_backend(
+        ATTENTION, backend, device,
+        why_not=lambda n: _why_not(n, head_dim, dtype, device),
+        prefer="sdpa" if dense and (device.type != "cuda" or _backend.gpu_present()) else None,
+    )
+    if empty and name not in ("sdpa", "flex"):
         return "torch"  # nothing to launch; the reference handles empty batches
-    order = ("cuda", "triton", "torch")
-    for candidate in order[order.index(name) :]:
-        if candidate != name and backend_unavailable_reason(candidate, device) is not None:
-            continue
-        try:
-            module = _backend_module(candidate)
-        except ImportError as exc:  # the backend needs something this install lacks
-            if candidate == name and explicit:
-                raise BackendUnavailableError(f"frame_block_attention: backend {candidate!r}: {exc}") from exc
-            continue
-        reason = _unsupported(module, head_dim, dtype)
-        if reason is None:
-            if candidate != name:
-                warn_once(
-                    f"fba-fallback-{name}-{head_dim}-{dtype}",
-                    f"frame_block_attention: backend {name!r} does not support this input; using {candidate!r}",
-                )
-            return candidate
-        if candidate == name and explicit:
-            error, why = reason
-            raise error(f"frame_block_attention: backend {name!r} does not support {why}")
-    return "torch"
+    if name == "cuda":
+        return _kernel_module("cuda").forward_variant(device)
+    return name
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Our kernels as custom ops
+
+
+def _run_forward(backend: str, q, k, v, t: KernelTables, scale: float):
+    if backend == "torch":
+        from . import reference
+
+        return reference.forward(q, k, v, t.mask_table.to("cpu", torch.bool), t.block_tokens, scale)
+    if backend == "cuda-sm90":
+        return _kernel_module("cuda").forward(q, k, v, t, scale, hopper=True)
+    return _kernel_module(backend).forward(q, k, v, t, scale)
+
+
+def _run_backward(backend: str, dout, q, k, v, out, lse, t: KernelTables, scale: float):
+    if backend == "cuda-sm90":
+        backend = "cuda"  # the Hopper forward's lse is the mma.sync forward's: its backward serves both
+    if backend == "cuda" and not getattr(extension(), "HAS_BACKWARD", True):
+        # An extension built with SWIFT_KERNELS_NO_BACKWARD=1 has forward kernels only; every backward
+        # consumes the same (out, natural-log lse) contract, so the reference takes over.
+        warn_once("fba-no-cuda-backward", "the CUDA extension has no backward kernels; using the reference")
+        backend = "torch"
+    if backend == "torch":
+        from . import reference
+
+        return reference.backward(dout, q, k, v, out, lse, t.mask_table.to("cpu", torch.bool), t.block_tokens, scale)
+    return _kernel_module(backend).backward(dout, q, k, v, out, lse, t, scale)
 
 
 @torch.library.custom_op("swift_kernels::fba_forward", mutates_args=())
@@ -92,17 +102,28 @@ def _fba_forward(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    block_mask: torch.Tensor,
+    mask_table: torch.Tensor,
+    kv_num: torch.Tensor,
+    kv_idx: torch.Tensor,
+    full_kv_num: torch.Tensor,
+    full_kv_idx: torch.Tensor,
+    q_num: torch.Tensor,
+    q_idx: torch.Tensor,
+    full_q_num: torch.Tensor,
+    full_q_idx: torch.Tensor,
     block_tokens: int,
     scale: float,
+    allowed_pairs: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _backend_module(backend).forward(q, k, v, block_mask, block_tokens, scale)
+    t = KernelTables(mask_table, block_tokens, kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num,
+                     full_q_idx)
+    out, lse = _run_forward(backend, q, k, v, t, scale)
     return out, lse
 
 
 @_fba_forward.register_fake
-def _fba_forward_fake(q, k, v, block_mask, block_tokens, scale, backend):
+def _fba_forward_fake(q, k, v, *tables_and_scalars):
     batch, tokens, heads, _ = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = q.new_empty((batch, heads, tokens), dtype=torch.float32)
@@ -117,52 +138,70 @@ def _fba_backward(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    block_mask: torch.Tensor,
+    mask_table: torch.Tensor,
+    kv_num: torch.Tensor,
+    kv_idx: torch.Tensor,
+    full_kv_num: torch.Tensor,
+    full_kv_idx: torch.Tensor,
+    q_num: torch.Tensor,
+    q_idx: torch.Tensor,
+    full_q_num: torch.Tensor,
+    full_q_idx: torch.Tensor,
     block_tokens: int,
     scale: float,
+    allowed_pairs: int,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if backend == "cuda" and not getattr(extension(), "HAS_BACKWARD", True):
-        # An extension built with SWIFT_KERNELS_NO_BACKWARD=1 has forward kernels only; every backward
-        # consumes the same (out, natural-log lse) contract, so another backend can take over.
-        backend = "triton" if backend_unavailable_reason("triton", q.device) is None else "torch"
-        warn_once("fba-no-cuda-backward", f"the CUDA extension has no backward kernels; using {backend!r}")
-    dq, dk, dv = _backend_module(backend).backward(dout, q, k, v, out, lse, block_mask, block_tokens, scale)
+    t = KernelTables(mask_table, block_tokens, kv_num, kv_idx, full_kv_num, full_kv_idx, q_num, q_idx, full_q_num,
+                     full_q_idx)
+    dq, dk, dv = _run_backward(backend, dout, q, k, v, out, lse, t, scale)
     return dq, dk, dv
 
 
 @_fba_backward.register_fake
-def _fba_backward_fake(dout, q, k, v, out, lse, block_mask, block_tokens, scale, backend):
-    return (
-        torch.empty_like(q, memory_format=torch.contiguous_format),
-        torch.empty_like(k, memory_format=torch.contiguous_format),
-        torch.empty_like(v, memory_format=torch.contiguous_format),
-    )
+def _fba_backward_fake(dout, q, k, v, *rest):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, block_mask, block_tokens, scale, backend = inputs
+    q, k, v, *tables = inputs[:12]
+    block_tokens, scale, allowed_pairs, backend = inputs[12:]
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, block_mask)
-    ctx.block_tokens = block_tokens
-    ctx.scale = scale
-    ctx.backend = backend
+    ctx.save_for_backward(q, k, v, out, lse, *tables)
+    ctx.scalars = (block_tokens, scale, allowed_pairs, backend)
     ctx.mark_non_differentiable(lse)
 
 
 def _autograd_backward(ctx, dout, _dlse):
-    q, k, v, out, lse, block_mask = ctx.saved_tensors
-    dq, dk, dv = _fba_backward(
-        dout.contiguous(), q, k, v, out, lse, block_mask, ctx.block_tokens, ctx.scale, ctx.backend
-    )
-    return dq, dk, dv, None, None, None, None
+    q, k, v, out, lse, *tables = ctx.saved_tensors
+    dq, dk, dv = _fba_backward(dout.contiguous(), q, k, v, out, lse, *tables, *ctx.scalars)
+    return (dq, dk, dv) + (None,) * 13
 
 
 _fba_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-def _check_inputs(q, k, v, block_mask, block_tokens, softmax_scale) -> tuple[int, float]:
-    """Validate the arguments of :func:`frame_block_attention`; returns (block_tokens, softmax scale)."""
+# FLOPs of our op count only the computed (allowed) token pairs (DESIGN.md), not L * L.
+@register_flop_formula(torch.ops.swift_kernels.fba_forward)
+def _fba_forward_flops(q_shape, *args, out_shape=None, **kwargs) -> int:
+    batch, _, heads, head_dim = q_shape
+    allowed = args[13]  # (k, v, 9 tables, block_tokens, scale, allowed_pairs, backend) after q
+    return 4 * batch * heads * head_dim * allowed
+
+
+@register_flop_formula(torch.ops.swift_kernels.fba_backward)
+def _fba_backward_flops(dout_shape, *args, out_shape=None, **kwargs) -> int:
+    batch, _, heads, head_dim = dout_shape
+    allowed = args[16]  # (q, k, v, out, lse, 9 tables, block_tokens, scale, allowed_pairs, backend)
+    return 10 * batch * heads * head_dim * allowed
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public API
+
+
+def _check_qkv(q, k, v, softmax_scale) -> float:
+    """Validate q, k, v and the softmax scale of an attention call; returns the scale."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -179,16 +218,20 @@ def _check_inputs(q, k, v, block_mask, block_tokens, softmax_scale) -> tuple[int
             raise TypeError(f"{name} must have the dtype of q ({q.dtype}), got {t.dtype}")
         if t.device != q.device:
             raise ValueError(f"{name} must be on the device of q ({q.device}), got {t.device}")
-    # integer types other than int (NumPy's, from shapes) are accepted, as CSGLayout does
-    if isinstance(block_tokens, (bool, torch.Tensor)) or not hasattr(block_tokens, "__index__"):
-        raise TypeError(f"block_tokens must be an int, got {type(block_tokens).__name__}")
-    block_tokens = operator.index(block_tokens)
-    if block_tokens < 1:
-        raise ValueError(f"block_tokens must be >= 1, got {block_tokens}")
-    if not isinstance(block_mask, torch.Tensor):
-        raise TypeError(f"block_mask must be a torch.Tensor, got {type(block_mask).__name__}")
-    if block_mask.dtype != torch.bool:
-        raise TypeError(f"block_mask must be a bool tensor, got {block_mask.dtype}")
+    if softmax_scale is None:
+        return q.shape[-1] ** -0.5
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+    if not math.isfinite(softmax_scale) or softmax_scale <= 0:
+        raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale}")
+    return float(softmax_scale)
+
+
+def _check_table_for(q: torch.Tensor, block_mask, block_tokens) -> None:
+    """A raw block table must fit q's tokens (checked before its plan is looked up, with clear messages)."""
+    from .plan import check_table
+
+    block_tokens = check_table(block_mask, block_tokens)
     tokens = q.shape[1]
     if tokens % block_tokens:
         raise ValueError(f"tokens ({tokens}) must be a multiple of block_tokens ({block_tokens})")
@@ -200,27 +243,51 @@ def _check_inputs(q, k, v, block_mask, block_tokens, softmax_scale) -> tuple[int
         )
     if block_mask.device.type != "cpu" and block_mask.device != q.device:
         raise ValueError(f"block_mask must be on the CPU or on the device of q ({q.device}), got {block_mask.device}")
-    if softmax_scale is None:
-        return block_tokens, q.shape[-1] ** -0.5
-    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
-        raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
-    if not math.isfinite(softmax_scale) or softmax_scale <= 0:
-        raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale}")
-    return block_tokens, float(softmax_scale)
 
 
-def frame_block_attention(q, k, v, block_mask, block_tokens, softmax_scale=None, backend=None):
+def _check_plan(plan: AttentionPlan, q: torch.Tensor) -> None:
+    if q.shape[1] != plan.num_tokens:
+        raise ValueError(
+            f"q has {q.shape[1]} tokens but the plan lays out {plan.num_tokens} "
+            f"({plan.num_blocks} blocks of {plan.block_tokens})"
+        )
+    if q.device != plan.device:
+        raise ValueError(f"the plan's tables are on {plan.device} but q is on {q.device}: build the plan there")
+
+
+def _attend(q, k, v, plan: AttentionPlan, scale: float, backend) -> torch.Tensor:
+    """Run attention with a validated plan: choose the backend, then call it."""
+    name = _choose_backend(backend, q.device, q.shape[-1], q.dtype, q.numel() == 0, plan.dense)
+    if name in ("sdpa", "flex"):
+        from . import torch_backends
+
+        return (torch_backends.sdpa if name == "sdpa" else torch_backends.flex)(q, k, v, plan, scale)
+    # Kernels need a unit stride in head_dim; everything else is passed through as strides.
+    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
+    t = plan.tables
+    out, _ = _fba_forward(
+        q, k, v, t.mask_table, t.kv_num, t.kv_idx, t.full_kv_num, t.full_kv_idx, t.q_num, t.q_idx,
+        t.full_q_num, t.full_q_idx, plan.block_tokens, scale, plan.allowed_pairs, name,
+    )
+    return out
+
+
+def frame_block_attention(q, k, v, block_mask, block_tokens=None, softmax_scale=None, backend=None):
     """Self-attention where whole blocks of tokens attend whole blocks, as a block table says.
 
     Args:
         q, k, v: ``[batch, tokens, heads, head_dim]`` tensors of one shape, dtype and device, with
             ``tokens = n_blocks * block_tokens``.
-        block_mask: bool ``[n_blocks, n_blocks]``; query token ``i`` may attend key token ``j`` iff
+        block_mask: an :class:`~swift_kernels.AttentionPlan` (built once with :func:`~swift_kernels.plan_attention`:
+            then the call does no host work), or a bool ``[n_blocks, n_blocks]`` table (its plan is looked up by
+            content on every call): query token ``i`` may attend key token ``j`` iff
             ``block_mask[i // block_tokens, j // block_tokens]``. A query with no allowed key outputs zeros.
-        block_tokens: tokens per block (one latent frame: 3,520 at 2K for the 5B DiT).
+        block_tokens: tokens per block (one latent frame: 3,520 at 2K for the 5B DiT); required with a table,
+            optional with a plan (must match).
         softmax_scale: defaults to ``head_dim ** -0.5``.
-        backend: ``None`` (the CUDA extension, then Triton, on a GPU; the PyTorch reference on a CPU;
-            ``SWIFT_KERNELS_BACKEND`` overrides), or ``"torch"``, ``"triton"``, ``"cuda"``.
+        backend: ``None`` for the automatic choice (dense plans: SDPA; block-sparse: our kernels where verified
+            on this GPU, else FlexAttention; the PyTorch reference on a CPU; ``SWIFT_KERNELS_BACKEND``
+            overrides), or one of ``"torch"``, ``"triton"``, ``"cuda"``, ``"sdpa"``, ``"flex"``.
 
     Returns:
         The attention output, same shape and dtype as ``q``; differentiable with respect to q, k and v.
@@ -228,32 +295,48 @@ def frame_block_attention(q, k, v, block_mask, block_tokens, softmax_scale=None,
     Raises:
         TypeError: a non-tensor, a non-float q/k/v, a non-bool block_mask, a dtype the requested backend lacks.
         ValueError: mismatched shapes or devices, a bad block_tokens/softmax_scale, a head_dim the requested
-            backend lacks. ``BackendUnavailableError``: the requested backend cannot run here.
+            backend lacks, a plan built for other tokens or another device. ``BackendUnavailableError``: the
+            requested backend cannot run here.
     """
-    block_tokens, scale = _check_inputs(q, k, v, block_mask, block_tokens, softmax_scale)
-    name = _choose_backend(backend, q)
-    # Kernels need a unit stride in head_dim; everything else is passed through as strides.
-    q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out, _ = _fba_forward(q, k, v, block_mask, block_tokens, scale, name)
-    return out
+    scale = _check_qkv(q, k, v, softmax_scale)
+    if isinstance(block_mask, AttentionPlan):
+        plan = block_mask
+        if block_tokens is not None and block_tokens != plan.block_tokens:
+            raise ValueError(f"block_tokens ({block_tokens}) differs from the plan's ({plan.block_tokens})")
+    else:
+        if block_tokens is None:
+            raise TypeError("block_tokens is required with a block table (or pass an AttentionPlan)")
+        _check_table_for(q, block_mask, block_tokens)
+        plan = plan_attention(block_mask, block_tokens, device=q.device)
+    _check_plan(plan, q)
+    return _attend(q, k, v, plan, scale, backend)
 
 
 def csg_attention(q, k, v, layout, softmax_scale=None, backend=None):
     """Attention laid out by a :class:`~swift_kernels.CSGLayout` (window, packed windows or whole clip).
 
-    Equal to ``frame_block_attention(q, k, v, layout.block_mask, layout.block_tokens, softmax_scale, backend)``.
+    Equal to ``frame_block_attention(q, k, v, plan_attention(layout, device=q.device), ...)``.
 
     Args:
         q, k, v: ``[batch, layout.num_tokens, heads, head_dim]`` tensors of one shape, dtype and device.
-        layout: the :class:`~swift_kernels.CSGLayout` of the sequence.
+        layout: the :class:`~swift_kernels.CSGLayout` of the sequence, or its
+            :class:`~swift_kernels.AttentionPlan` (build it once per window shape and pass it to every layer).
         softmax_scale, backend: as in :func:`frame_block_attention` (defaults ``head_dim ** -0.5`` and the
             automatic choice).
 
     Returns:
         The attention output, same shape and dtype as ``q``; differentiable with respect to q, k and v.
     """
+    if isinstance(layout, AttentionPlan):
+        return frame_block_attention(q, k, v, layout, None, softmax_scale, backend)
     if not isinstance(layout, CSGLayout):
-        raise TypeError(f"layout must be a CSGLayout, got {type(layout).__name__}")
-    if isinstance(q, torch.Tensor) and q.dim() == 4 and q.shape[1] != layout.num_tokens:
+        raise TypeError(f"layout must be a CSGLayout or an AttentionPlan, got {type(layout).__name__}")
+    scale = _check_qkv(q, k, v, softmax_scale)
+    if q.shape[1] != layout.num_tokens:
         raise ValueError(f"q has {q.shape[1]} tokens but the layout lays out {layout.num_tokens}")
-    return frame_block_attention(q, k, v, layout.block_mask, layout.block_tokens, softmax_scale, backend)
+    device = normalize_device(q.device)
+    if torch.compiler.is_compiling():
+        plan = PLANS_BY_ID[plan_id_of_layout(layout._key(), device)]
+    else:
+        plan = plan_attention(layout, device=device)
+    return _attend(q, k, v, plan, scale, backend)

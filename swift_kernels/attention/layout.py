@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from .schedule import ordered, tile_tables
+
 MODES = ("clip", "window", "packed")
 ANCHOR_ATTENDS = ("all", "anchor")
 
@@ -463,18 +465,7 @@ class CSGLayout:
     def mask_mod(self, device: torch.device | str = "cpu"):
         """A FlexAttention ``mask_mod(b, h, q_idx, kv_idx)`` with the semantics of :attr:`block_mask`
         (looks the block table up at ``q_idx // block_tokens``, ``kv_idx // block_tokens``)."""
-        table = self._mask.to(device)
-        P = self._block_tokens
-        last = self.num_seq_blocks - 1
-
-        def csg_mask_mod(b, h, q_idx, kv_idx):
-            # Clamped so that the padded indices of a kernel's last tile stay inside the table; those
-            # tokens do not exist and the kernel masks them on its own.
-            qb = torch.clamp(q_idx // P, max=last)
-            kb = torch.clamp(kv_idx // P, max=last)
-            return table[qb, kb]
-
-        return csg_mask_mod
+        return block_mask_mod(self._mask.to(device), self._block_tokens)
 
     def tile_tables(self, block_size: int | tuple[int, int] = 128) -> tuple[torch.Tensor, torch.Tensor]:
         """bool ``(partial, full)`` tables ``[q_tiles, kv_tiles]`` of tiles of ``block_size`` tokens.
@@ -482,39 +473,11 @@ class CSGLayout:
         A tile pair is *full* when every (query, key) token pair under it is allowed and both tiles lie
         wholly inside the sequence; it is *partial* when it holds some allowed pair but is not full. These
         are exactly the tables ``create_block_mask`` derives from the token-level mask, computed here from
-        the block table without ever forming the ``num_tokens x num_tokens`` mask.
+        the block table without ever forming the ``num_tokens x num_tokens`` mask
+        (:func:`swift_kernels.attention.schedule.tile_tables`, which attention plans use too).
         """
-        if isinstance(block_size, (tuple, list)):
-            if len(block_size) != 2:
-                raise ValueError(f"block_size must be an int or a pair (q, kv), got {block_size!r}")
-            bq, bk = block_size
-        else:
-            bq, bk = block_size, block_size
-        bq = _as_int(bq, "block_size")
-        bk = _as_int(bk, "block_size")
-        if bq < 1 or bk < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size!r}")
-        L, P, n = self.num_tokens, self._block_tokens, self.num_seq_blocks
-
-        def incidence(tile: int) -> torch.Tensor:
-            # float64 [tiles, n]: 1 where the tile holds a token of the block (exact counts in matmuls).
-            starts = torch.arange(-(-L // tile), dtype=torch.int64) * tile
-            first = starts // P
-            last = (torch.clamp(starts + tile, max=L) - 1) // P
-            b = torch.arange(n, dtype=torch.int64)
-            return ((b[None, :] >= first[:, None]) & (b[None, :] <= last[:, None])).to(torch.float64)
-
-        inc_q, inc_k = incidence(bq), incidence(bk)
-        allowed = self._mask.to(torch.float64)
-        visited = (inc_q @ allowed @ inc_k.T) > 0
-        full = (inc_q @ (1.0 - allowed) @ inc_k.T) == 0
-        # A padded last tile is never full: create_block_mask pads the token mask with False.
-        if L % bq:
-            full[-1, :] = False
-        if L % bk:
-            full[:, -1] = False
-        full &= visited
-        return visited & ~full, full
+        bq, bk = _block_size_pair(block_size)
+        return tile_tables(self._mask, self._block_tokens, self.num_tokens, bq, bk)
 
     def to_block_mask(
         self,
@@ -530,30 +493,70 @@ class CSGLayout:
         the block table, so it costs no ``num_tokens**2`` memory (a 21-block clip at 2K has 73,920 tokens).
         ``batch``/``heads`` of ``None`` give size-1 dimensions that broadcast over every batch element / head.
         ``block_size`` is FlexAttention's sparse block size; ``block_tokens`` need not be a multiple of it.
+        (An :class:`~swift_kernels.AttentionPlan` of this layout holds the same tables, once, on its device.)
         """
-        from torch.nn.attention.flex_attention import BlockMask
-
         B = 1 if batch is None else _as_int(batch, "batch")
         H = 1 if heads is None else _as_int(heads, "heads")
         if B < 1:
             raise ValueError(f"batch must be >= 1 or None, got {batch}")
         if H < 1:
             raise ValueError(f"heads must be >= 1 or None, got {heads}")
-        partial, full = self.tile_tables(block_size)
+        bq, bk = _block_size_pair(block_size)
+        return flex_block_mask(self._mask, self._block_tokens, bq, bk, device, batch=B, heads=H)
 
-        def ordered(table: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            # Same encoding as FlexAttention: per row the count, then the True columns in ascending order
-            # (a stable descending sort of the 0/1 row), broadcast to [B, H, rows(, cols)].
-            t = table.to(torch.int32)
-            num = t.sum(dim=-1).to(torch.int32)
-            idx = torch.argsort(t, dim=-1, descending=True, stable=True).to(torch.int32)
-            num = num.to(device).expand(B, H, -1).contiguous()
-            idx = idx.to(device).expand(B, H, -1, -1).contiguous()
-            return num, idx
 
-        kv_num, kv_idx = ordered(partial)
-        full_num, full_idx = ordered(full)
-        L = self.num_tokens
-        return BlockMask.from_kv_blocks(
-            kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=block_size, mask_mod=self.mask_mod(device), seq_lengths=(L, L)
-        )
+def _block_size_pair(block_size) -> tuple[int, int]:
+    """``block_size`` (an int or a pair ``(q, kv)``) as two ints ``>= 1``."""
+    if isinstance(block_size, (tuple, list)):
+        if len(block_size) != 2:
+            raise ValueError(f"block_size must be an int or a pair (q, kv), got {block_size!r}")
+        bq, bk = block_size
+    else:
+        bq, bk = block_size, block_size
+    bq = _as_int(bq, "block_size")
+    bk = _as_int(bk, "block_size")
+    if bq < 1 or bk < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size!r}")
+    return bq, bk
+
+
+def block_mask_mod(table: torch.Tensor, block_tokens: int):
+    """A FlexAttention ``mask_mod`` reading the bool block table ``table`` (on the attention's device)."""
+    P = block_tokens
+    last = table.shape[0] - 1
+
+    def csg_mask_mod(b, h, q_idx, kv_idx):
+        # Clamped so that the padded indices of a kernel's last tile stay inside the table; those
+        # tokens do not exist and the kernel masks them on its own.
+        qb = torch.clamp(q_idx // P, max=last)
+        kb = torch.clamp(kv_idx // P, max=last)
+        return table[qb, kb]
+
+    return csg_mask_mod
+
+
+def flex_block_mask(block_mask: torch.Tensor, block_tokens: int, block_q: int, block_kv: int, device,
+                    *, batch: int = 1, heads: int = 1):
+    """A FlexAttention ``BlockMask`` of a bool block table, built from the table (no ``L x L`` mask).
+
+    Its partial/full lists are :func:`~swift_kernels.attention.schedule.tile_tables` in FlexAttention's
+    ordered encoding, broadcast to ``[batch, heads, ...]``; the transposed (``q_*``) lists are computed by
+    ``BlockMask.from_kv_blocks`` from those, as ``create_block_mask`` does.
+    """
+    from torch.nn.attention.flex_attention import BlockMask
+
+    mask = block_mask.detach().to("cpu", torch.bool)
+    L = mask.shape[0] * block_tokens
+    partial, full = tile_tables(mask, block_tokens, L, block_q, block_kv)
+
+    def on_device(table):
+        num, idx = ordered(table)
+        return (num.to(device).expand(batch, heads, -1).contiguous(),
+                idx.to(device).expand(batch, heads, -1, -1).contiguous())
+
+    kv_num, kv_idx = on_device(partial)
+    full_num, full_idx = on_device(full)
+    return BlockMask.from_kv_blocks(
+        kv_num, kv_idx, full_num, full_idx, BLOCK_SIZE=(block_q, block_kv),
+        mask_mod=block_mask_mod(mask.to(device), block_tokens), seq_lengths=(L, L),
+    )

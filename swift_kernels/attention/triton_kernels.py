@@ -1,11 +1,13 @@
 """Triton kernels of frame-block-sparse attention (FlashAttention-2 style), forward and backward.
 
 Tensors are ``[B, L, H, D]`` with a unit stride in ``D``; every other stride is passed explicitly. The
-log-sum-exp and ``delta`` are contiguous fp32 ``[B, H, L]``. Each program walks one row of a CSR tile
-schedule (see ``schedule.py``): first the *full* column tiles, where every element is allowed and in
+log-sum-exp and ``delta`` are contiguous fp32 ``[B, H, L]``. Each program owns a tile of rows inside one
+sparse block of ``SPARSE`` tokens and walks that sparse block's row of the plan's tables (FlexAttention's
+``BlockMask`` layout, see ``plan.py``): first the *full* sparse blocks, where every element is allowed and in
 bounds so no mask is computed, then the *partial* ones, where each element is masked with
 ``block_mask[row_tok // P, col_tok // P]`` (read from an int8 ``[NB, NB]`` table) and the sequence
-bounds. Tile pairs that are wholly disallowed are not in the schedule and are never visited.
+bounds. Each listed sparse block is visited in tiles of ``BLOCK_N`` (or ``BLOCK_M``) tokens, a power-of-two
+part of it. Sparse blocks that are wholly disallowed are not listed and are never visited.
 
 The softmax works in base 2: scores are multiplied by ``scale * log2(e)`` so ``exp2`` can be used; the
 stored log-sum-exp is converted back to the natural log.
@@ -41,8 +43,10 @@ def _element_mask(mask_tab, row_tok, col_tok, row0, col0, L, P, NB,
     table per element instead costs one 64-bit address per element and spills registers at 128x64 tiles.
     """
     if TWO_BLOCKS:
-        rb0 = row0 // P
-        cb0 = col0 // P
+        # Clamped: a tile of a partial sparse block may lie past the last block; its tokens are out of
+        # bounds and masked below, but the table reads must stay inside the table.
+        rb0 = tl.minimum(row0 // P, NB - 1)
+        cb0 = tl.minimum(col0 // P, NB - 1)
         rb1 = tl.minimum(rb0 + 1, NB - 1)  # clamped: tokens past the last block are out of bounds anyway
         cb1 = tl.minimum(cb0 + 1, NB - 1)
         if TRANSPOSED:
@@ -76,14 +80,29 @@ def _element_mask(mask_tab, row_tok, col_tok, row0, col0, L, P, NB,
 
 
 @triton.jit
-def _load_kv_tile(k_base, v_base, stride_kl, stride_vl, tile_ids, i, offs_d, L,
-                  BLOCK_N: tl.constexpr, MASKED: tl.constexpr):
-    """K and V of the ``i``-th scheduled key tile: its first token, token offsets, and the two tiles.
+def _tile_start(idx_row, i, SPARSE: tl.constexpr, TILE: tl.constexpr):
+    """First token of the ``i``-th tile of ``TILE`` tokens along a table row: part ``i % (SPARSE // TILE)`` of
+    the sparse block ``idx_row[i // (SPARSE // TILE)]``."""
+    return tl.load(idx_row + i // (SPARSE // TILE)) * SPARSE + (i % (SPARSE // TILE)) * TILE
+
+
+@triton.jit
+def _row_ranges(num, idx, full_num, full_idx, idx_stride, row, SPARSE: tl.constexpr, TILE: tl.constexpr):
+    """The table row ``row``: its full and partial index lists and the tile counts to walk in each."""
+    n_full = tl.load(full_num + row) * (SPARSE // TILE)
+    n_part = tl.load(num + row) * (SPARSE // TILE)
+    return full_idx + row * idx_stride, n_full, idx + row * idx_stride, n_part
+
+
+@triton.jit
+def _load_kv_tile(k_base, v_base, stride_kl, stride_vl, idx_row, i, offs_d, L,
+                  BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, MASKED: tl.constexpr):
+    """K and V of the ``i``-th key tile along a table row: its first token, token offsets, and the two tiles.
 
     Partial (MASKED) tiles may run past the sequence: those rows read as zeros, never as garbage that
     could turn into NaN in ``P @ V``.
     """
-    col0 = tl.load(tile_ids + i) * BLOCK_N
+    col0 = _tile_start(idx_row, i, SPARSE, BLOCK_N)
     start_n = col0.to(tl.int64)  # 64-bit for the pointer arithmetic
     offs_n = tl.arange(0, BLOCK_N)
     k_ptrs = k_base + start_n * stride_kl + offs_n[:, None] * stride_kl + offs_d[None, :]
@@ -100,14 +119,15 @@ def _load_kv_tile(k_base, v_base, stride_kl, stride_vl, tile_ids, i, offs_d, L,
 
 @triton.jit
 def _fwd_tiles(
-    acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, tile_ids, lo, hi, offs_m, offs_d,
+    acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, idx_row, n_tiles, offs_m, offs_d,
     mask_tab, L, P, NB, qk_scale,
-    row0, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, TWO_BLOCKS: tl.constexpr, PRECISION: tl.constexpr,
+    row0, BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, MASKED: tl.constexpr, TWO_BLOCKS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """Online-softmax update of one query tile over the key tiles ``tile_ids[lo:hi]``."""
-    for i in range(lo, hi):
+    """Online-softmax update of one query tile over the first ``n_tiles`` key tiles of a table row."""
+    for i in range(0, n_tiles):
         col0, offs_n, k, v = _load_kv_tile(
-            k_base, v_base, stride_kl, stride_vl, tile_ids, i, offs_d, L, BLOCK_N, MASKED
+            k_base, v_base, stride_kl, stride_vl, idx_row, i, offs_d, L, BLOCK_N, SPARSE, MASKED
         )
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         if MASKED:
@@ -145,14 +165,14 @@ def _query_tile_coords(H, L, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
 
 @triton.jit
 def fwd_kernel(
-    Q, K, V, Out, Lse, mask_tab, indptr, num_full, indices,
+    Q, K, V, Out, Lse, mask_tab, num, idx, full_num, full_idx, idx_stride,
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh,
     stride_ob, stride_ol, stride_oh,
     H, L, P, NB, qk_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TWO_BLOCKS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE: tl.constexpr,
+    TWO_BLOCKS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program per (query tile, batch*head): out and lse of BLOCK_M query rows."""
     pid_m, pid_bh, b, h, start_m, offs_m, offs_d, in_m = _query_tile_coords(H, L, BLOCK_M, HEAD_DIM)
@@ -168,17 +188,17 @@ def fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
 
-    row_start = tl.load(indptr + pid_m)
-    row_end = tl.load(indptr + pid_m + 1)
-    row_full = row_start + tl.load(num_full + pid_m)
+    full_row, n_full, part_row, n_part = _row_ranges(
+        num, idx, full_num, full_idx, idx_stride, (pid_m * BLOCK_M) // SPARSE, SPARSE, BLOCK_N
+    )
     # Full tiles first: they make m_i finite for every row, so the partial tiles rarely hit the -inf guard.
     acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, indices, row_start, row_full, offs_m, offs_d,
-        mask_tab, L, P, NB, qk_scale, pid_m * BLOCK_M, BLOCK_N, False, TWO_BLOCKS, PRECISION,
+        acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, full_row, n_full, offs_m, offs_d,
+        mask_tab, L, P, NB, qk_scale, pid_m * BLOCK_M, BLOCK_N, SPARSE, False, TWO_BLOCKS, PRECISION,
     )
     acc, l_i, m_i = _fwd_tiles(
-        acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, indices, row_full, row_end, offs_m, offs_d,
-        mask_tab, L, P, NB, qk_scale, pid_m * BLOCK_M, BLOCK_N, True, TWO_BLOCKS, PRECISION,
+        acc, l_i, m_i, q, k_base, v_base, stride_kl, stride_vl, part_row, n_part, offs_m, offs_d,
+        mask_tab, L, P, NB, qk_scale, pid_m * BLOCK_M, BLOCK_N, SPARSE, True, TWO_BLOCKS, PRECISION,
     )
 
     # A row with no allowed key has l_i = 0: output 0 and lse = -inf (no 0/0).
@@ -226,16 +246,17 @@ def _load_lse2(Lse_row, offs, L):
 
 @triton.jit
 def _dkdv_tiles(
-    dk, dv, k, v, q_base, do_base, lse_row, delta_row, stride_ql, stride_dol, tile_ids, lo, hi,
+    dk, dv, k, v, q_base, do_base, lse_row, delta_row, stride_ql, stride_dol, idx_row, n_tiles,
     offs_n, offs_d, mask_tab, L, P, NB, qk_scale,
-    key0, BLOCK_M: tl.constexpr, MASKED: tl.constexpr, TWO_BLOCKS: tl.constexpr, PRECISION: tl.constexpr,
+    key0, BLOCK_M: tl.constexpr, SPARSE: tl.constexpr, MASKED: tl.constexpr, TWO_BLOCKS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """Accumulate dK, dV of one key tile over the query tiles ``tile_ids[lo:hi]`` (transposed math:
-    rows of the score tile are keys, columns are queries)."""
-    for i in range(lo, hi):
-        qt = tl.load(tile_ids + i)
-        start_m = qt.to(tl.int64) * BLOCK_M
-        offs_m = qt * BLOCK_M + tl.arange(0, BLOCK_M)
+    """Accumulate dK, dV of one key tile over the first ``n_tiles`` query tiles of a transposed table row
+    (transposed math: rows of the score tile are keys, columns are queries)."""
+    for i in range(0, n_tiles):
+        row0 = _tile_start(idx_row, i, SPARSE, BLOCK_M)
+        start_m = row0.to(tl.int64)
+        offs_m = row0 + tl.arange(0, BLOCK_M)
         qT_ptrs = q_base + start_m * stride_ql + tl.arange(0, BLOCK_M)[None, :] * stride_ql + offs_d[:, None]
         do_ptrs = do_base + start_m * stride_dol + tl.arange(0, BLOCK_M)[:, None] * stride_dol + offs_d[None, :]
         if MASKED:
@@ -251,7 +272,7 @@ def _dkdv_tiles(
         sT = tl.dot(k, qT, input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
         pT = tl.math.exp2(sT - lse2[None, :])
         if MASKED:
-            allowed = _element_mask(mask_tab, offs_n, offs_m, key0, qt * BLOCK_M, L, P, NB, True, TWO_BLOCKS)
+            allowed = _element_mask(mask_tab, offs_n, offs_m, key0, row0, L, P, NB, True, TWO_BLOCKS)
             pT = tl.where(allowed, pT, 0.0)
         dv += tl.dot(pT.to(do.dtype), do, input_precision=PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -262,7 +283,7 @@ def _dkdv_tiles(
 
 @triton.jit
 def bwd_dkdv_kernel(
-    Q, K, V, dOut, dK, dV, Lse, Delta, mask_tab, indptr, num_full, indices,
+    Q, K, V, dOut, dK, dV, Lse, Delta, mask_tab, num, idx, full_num, full_idx, idx_stride,
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh,
@@ -270,11 +291,11 @@ def bwd_dkdv_kernel(
     stride_dkb, stride_dkl, stride_dkh,
     stride_dvb, stride_dvl, stride_dvh,
     H, L, P, NB, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TWO_BLOCKS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE: tl.constexpr,
+    TWO_BLOCKS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One program per (key tile, batch*head): dK and dV of BLOCK_N keys, walking the transposed
-    schedule (the query tiles that see this key tile). Owning the key tile avoids atomics."""
+    tables (the query sparse blocks that see this key tile). Owning the key tile avoids atomics."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -294,16 +315,16 @@ def bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    row_start = tl.load(indptr + pid_n)
-    row_end = tl.load(indptr + pid_n + 1)
-    row_full = row_start + tl.load(num_full + pid_n)
-    dk, dv = _dkdv_tiles(
-        dk, dv, k, v, q_base, do_base, lse_row, delta_row, stride_ql, stride_dol, indices, row_start, row_full,
-        offs_n, offs_d, mask_tab, L, P, NB, qk_scale, pid_n * BLOCK_N, BLOCK_M, False, TWO_BLOCKS, PRECISION,
+    full_row, n_full, part_row, n_part = _row_ranges(
+        num, idx, full_num, full_idx, idx_stride, (pid_n * BLOCK_N) // SPARSE, SPARSE, BLOCK_M
     )
     dk, dv = _dkdv_tiles(
-        dk, dv, k, v, q_base, do_base, lse_row, delta_row, stride_ql, stride_dol, indices, row_full, row_end,
-        offs_n, offs_d, mask_tab, L, P, NB, qk_scale, pid_n * BLOCK_N, BLOCK_M, True, TWO_BLOCKS, PRECISION,
+        dk, dv, k, v, q_base, do_base, lse_row, delta_row, stride_ql, stride_dol, full_row, n_full,
+        offs_n, offs_d, mask_tab, L, P, NB, qk_scale, pid_n * BLOCK_N, BLOCK_M, SPARSE, False, TWO_BLOCKS, PRECISION,
+    )
+    dk, dv = _dkdv_tiles(
+        dk, dv, k, v, q_base, do_base, lse_row, delta_row, stride_ql, stride_dol, part_row, n_part,
+        offs_n, offs_d, mask_tab, L, P, NB, qk_scale, pid_n * BLOCK_N, BLOCK_M, SPARSE, True, TWO_BLOCKS, PRECISION,
     )
     # The scores are scale * q.k, so dK picks up the softmax scale once, here.
     dk = dk * scale
@@ -315,14 +336,15 @@ def bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_tiles(
-    dq, q, do, lse2, delta, k_base, v_base, stride_kl, stride_vl, tile_ids, lo, hi, offs_m, offs_d,
+    dq, q, do, lse2, delta, k_base, v_base, stride_kl, stride_vl, idx_row, n_tiles, offs_m, offs_d,
     mask_tab, L, P, NB, qk_scale,
-    row0, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, TWO_BLOCKS: tl.constexpr, PRECISION: tl.constexpr,
+    row0, BLOCK_N: tl.constexpr, SPARSE: tl.constexpr, MASKED: tl.constexpr, TWO_BLOCKS: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
-    """Accumulate dQ of one query tile over the key tiles ``tile_ids[lo:hi]``."""
-    for i in range(lo, hi):
+    """Accumulate dQ of one query tile over the first ``n_tiles`` key tiles of a table row."""
+    for i in range(0, n_tiles):
         col0, offs_n, k, v = _load_kv_tile(
-            k_base, v_base, stride_kl, stride_vl, tile_ids, i, offs_d, L, BLOCK_N, MASKED
+            k_base, v_base, stride_kl, stride_vl, idx_row, i, offs_d, L, BLOCK_N, SPARSE, MASKED
         )
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.math.exp2(s - lse2[:, None])
@@ -337,17 +359,17 @@ def _dq_tiles(
 
 @triton.jit
 def bwd_dq_kernel(
-    Q, K, V, dOut, dQ, Lse, Delta, mask_tab, indptr, num_full, indices,
+    Q, K, V, dOut, dQ, Lse, Delta, mask_tab, num, idx, full_num, full_idx, idx_stride,
     stride_qb, stride_ql, stride_qh,
     stride_kb, stride_kl, stride_kh,
     stride_vb, stride_vl, stride_vh,
     stride_dob, stride_dol, stride_doh,
     stride_dqb, stride_dql, stride_dqh,
     H, L, P, NB, qk_scale, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TWO_BLOCKS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPARSE: tl.constexpr,
+    TWO_BLOCKS: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """One program per (query tile, batch*head): dQ of BLOCK_M queries, walking the forward schedule."""
+    """One program per (query tile, batch*head): dQ of BLOCK_M queries, walking the forward tables."""
     pid_m, pid_bh, b, h, start_m, offs_m, offs_d, in_m = _query_tile_coords(H, L, BLOCK_M, HEAD_DIM)
     rows = start_m + tl.arange(0, BLOCK_M)[:, None]
 
@@ -360,16 +382,16 @@ def bwd_dq_kernel(
     v_base = V + b * stride_vb + h * stride_vh
 
     dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    row_start = tl.load(indptr + pid_m)
-    row_end = tl.load(indptr + pid_m + 1)
-    row_full = row_start + tl.load(num_full + pid_m)
-    dq = _dq_tiles(
-        dq, q, do, lse2, delta, k_base, v_base, stride_kl, stride_vl, indices, row_start, row_full, offs_m, offs_d,
-        mask_tab, L, P, NB, qk_scale, pid_m * BLOCK_M, BLOCK_N, False, TWO_BLOCKS, PRECISION,
+    full_row, n_full, part_row, n_part = _row_ranges(
+        num, idx, full_num, full_idx, idx_stride, (pid_m * BLOCK_M) // SPARSE, SPARSE, BLOCK_N
     )
     dq = _dq_tiles(
-        dq, q, do, lse2, delta, k_base, v_base, stride_kl, stride_vl, indices, row_full, row_end, offs_m, offs_d,
-        mask_tab, L, P, NB, qk_scale, pid_m * BLOCK_M, BLOCK_N, True, TWO_BLOCKS, PRECISION,
+        dq, q, do, lse2, delta, k_base, v_base, stride_kl, stride_vl, full_row, n_full, offs_m, offs_d,
+        mask_tab, L, P, NB, qk_scale, pid_m * BLOCK_M, BLOCK_N, SPARSE, False, TWO_BLOCKS, PRECISION,
+    )
+    dq = _dq_tiles(
+        dq, q, do, lse2, delta, k_base, v_base, stride_kl, stride_vl, part_row, n_part, offs_m, offs_d,
+        mask_tab, L, P, NB, qk_scale, pid_m * BLOCK_M, BLOCK_N, SPARSE, True, TWO_BLOCKS, PRECISION,
     )
     dq = dq * scale
     tl.store(dQ + b * stride_dqb + h * stride_dqh + rows * stride_dql + offs_d[None, :],

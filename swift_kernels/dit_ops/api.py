@@ -1,7 +1,7 @@
 """Public fused DiT elementwise ops: ``adaln_modulate``, ``gated_residual``, ``qk_norm_rope``.
 
-Each op validates its arguments, resolves the backend (``"torch"`` reference or ``"triton"`` kernel; no
-CUDA C++ kernel exists for these yet) and runs through a ``torch.library`` custom op, so that autograd
+Each op validates its arguments, resolves the backend through the package's registry (``"torch"`` reference or ``"triton"``
+kernel; no CUDA C++ kernel exists for these yet) and runs through a ``torch.library`` custom op, so that autograd
 works on every backend (analytic fp32 backward formulas from :mod:`.reference`) and ``torch.compile``
 traces the op as one node.
 
@@ -17,10 +17,9 @@ from typing import Optional
 
 import torch
 
-from .._backend import backend_is_explicit, resolve_backend
+from .._backend import ADALN_MODULATE, GATED_RESIDUAL, QK_NORM_ROPE, choose_backend
 from . import reference as ref
 
-SUPPORTED_BACKENDS = ("torch", "triton")
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # The Triton kernels handle the GPU dtypes; float64 goes through the reference only.
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -130,13 +129,22 @@ def _check_eps(eps) -> float:
     return float(eps)
 
 
-def _resolve(backend, device, op, *tensors) -> str:
-    chosen = resolve_backend(backend, device, supported=SUPPORTED_BACKENDS, op=op)
-    if chosen == "triton" and any(t is not None and t.dtype not in TRITON_DTYPES for t in tensors):
-        if not backend_is_explicit(backend):
-            return "torch"  # automatic choice: float64 falls back to the reference
-        raise TypeError(f"{op}: backend 'triton' supports {TRITON_DTYPES}, got a float64 tensor")
-    return chosen
+_FAMILIES = {f.name: f for f in (ADALN_MODULATE, GATED_RESIDUAL, QK_NORM_ROPE)}
+
+
+def _resolve(backend, device, op, *tensors, head_dim: int | None = None) -> str:
+    """The backend of one call (the package's registry decides; these are the ops' limits per backend)."""
+
+    def why_not(name):
+        if name != "triton":
+            return None
+        if any(t is not None and t.dtype not in TRITON_DTYPES for t in tensors):
+            return TypeError, f"float64 tensors (it takes {TRITON_DTYPES})"
+        if head_dim is not None and head_dim & (head_dim - 1):
+            return ValueError, f"head dim {head_dim} (it needs a power-of-two head dim)"
+        return None
+
+    return choose_backend(_FAMILIES[op], backend, device, why_not=why_not)
 
 
 def _triton():
@@ -331,10 +339,10 @@ def adaln_modulate(
             last dim contiguous (strided views such as ``e.chunk(6, dim=1)`` are fine).
         eps: LayerNorm epsilon (default 1e-6).
         out_dtype: dtype of the result (the GEMM input dtype); default ``x.dtype``.
-        backend: ``None`` (``SWIFT_KERNELS_BACKEND`` if set, else Triton on a GPU and the reference on a
-            CPU; float64 goes to the reference) or ``"torch"`` / ``"triton"``. An explicit request (argument or
-            environment) that cannot run raises: ``BackendUnavailableError``, or ``TypeError`` for float64
-            on Triton.
+        backend: ``None`` (``SWIFT_KERNELS_BACKEND`` if set, else the Triton kernel on a GPU where it is verified
+            (:mod:`swift_kernels.verified`) and the reference elsewhere; float64 goes to the reference) or
+            ``"torch"`` / ``"triton"``. An explicit request (argument or environment) that cannot run raises:
+            ``BackendUnavailableError``, or ``TypeError`` for float64 on Triton.
         mod_index: optional integer ``[B, L]`` or ``[L]`` (shared by the batch) row index. When given,
             ``shift`` and ``scale`` are *tables* ``[B, K, C]`` or ``[K, C]`` (same K) and token ``l`` of
             sample ``b`` uses row ``mod_index[b, l]``: the form of per-token timesteps that take only K
@@ -465,10 +473,5 @@ def qk_norm_rope(
         raise ValueError(f"freqs must have shape [{L}, {D // 2}, 2] or [{B}, {L}, {D // 2}, 2], got {tuple(freqs.shape)}")
     _check_same_device("q", q, k=k, weight_q=weight_q, weight_k=weight_k, freqs=freqs)
     eps = _check_eps(eps)
-    chosen = _resolve(backend, q.device, "qk_norm_rope", q, k, weight_q, weight_k)
-    if chosen == "triton" and (D & (D - 1)):
-        if not backend_is_explicit(backend):
-            chosen = "torch"
-        else:
-            raise ValueError(f"qk_norm_rope: backend 'triton' needs a power-of-two head dim, got {D}")
+    chosen = _resolve(backend, q.device, "qk_norm_rope", q, k, weight_q, weight_k, head_dim=D)
     return _qk_norm_rope_op(q, k, weight_q, weight_k, freqs, eps, chosen)

@@ -7,10 +7,9 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from .._backend import backend_is_explicit, resolve_backend
+from .._backend import FLOW_STEP, choose_backend
 from . import reference as ref_impl
 
-SUPPORTED_BACKENDS = ("torch", "triton")
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _TRITON_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 _SEED_LIMIT = 2**63
@@ -98,8 +97,9 @@ def flow_step(
             x itself for an in-place update). With ``ref``: the model-input buffer
             ``[B, C + C_ref, F, H, W]``. Default: new tensors (model input in x.dtype).
         return_x0: also return x0 (in x.dtype).
-        backend: ``None`` (``SWIFT_KERNELS_BACKEND`` if set, else Triton on a GPU and the reference on a
-            CPU; float64 goes to the reference) or ``"torch"`` / ``"triton"``. An explicit request (argument or
+        backend: ``None`` (``SWIFT_KERNELS_BACKEND`` if set, else the Triton kernel on a GPU where it is verified
+            (:mod:`swift_kernels.verified`) and the reference elsewhere; float64 goes to the reference) or
+            ``"torch"`` / ``"triton"``. An explicit request (argument or
             environment) that cannot run raises: ``BackendUnavailableError``, or ``TypeError`` for float64
             on Triton.
 
@@ -208,12 +208,14 @@ def flow_step(
         state_is_view = False
     x0 = torch.empty_like(x) if return_x0 else None
 
-    chosen = resolve_backend(backend, x.device, supported=SUPPORTED_BACKENDS, op="flow_step")
     floats = [t for t in (x, v, v_uncond, ref, out) if t is not None]
-    if chosen == "triton" and any(t.dtype not in _TRITON_FLOATS for t in floats):
-        if backend_is_explicit(backend):
-            raise TypeError("flow_step: backend 'triton' supports fp16/bf16/fp32 tensors, got float64")
-        chosen = "torch"
+
+    def why_not(name):
+        if name == "triton" and any(t.dtype not in _TRITON_FLOATS for t in floats):
+            return TypeError, "float64 tensors (it takes fp16/bf16/fp32)"
+        return None
+
+    chosen = choose_backend(FLOW_STEP, backend, x.device, why_not=why_not)
 
     # When the state is the view model_input[:, :C], the op writes it through model_input only.
     state_arg = None if (model_input is not None and state_is_view) else state

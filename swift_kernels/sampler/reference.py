@@ -4,8 +4,8 @@ The noise of element ``i`` (flat index in the state tensor ``x``) is a function 
 with ``g = i + offset``: one Philox4x32-10 call keyed by the 64-bit seed on the counter
 ``c = g // 4`` (as ``(lo32(c), hi32(c), 0, 0)``) gives four 32-bit integers, mapped to four uniforms and
 Box-Muller'd in pairs into four normals ``(r1 cos t1, r1 sin t1, r2 cos t2, r2 sin t2)``; element g takes
-normal number ``g % 4``. This is exactly Triton's ``tl.randn4x(seed, c)`` (so the kernel spends one
-generator call per four elements), re-implemented with int64 tensor arithmetic so that the torch and
+normal number ``g % 4``. This is exactly the Triton kernel's ``philox_randn4x(seed, c)`` (Triton's
+``tl.randn4x(seed, c)`` from Triton 3.4 on; the kernel spends one generator call per four elements), re-implemented with int64 tensor arithmetic so that the torch and
 Triton backends draw the same noise: the Philox integers and the uniforms agree bit for bit; the final
 log/sqrt/cos/sin are libm-dependent, so the normals agree to a few ulp (not necessarily bitwise).
 """

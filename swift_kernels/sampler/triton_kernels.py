@@ -11,19 +11,42 @@ MODE_FINAL = 2  # sigma_next == 0: the new state is x0
 
 
 @triton.jit
+def philox_randint4x(seed, c):
+    """The four uint32 words of Philox4x32-10 keyed by ``seed`` at the int64 counter ``c`` (see reference.py).
+
+    The counter goes in as two 32-bit words ``(lo32(c), hi32(c), 0, 0)``, so every Triton version runs the
+    32-bit Philox: ``tl.randint4x`` on an int64 counter does exactly this from Triton 3.4 on, but before 3.4 it
+    ran the 64-bit Philox variant, whose numbers differ from the reference's.
+    """
+    lo = (c & 0xFFFFFFFF).to(tl.uint32)
+    hi = (c >> 32).to(tl.uint32)
+    zero = lo * 0
+    return tl.philox(seed, lo, hi, zero, zero)
+
+
+@triton.jit
+def philox_randn4x(seed, c):
+    """The four normals of :func:`philox_randint4x` (Triton's uniform map and Box-Muller, as ``tl.randn4x``)."""
+    i1, i2, i3, i4 = philox_randint4x(seed, c)
+    n1, n2 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(i1), tl.uint_to_uniform_float(i2))
+    n3, n4 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(i3), tl.uint_to_uniform_float(i4))
+    return n1, n2, n3, n4
+
+
+@triton.jit
 def _noise(seed, g0, g, BLOCK: tl.constexpr, ALIGNED: tl.constexpr):
-    """Normal of global element index g: lane g % 4 of randn4x(seed, g // 4) (see reference.noise_at).
+    """Normal of global element index g: lane g % 4 of philox_randn4x(seed, g // 4) (see reference.noise_at).
 
     ALIGNED (g0, the block's first index, is a multiple of 4): one generator call per 4 elements, the
     four normals interleaved back into element order. Otherwise each element computes its own quad.
     """
     if ALIGNED:
         c = g0 // 4 + tl.arange(0, BLOCK // 4).to(tl.int64)
-        n1, n2, n3, n4 = tl.randn4x(seed, c)
+        n1, n2, n3, n4 = philox_randn4x(seed, c)
         # join(join(n1, n3), join(n2, n4))[q, i, j] = n(2i + j + 1): flattening gives element order
         eps = tl.reshape(tl.join(tl.join(n1, n3), tl.join(n2, n4)), (BLOCK,))
     else:
-        n1, n2, n3, n4 = tl.randn4x(seed, g // 4)
+        n1, n2, n3, n4 = philox_randn4x(seed, g // 4)
         lane = g % 4
         eps = tl.where(lane == 0, n1, tl.where(lane == 1, n2, tl.where(lane == 2, n3, n4)))
     return eps
