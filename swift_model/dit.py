@@ -41,11 +41,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from swift_kernels import CSGLayout, frame_block_attention
+from swift_kernels import AttentionPlan, CSGLayout, frame_block_attention, plan_attention
 from swift_kernels.dit_ops import adaln_modulate, gated_residual, qk_norm_rope, rope_table
 
 from .config import WanDiTConfig
 from .parallel import check_heads, gather_tokens, group_rank, group_size, shard_sizes, token_range, ulysses_attention
+
+# The block table of dense attention: one block holding the whole sequence.
+_DENSE_TABLE = torch.ones(1, 1, dtype=torch.bool)
 
 # The block boundaries of WanDiT.block_boundary (see WanBlock).
 BLOCK_BOUNDARIES = ("fused", "unfused")
@@ -188,7 +191,7 @@ class WanBlock(nn.Module):
         whole sequence per head shard (:func:`swift_model.parallel.ulysses_attention`).
         """
         def attend(q, k, v):
-            return frame_block_attention(q, k, v, spec.block_mask, spec.block_tokens, backend=spec.backend)
+            return frame_block_attention(q, k, v, spec.plan, backend=spec.backend)
 
         if spec.sp_group is None:
             return attend(q, k, v)
@@ -376,15 +379,14 @@ class AttentionSpec:
     """How a block runs its self-attention (:meth:`WanBlock.attention`).
 
     Attributes:
-        block_mask: bool ``[n, n]`` block table (``[[True]]`` with ``block_tokens = L`` for dense attention).
-        block_tokens: tokens per block of the table.
+        plan: the :class:`~swift_kernels.AttentionPlan` of the whole sequence (built once per forward call, or
+            passed in by the caller once per window shape), shared by every block: no block does host work.
         backend: the kernel backend for :func:`~swift_kernels.frame_block_attention` (``None``: automatic).
         sp_group: the sequence-parallel process group, or ``None``.
         sp_sizes: tokens of every rank of ``sp_group`` (:func:`swift_model.parallel.shard_sizes`).
     """
 
-    block_mask: torch.Tensor
-    block_tokens: int
+    plan: AttentionPlan
     backend: str | None = None
     sp_group: Any = None
     sp_sizes: tuple[int, ...] | None = None
@@ -632,6 +634,7 @@ class WanDiT(nn.Module):
         layout: CSGLayout | None = None,
         block_mask: torch.Tensor | None = None,
         block_tokens: int | None = None,
+        attention_plan: AttentionPlan | None = None,
         frame_positions: Sequence[int] | torch.Tensor | None = None,
         context_cache: ContextCache | None = None,
         attention_backend: str | None = None,
@@ -651,6 +654,11 @@ class WanDiT(nn.Module):
                 ``block_ids`` are the RoPE frame positions.
             block_mask, block_tokens: a raw block mask instead of a layout (``block_tokens`` defaults to the
                 tokens of one latent frame).
+            attention_plan: an :class:`~swift_kernels.AttentionPlan` (``swift_kernels.plan_attention(layout,
+                device=...)``) instead of a layout or mask: build it once per window shape and pass it to every
+                call, so no call looks a plan up. A plan built from a layout also supplies the RoPE positions.
+                Without it, the plan of ``layout`` / ``block_mask`` (dense when neither is given) is looked up
+                once per call and shared by every block.
             frame_positions: ``[F]`` RoPE frame index of each latent frame (default ``arange(F)``, or
                 ``layout.block_ids``).
             context_cache: the result of :meth:`precompute_context`.
@@ -687,7 +695,20 @@ class WanDiT(nn.Module):
             raise ValueError(f"latents are on {latents.device} but the model is on {device}")
 
         # -- attention layout and RoPE positions
-        if layout is not None:
+        if attention_plan is not None:
+            if not isinstance(attention_plan, AttentionPlan):
+                raise TypeError(f"attention_plan must be an AttentionPlan, got {type(attention_plan).__name__}")
+            if layout is not None or block_mask is not None or block_tokens is not None:
+                raise ValueError("pass one of attention_plan, layout or block_mask/block_tokens")
+            if attention_plan.num_tokens != L:
+                raise ValueError(f"attention_plan covers {attention_plan.num_tokens} tokens, the latents have {L}")
+            if attention_plan.device != device:
+                raise ValueError(f"attention_plan lives on {attention_plan.device}, the model on {device}")
+            layout = attention_plan.layout
+            if layout is not None and frame_positions is None and layout.block_tokens == P:
+                frame_positions = layout.block_ids
+            plan = attention_plan
+        elif layout is not None:
             if not isinstance(layout, CSGLayout):
                 raise TypeError(f"layout must be a CSGLayout, got {type(layout).__name__}")
             if block_mask is not None or block_tokens is not None:
@@ -697,16 +718,15 @@ class WanDiT(nn.Module):
                     f"layout lays out {layout.num_seq_blocks} blocks of {layout.block_tokens} tokens, but the latents "
                     f"have {Fp} latent frames of {P} tokens"
                 )
-            mask, btok = layout.block_mask, P
             if frame_positions is None:
                 frame_positions = layout.block_ids
+            plan = plan_attention(layout, device=device)
         elif block_mask is not None:
-            btok = P if block_tokens is None else block_tokens
-            mask = block_mask
+            plan = plan_attention(block_mask, P if block_tokens is None else block_tokens, device=device)
         else:
             if block_tokens is not None:
                 raise ValueError("block_tokens needs a block_mask")
-            mask, btok = torch.ones(1, 1, dtype=torch.bool), L
+            plan = plan_attention(_DENSE_TABLE, L, device=device)
         pos = None
         if frame_positions is not None:
             try:
@@ -749,7 +769,7 @@ class WanDiT(nn.Module):
             mod = mod.shard(start, end)
 
         inputs = BlockInputs(modulation=mod, rope=freqs, context=ctx, image_context=img,
-                             attention=AttentionSpec(mask, btok, attention_backend, sp_group,
+                             attention=AttentionSpec(plan, attention_backend, sp_group,
                                                      None if sp_sizes is None else tuple(sp_sizes)))
         out = self._head(*self._run_blocks(x, inputs, context_cache), mod)
         if sp_group is not None:

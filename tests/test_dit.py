@@ -183,8 +183,10 @@ def test_csg_window_equals_dense_forward_on_gathered_tokens():
     assert (naive - got).abs().max() > 1e-4
 
 
-def _masked_reference_attention(q, k, v, block_mask, block_tokens, softmax_scale=None, backend=None):
-    """Dense SDPA with the block mask expanded to tokens (the reference for the CSG mask)."""
+def _masked_reference_attention(q, k, v, plan, block_tokens=None, softmax_scale=None, backend=None):
+    """Dense SDPA with the block mask expanded to tokens (the reference for the CSG mask). The DiT passes the
+    attention plan it built once per call; its block table is what the kernels read."""
+    block_mask, block_tokens = plan.block_mask, plan.block_tokens
     tok = block_mask.to(q.device).repeat_interleave(block_tokens, 0).repeat_interleave(block_tokens, 1)
     o = F.scaled_dot_product_attention(q.transpose(1, 2).double(), k.transpose(1, 2).double(),
                                        v.transpose(1, 2).double(), attn_mask=tok)

@@ -269,6 +269,39 @@ def test_blocks_read_only_their_own_parameters(boundary):
         assert id(blk.scale_shift_table) in spy.seen and id(blk.attn2.to_k.weight) in spy.seen
 
 
+@pytest.mark.parametrize("layout_kind", ["dense", "window", "clip"])
+def test_one_attention_plan_per_forward_shared_by_every_block(layout_kind):
+    """The DiT looks its attention plan up once per call (not once per block), and a plan passed in by the
+    caller (built once per window shape) is used as is: no lookup, the same bits, the layout's RoPE positions."""
+    import swift_kernels.attention.plan as plan_mod
+
+    model, x, t, ctx, clip, layout = _case("tiny-ti2v", layout_kind, seed=31)
+    lookups = []
+    real = plan_mod.plan_attention
+
+    def counting(*args, **kw):
+        lookups.append(args[0])
+        return real(*args, **kw)
+
+    import swift_model.dit as dit_mod
+
+    with torch.no_grad():
+        dit_mod.plan_attention = counting
+        try:
+            by_layout = model(x, t, ctx, layout=layout)
+            assert len(lookups) == 1 and len(model.blocks) == 3  # once per call, not per block
+            plan = real(layout, device=x.device) if layout is not None else real(
+                torch.ones(1, 1, dtype=torch.bool), x.shape[2] * P, device=x.device)
+            lookups.clear()
+            by_plan = model(x, t, ctx, attention_plan=plan)
+            assert lookups == []
+        finally:
+            dit_mod.plan_attention = real
+    assert torch.equal(by_plan, by_layout), "a caller-built plan must give the same bits"
+    with pytest.raises(ValueError, match="attention_plan"):
+        model(x, t, ctx, attention_plan=plan, layout=layout or CSGLayout(T_CLIP, P, 2, mode="clip"))
+
+
 def test_bad_block_boundary():
     model, x, t, ctx, clip, layout = _case("tiny-ti2v", "dense", seed=24)
     model.block_boundary = "half"

@@ -256,8 +256,7 @@ def plan_attention(layout_or_mask, block_tokens: int | None = None, *, device=No
         device = normalize_device("cpu" if device is None else device)
         key = ("layout", layout, device)
         block_tokens = layout.block_tokens
-        with _host_work():
-            mask = layout.block_mask
+        mask = None  # read from the layout only when a plan is built: a cache hit does no tensor work
     else:
         block_tokens = check_table(layout_or_mask, block_tokens)
         layout = None
@@ -265,16 +264,22 @@ def plan_attention(layout_or_mask, block_tokens: int | None = None, *, device=No
         with _host_work():
             mask = layout_or_mask.detach().to("cpu", torch.bool).contiguous()
             key = ("table", mask.shape[0], mask.numpy().tobytes(), block_tokens, device)
+    def table():
+        if mask is not None:
+            return mask
+        with _host_work():
+            return layout.block_mask
+
     if _fake_mode() is not None:
         # Fake tables belong to one fake mode: build them for this run, keep nothing.
-        return AttentionPlan(mask, block_tokens, device, layout=layout)
+        return AttentionPlan(table(), block_tokens, device, layout=layout)
     with _lock:
         plan = _cache.get(key)
         if plan is not None:
             _cache.move_to_end(key)
             _stats["hits"] += 1
             return plan
-    plan = AttentionPlan(mask, block_tokens, device, layout=layout)
+    plan = AttentionPlan(table(), block_tokens, device, layout=layout)
     with _lock:
         plan = _cache.setdefault(key, plan)
         PLANS_BY_ID[plan._id] = plan
