@@ -19,6 +19,7 @@ import torch
 
 from .bridge import hybrid_reference
 from .csg import CSGPlan, STAGE2_KINDS, flow_steps, flow_update, gaussian, parse_neighbors, run_csg
+from .distributed import Parallelism, check_sizes
 from .encoders import ImageEncoder, TextEncoder, load_prompt_embeds
 from .vae import WanVAE
 from .video import image_to_tensor, read_image, write_mp4
@@ -74,7 +75,13 @@ class SwiftI2VPipeline:
         device: where the models run (default: CUDA when available, else CPU).
         offload: keep the stage not in use (and the encoders) on the CPU.
         random_weights: a flag carried into reports (the tiny demo models).
+
+    Several processes (``torchrun``): :func:`swift_model.distributed.distribute` sets ``parallel`` (a
+    :class:`~swift_model.distributed.Parallelism`); every rank then calls :meth:`generate` with the same
+    arguments, and only rank 0 shows progress and writes the video.
     """
+
+    parallel: Parallelism = Parallelism()  # one process; distribute() sets this pipeline's own
 
     def __init__(self, stage1, stage2, vae1: WanVAE, vae2: WanVAE, text_encoder: TextEncoder | None = None,
                  image_encoder: ImageEncoder | None = None, *, stage2_kind: str = "swift", device=None,
@@ -289,6 +296,9 @@ class SwiftI2VPipeline:
             output = check_output_path(output)
         if isinstance(image, (str, os.PathLike)):
             image = read_image(image)
+        par = self.parallel
+        check_sizes(self, par, frames, width, height, segment_blocks, neighbors, joint)
+        progress = progress and par.is_main
         dev = self.device
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
@@ -377,7 +387,9 @@ class SwiftI2VPipeline:
                     yield ((c[0].permute(1, 2, 3, 0) + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8).cpu()
 
             try:
-                if output is not None:
+                if not par.is_main:
+                    video = output = None  # rank 0 alone decodes and writes the video
+                elif output is not None:
                     write_mp4(chunks(), output, fps=fps)
                     video = None
                 else:
@@ -390,7 +402,8 @@ class SwiftI2VPipeline:
         info = dict(frames=frames, width=width, height=height, steps=steps, seed=seed, stage2_kind=kind, joint=joint,
                     segment_blocks=segment_blocks, neighbors=list(neighbors), segments=plan.num_segments,
                     stage1_size=[w1, h1], latent_frames=T, max_window_tokens=plan.max_window_tokens,
-                    guidance_scale=guidance_scale, device=str(dev), random_weights=self.random_weights)
+                    guidance_scale=guidance_scale, device=str(dev), random_weights=self.random_weights,
+                    **par.report())
         return GenerationResult(video, output, z2.cpu(), seconds, _peak_memory(dev), info)
 
     __call__ = generate
@@ -432,10 +445,12 @@ class SwiftI2VPipeline:
             else:
                 tt = torch.full((1,), float(t), device=dev)
                 inp = torch.cat([x.to(dtype), cond], 1)
-            v = dit(inp, tt, None, context_cache=cache).float()
+            v = self.parallel.velocities(
+                lambda c: dit(inp, tt, None, context_cache=c, sp_group=self.parallel.sp_group).float(),
+                cache, neg_cache, guidance is not None)
             g = {}
             if guidance is not None:
-                g = dict(v_uncond=dit(inp, tt, None, context_cache=neg_cache).float(), guidance=guidance)
+                v, g = v[0], dict(v_uncond=v[1], guidance=guidance)
             x = flow_update(x, v, sigma, sigma_next, mode=step_mode, seed=seed, offset=(i + 1) * numel, **g)
         if ti2v:
             x[:, :, :1] = cond
@@ -454,11 +469,10 @@ class SwiftI2VPipeline:
             # "swift": inp is the model input cat([state, z_ref window]) already in the DiT's dtype, written
             # by the sampler step itself (run_csg(fuse_ref=True)); "refine": inp is the state.
             inp = inp.to(dtype)
-            v = dit(inp, tt, None, layout=layout, frame_positions=positions, context_cache=cache)[:, :C].float()
-            if guidance is None:
-                return v
-            vu = dit(inp, tt, None, layout=layout, frame_positions=positions, context_cache=neg_cache)[:, :C].float()
-            return v, vu
+            return self.parallel.velocities(
+                lambda c: dit(inp, tt, None, layout=layout, frame_positions=positions, context_cache=c,
+                              sp_group=self.parallel.sp_group)[:, :C].float(),
+                cache, neg_cache, guidance is not None)
 
         n_units = 1 if joint else plan.num_segments
         seg_bar = _tqdm(progress, total=n_units, desc="stage II (joint)" if joint else "stage II", unit="segment")
