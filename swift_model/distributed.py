@@ -282,9 +282,10 @@ class Parallelism:
         if not self.cfg_parallel:
             return call(cond), call(uncond)
         mine = call(uncond if self.branch else cond).contiguous()
-        both = mine.new_empty((2, *mine.shape))
-        _all_gather_single(both, mine, group=self.cfg_group)  # group rank 0 is the conditional half
-        return both[0], both[1]
+        both = mine.new_empty(2 * mine.numel())  # flat: the all-gather concatenates along dim 0
+        _all_gather_single(both, mine.view(-1), group=self.cfg_group)  # group rank 0 is the conditional half
+        v_cond, v_uncond = both.view(2, *mine.shape).unbind(0)
+        return v_cond, v_uncond
 
     # -- errors ----------------------------------------------------------------------------------------
 
@@ -304,8 +305,9 @@ class Parallelism:
         failed = [(r, m) for r, m in enumerate(every) if m is not None]
         if failed:
             r, m = failed[0]
-            same = all(m2 == m for _, m2 in failed)  # the usual case: every rank rejected the same argument
-            raise AgreedError(m if same else f"rank {r}: {m}") from error
+            # the usual case: every rank rejected the same argument; else say whose error it is
+            everywhere = len(failed) == self.world_size and all(m2 == m for _, m2 in failed)
+            raise AgreedError(m if everywhere else f"rank {r}: {m}") from error
 
 
 # torch >= 2.14 renames all_gather_into_tensor (deprecated there) to all_gather_single; same signature
@@ -352,11 +354,13 @@ def processes(device: str | None = None, *, ulysses: int | None = None, cfg_para
     if world == 1:
         yield Parallelism(), dev
         return
+    owner = not dist.is_initialized()  # a group made by the caller stays the caller's
     init_process_group(dev, env, timeout=timeout)
     try:
         yield Parallelism.build(ulysses=ulysses, cfg_parallel=cfg_parallel, fsdp=fsdp, guidance=guidance), dev
     finally:
-        dist.destroy_process_group()
+        if owner:
+            dist.destroy_process_group()
 
 
 # -------------------------------------------------------------------------------------------------------------
