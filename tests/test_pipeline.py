@@ -201,6 +201,7 @@ def test_pipeline_rejects_wrong_kind_and_sizes(tiny_pipe):
         (dict(prompt_embeds=[[0.0]]), TypeError, "prompt_embeds"),
         (dict(prompt_embeds=torch.ones(1, 3, 32, dtype=torch.long)), TypeError, "prompt_embeds"),
         (dict(guidance_scale=2.0, negative_prompt_embeds=[[0.0]]), TypeError, "negative_prompt_embeds"),
+        (dict(shared_anchor="yes"), TypeError, "shared_anchor"),
     ],
 )
 def test_generate_rejects_bad_arguments_before_running(tiny_pipe, kwargs, exc, word):
@@ -227,6 +228,37 @@ def test_tiny_pipeline_guidance(tiny_pipe):
         no_text.generate(img, prompt_embeds=emb, guidance_scale=3.0, **SMALL)
     r = no_text.generate(img, prompt_embeds=emb, guidance_scale=3.0, negative_prompt_embeds=torch.zeros_like(emb), **SMALL)
     assert torch.isfinite(r.latents).all()
+
+
+def test_tiny_pipeline_shared_anchor(tiny_pipe, monkeypatch):
+    """``shared_anchor=True`` runs every Stage II window with the layout a shared-anchor training sequence
+    gives that window (the anchor attending only itself; the packed forward equals this window forward,
+    tests/test_training.py), the result differs from the default; ``False`` is the default."""
+    from swift_model.packing import TrainingWindows
+
+    img = _image(4)
+    size = dict(frames=13, width=64, height=64, progress=False)  # 4 latent frames: 2 segments of 2 blocks
+    base = tiny_pipe.generate(img, "a cat", seed=1, **size)
+    off = tiny_pipe.generate(img, "a cat", seed=1, shared_anchor=False, **size)
+    assert torch.equal(base.latents, off.latents) and base.info["shared_anchor"] is False
+    calls = []
+    forward = tiny_pipe.stage2.forward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("layout"))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_pipe.stage2, "forward", spy)
+    on = tiny_pipe.generate(img, "a cat", seed=1, shared_anchor=True, **size)
+    monkeypatch.undo()
+    T, h, w = on.latents.shape[2:]
+    P = (h // 2) * (w // 2)
+    want = [TrainingWindows(T, P, 2, (1, 0), (s,), shared_anchor=True).layout for s in range(2)]
+    assert len(calls) == 2 * 4  # two windows, four steps each
+    assert all(lay == want[k // 4] for k, lay in enumerate(calls))
+    assert on.info["shared_anchor"] is True and torch.isfinite(on.latents).all()
+    assert torch.equal(on.latents[:, :, 0], base.latents[:, :, 0])  # the anchor itself is z_ref in both
+    assert not torch.allclose(on.latents[:, :, 1:], base.latents[:, :, 1:], rtol=1e-3, atol=1e-3)
 
 
 def _copy_without_text(pipe):
