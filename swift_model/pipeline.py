@@ -20,6 +20,7 @@ import torch
 from .bridge import hybrid_reference
 from .csg import CSGPlan, STAGE2_KINDS, flow_steps, flow_update, gaussian, parse_neighbors, run_csg
 from .encoders import ImageEncoder, TextEncoder, load_prompt_embeds
+from .transition import stage1_conditioning, stage1_model_input
 from .vae import WanVAE
 from .video import image_to_tensor, read_image, write_mp4
 
@@ -413,34 +414,20 @@ class SwiftI2VPipeline:
         dtype = next(dit.parameters()).dtype
         vae = self.vae1
         C, T, h, w = vae.latent_shape(frames, h1, w1)
-        ti2v = dit.config.in_channels == C
-        if ti2v:
-            # Wan2.2 TI2V conditioning: the image latent is frame 0, clean, at timestep 0.
-            cond = vae.encode(img_low[None, :, None]).to(dev)
-        else:
-            # Wan2.1 I2V conditioning: 4 mask channels (1 on the image frame) + latents of [image, black...].
-            video = torch.zeros(1, 3, frames, h1, w1)
-            video[0, :, 0] = img_low
-            y = vae.encode(video).to(dev)
-            mask = torch.zeros(1, 4, T, h, w, device=dev)
-            mask[:, :, 0] = 1.0
-            cond = torch.cat([mask, y], 1).to(dtype)
+        # Wan2.2 TI2V: the image latent is clean frame 0 at timestep 0; Wan2.1 I2V: mask channels and the
+        # latents of [image, black...] concatenated to the noisy latents (the same function prepares training
+        # references, so Stage I is conditioned alike in both).
+        ti2v, cond = stage1_conditioning(dit, vae, img_low, frames, dev)
+        if not ti2v:
+            cond = cond.to(dtype)  # cast once, not per step
         clip = None if clip_fea is None else clip_fea.to(dev, dtype)
         cache = dit.precompute_context(context.to(dev, dtype), clip)
         # The unconditional branch keeps the image conditioning (and CLIP tokens) and drops the prompt only.
         neg_cache = dit.precompute_context(neg_context.to(dev, dtype), clip) if guidance is not None else None
         x = gaussian((1, C, T, h, w), seed, 1, dev, torch.float32)
         numel = x.numel()
-        L = T * (h // 2) * (w // 2)
         for i, (t, sigma, sigma_next) in enumerate(_tqdm(progress, iterable=sched, desc="stage I", unit="step")):
-            if ti2v:
-                x[:, :, :1] = cond
-                tt = torch.full((1, L), float(t), device=dev)
-                tt[:, : (h // 2) * (w // 2)] = 0.0
-                inp = x.to(dtype)
-            else:
-                tt = torch.full((1,), float(t), device=dev)
-                inp = torch.cat([x.to(dtype), cond], 1)
+            inp, tt = stage1_model_input(x, ti2v, cond, t, dtype)
             v = dit(inp, tt, None, context_cache=cache).float()
             g = {}
             if guidance is not None:

@@ -1,5 +1,6 @@
 """The pipeline pieces: VAE wrapper, bridge, video I/O, and the tiny end-to-end pipeline on CPU."""
 
+import copy
 import os
 import stat
 
@@ -282,3 +283,31 @@ def test_tiny_pipeline_image_embeds(tiny_pipe):
     p.text_encoder, p.image_encoder = tiny_pipe.text_encoder, None
     with pytest.raises(ValueError, match="CLIP image tokens"):
         p.generate(img, "x", **SMALL)
+
+
+@pytest.mark.parametrize("stage1", ["i2v", "ti2v"])
+def test_stage1_is_the_transition_from_pure_noise(tiny_pipe, stage1):
+    """The pipeline's Stage I and the stage-transition references of training share one conditioning
+    (:func:`swift_model.transition.stage1_conditioning`): Stage I sampled from pure noise is, bit for bit, the
+    transition of any clip with that first frame from sigma 1 (Wan2.1 I2V and Wan2.2 TI2V conditioning)."""
+    import dataclasses
+
+    from swift_model import WanDiT, WanDiTConfig
+    from swift_model.csg import flow_steps
+    from swift_model.transition import transition_latents
+
+    dit = tiny_pipe.stage1
+    if stage1 == "ti2v":
+        cfg = dataclasses.replace(WanDiTConfig.preset("tiny-ti2v"), in_channels=16, out_channels=16)
+        dit = WanDiT(cfg).reset_parameters(torch.Generator().manual_seed(3)).eval()
+    pipe = copy.copy(tiny_pipe)
+    pipe.stage1 = dit
+    g = torch.Generator().manual_seed(5)
+    clip = torch.rand(3, 9, 16, 16, generator=g) * 2 - 1
+    ctx = torch.randn(1, 8, 32, generator=g)
+    fea = tiny_pipe.image_encoder.encode(clip[:, 0]) if stage1 == "i2v" else None
+    got = pipe._stage1(clip[:, 0], ctx, fea, 9, 16, 16, flow_steps(2, 5.0), 7, "renoise", False)
+    want = transition_latents(dit, tiny_pipe.vae1, clip, ctx, sigma=1.0, steps=2, seed=7, clip_fea=fea)
+    assert torch.equal(got, want)
+    if stage1 == "ti2v":  # the image latent stays frame 0
+        assert torch.equal(got[:, :, :1], tiny_pipe.vae1.encode(clip[None, :, :1]))
