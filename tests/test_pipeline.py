@@ -49,6 +49,63 @@ def test_vae_tiled_decode_blends_tiles(vae16):
     assert small.shape == whole.shape and torch.isfinite(small).all()
 
 
+def _encoder_inputs(vae, video):
+    """Encode ``video`` with ``vae`` and return the latents and every tensor the encoder network received."""
+    seen = []
+    handle = vae.model.encoder.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    try:
+        z = vae.encode(video)
+    finally:
+        handle.remove()
+    return z, seen
+
+
+@pytest.mark.parametrize("z_dim,dtype", [(16, torch.float32), (48, torch.float64)])
+def test_vae_encode_moves_chunks_not_the_clip(z_dim, dtype):
+    """The encoder network only ever receives chunks of the clip (a tile of 1 or 4 frames) in the VAE's own
+    dtype and device, each moved there on its own; the latents are those of the whole clip moved first."""
+    vae = WanVAE(WanVAE.tiny(z_dim, seed=2).model.to(dtype), tile_latent=4, tile_overlap=2)
+    m = vae.size_multiple
+    g = torch.Generator().manual_seed(6)
+    video = torch.rand(1, 3, 9, 2 * m, 3 * m, generator=g) * 2 - 1  # fp32, larger than one tile
+    z, seen = _encoder_inputs(vae, video)
+    assert len(seen) > 3
+    for chunk in seen:
+        assert chunk.dtype == dtype and chunk.device == vae.device
+        assert chunk.shape[2] in (1, 4) and chunk.numel() * 2 <= video.numel()
+    want = vae.normalize(vae.model.encode(video.to(vae.device, dtype)).latent_dist.mode().float())
+    assert torch.equal(z, want)
+
+
+def test_vae_encoder_hook_moves_each_chunk():
+    """The encoder's pre-hook puts a chunk on the encoder's device and dtype, and passes a chunk that is already
+    there through untouched (no copy)."""
+    from swift_model.vae import _chunk_to_device
+
+    net = torch.nn.Linear(3, 3).to(torch.float64)
+    chunk = torch.rand(2, 3)
+    (moved,), kw = _chunk_to_device(net, (chunk,), {"feat_idx": [0]})
+    assert moved.dtype == torch.float64 and torch.equal(moved, chunk.double()) and kw == {"feat_idx": [0]}
+    ready = chunk.double()
+    assert _chunk_to_device(net, (ready,), {})[0][0] is ready
+
+
+@pytest.mark.gpu
+def test_vae_encode_of_a_cpu_clip_keeps_the_clip_off_the_gpu(gpu_device):
+    """A clip on the CPU encoded by a VAE on the GPU: the same latents as the clip moved first, and the GPU
+    never holds the clip (peak memory below the clip's own bytes, which moving it would take)."""
+    vae = WanVAE(WanVAE.tiny(48, seed=2).model.to(gpu_device), tile_latent=4, tile_overlap=2)
+    video = torch.rand(1, 3, 33, 512, 512) * 2 - 1
+    want = vae.encode(video.to(gpu_device))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(gpu_device)
+    base = torch.cuda.memory_allocated(gpu_device)
+    z = vae.encode(video)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated(gpu_device) - base < video.numel() * 4
+    torch.testing.assert_close(z, want, rtol=0, atol=0)
+
+
 def test_vae_normalisation_roundtrip():
     vae = WanVAE.tiny(16)
     vae._mean = torch.randn_like(vae._mean)
