@@ -36,6 +36,9 @@ def _add_common(p: argparse.ArgumentParser, *, frames: int, width: int, height: 
                    help="classifier-free guidance scale in both stages (default: off; 1 is off; costs a second "
                         "DiT call per step)")
     p.add_argument("--negative-prompt", default="", help="negative prompt of the guidance (default: empty)")
+    p.add_argument("--shared-anchor", action="store_true",
+                   help="Stage II: the anchor frame attends only itself in every window, for Stage II networks "
+                        "trained with shared_anchor (a departure from the paper; default off)")
 
 
 def _add_parallel(p: argparse.ArgumentParser) -> None:
@@ -129,7 +132,8 @@ def _run(args) -> int:
             segment_blocks=args.segment_blocks, neighbors=args.neighbors, joint=args.joint,
             start_sigma=args.start_sigma, seed=args.seed, step_mode=args.step_mode, output=out, fps=args.fps,
             progress=not args.quiet, free_text_encoder=True, guidance_scale=args.guidance,
-            negative_prompt=args.negative_prompt, negative_prompt_embeds=getattr(args, "negative_prompt_embeds", None))
+            negative_prompt=args.negative_prompt, negative_prompt_embeds=getattr(args, "negative_prompt_embeds", None),
+            shared_anchor=args.shared_anchor)
         if par.is_main:  # rank 0 alone prints and writes
             print(_summary(result))
             if args.report is not None:

@@ -269,7 +269,6 @@ def prepare(videos, out, models: PrepareModels, settings: PrepareSettings, *, ca
 
     from tqdm.auto import tqdm
 
-    device = models.stage1.device
     C2 = models.vae2.z_dim
     mine = [n for i, n in enumerate(names) if i % world == rank]
     done = made = skipped = 0
@@ -298,7 +297,7 @@ def prepare(videos, out, models: PrepareModels, settings: PrepareSettings, *, ca
         context = fixed if fixed is not None else models.text_encoder.encode(caption or "")
         clip_fea = models.image_encoder.encode(low[:, 0]) if models.image_encoder is not None else None
         seed = (settings.seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
-        z = models.vae2.encode(full[None].to(device))[0]
+        z = models.vae2.encode(full[None])[0]  # the clip stays on the CPU; the VAE moves it chunk by chunk
         z_ref = stage_transition_reference(models.stage1, models.vae1, models.vae2, full, low, context,
                                            sigma=settings.transition_sigma, steps=settings.steps,
                                            shift=settings.shift, seed=seed, clip_fea=clip_fea)[0]

@@ -78,7 +78,8 @@ def _add_train(sub) -> None:
         "grad_accum": "micro-batches per optimiser step", "lr": "peak learning rate (AdamW)",
         "seed": "seed of the initial tiny weights, the data order, windows and noise",
         "windows_per_clip": "segment windows packed per clip (0: all)",
-        "shared_anchor": "one anchor per sequence attending only itself (a departure from the paper)",
+        "shared_anchor": "one anchor per sequence attending only itself (a departure from the paper; "
+                         "generate such a network with generate --shared-anchor)",
         "timestep_sampling": "logit_normal or uniform", "compute_dtype": "auto, float32 or bfloat16",
         "ulysses": "Ulysses sequence-parallel degree (ranks per sequence)",
         "eval_data": "prepared data folder of held-out clips", "eval_every": "evaluate the held-out loss every N steps",

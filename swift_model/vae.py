@@ -157,6 +157,14 @@ def _tiles(size: int, tile: int, overlap: int) -> list[tuple[int, int]]:
     return [(s, s + tile) for s in starts]
 
 
+def _chunk_to_device(module, args, kwargs):
+    """Forward pre-hook of the VAE encoder: its input chunk moves to the encoder's device and dtype."""
+    p = next(module.parameters())
+    if args and isinstance(args[0], torch.Tensor) and (args[0].device != p.device or args[0].dtype != p.dtype):
+        args = (args[0].to(p.device, p.dtype),) + tuple(args[1:])
+    return args, kwargs
+
+
 class WanVAE:
     """A Wan video VAE with normalised latents and a bounded-memory streaming decoder.
 
@@ -188,6 +196,12 @@ class WanVAE:
         model.enable_tiling(tile_sample_min_height=tile_px, tile_sample_min_width=tile_px,
                             tile_sample_stride_height=tile_px - tile_overlap * self.spatial_factor,
                             tile_sample_stride_width=tile_px - tile_overlap * self.spatial_factor)
+        # The encoder gets its input in chunks diffusers cuts from the clip (1 or 4 frames, one spatial tile):
+        # each chunk moves to the encoder's device here, so a clip on the CPU (a 2K training clip, the
+        # bridge's upsampled reference) never needs the device memory of the whole clip.
+        if not getattr(model.encoder, "_swift_chunk_to_device", False):
+            model.encoder.register_forward_pre_hook(_chunk_to_device, with_kwargs=True)
+            model.encoder._swift_chunk_to_device = True
 
     # -- construction ---------------------------------------------------------------------------------
 
@@ -288,7 +302,9 @@ class WanVAE:
         if video.dim() != 5 or video.shape[1] != 3:
             raise ValueError(f"video must be [B, 3, F, H, W], got {tuple(video.shape)}")
         self.check_size(video.shape[2], video.shape[3], video.shape[4])
-        x = video.to(self.device, self.dtype)
+        # cast where the clip is; the encoder's pre-hook moves each chunk to the device (same values as
+        # moving the whole clip first: the cast and diffusers' patchify/tiling are elementwise or copies)
+        x = video.to(dtype=self.dtype)
         z = self.model.encode(x).latent_dist.mode()
         return self.normalize(z.float())
 

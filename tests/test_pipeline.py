@@ -1,5 +1,6 @@
 """The pipeline pieces: VAE wrapper, bridge, video I/O, and the tiny end-to-end pipeline on CPU."""
 
+import copy
 import os
 import stat
 
@@ -46,6 +47,63 @@ def test_vae_tiled_decode_blends_tiles(vae16):
     torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-5)
     small = WanVAE(vae16.model, tile_latent=4, tile_overlap=2).decode(z)
     assert small.shape == whole.shape and torch.isfinite(small).all()
+
+
+def _encoder_inputs(vae, video):
+    """Encode ``video`` with ``vae`` and return the latents and every tensor the encoder network received."""
+    seen = []
+    handle = vae.model.encoder.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    try:
+        z = vae.encode(video)
+    finally:
+        handle.remove()
+    return z, seen
+
+
+@pytest.mark.parametrize("z_dim,dtype", [(16, torch.float32), (48, torch.float64)])
+def test_vae_encode_moves_chunks_not_the_clip(z_dim, dtype):
+    """The encoder network only ever receives chunks of the clip (a tile of 1 or 4 frames) in the VAE's own
+    dtype and device, each moved there on its own; the latents are those of the whole clip moved first."""
+    vae = WanVAE(WanVAE.tiny(z_dim, seed=2).model.to(dtype), tile_latent=4, tile_overlap=2)
+    m = vae.size_multiple
+    g = torch.Generator().manual_seed(6)
+    video = torch.rand(1, 3, 9, 2 * m, 3 * m, generator=g) * 2 - 1  # fp32, larger than one tile
+    z, seen = _encoder_inputs(vae, video)
+    assert len(seen) > 3
+    for chunk in seen:
+        assert chunk.dtype == dtype and chunk.device == vae.device
+        assert chunk.shape[2] in (1, 4) and chunk.numel() * 2 <= video.numel()
+    want = vae.normalize(vae.model.encode(video.to(vae.device, dtype)).latent_dist.mode().float())
+    assert torch.equal(z, want)
+
+
+def test_vae_encoder_hook_moves_each_chunk():
+    """The encoder's pre-hook puts a chunk on the encoder's device and dtype, and passes a chunk that is already
+    there through untouched (no copy)."""
+    from swift_model.vae import _chunk_to_device
+
+    net = torch.nn.Linear(3, 3).to(torch.float64)
+    chunk = torch.rand(2, 3)
+    (moved,), kw = _chunk_to_device(net, (chunk,), {"feat_idx": [0]})
+    assert moved.dtype == torch.float64 and torch.equal(moved, chunk.double()) and kw == {"feat_idx": [0]}
+    ready = chunk.double()
+    assert _chunk_to_device(net, (ready,), {})[0][0] is ready
+
+
+@pytest.mark.gpu
+def test_vae_encode_of_a_cpu_clip_keeps_the_clip_off_the_gpu(gpu_device):
+    """A clip on the CPU encoded by a VAE on the GPU: the same latents as the clip moved first, and the GPU
+    never holds the clip (peak memory below the clip's own bytes, which moving it would take)."""
+    vae = WanVAE(WanVAE.tiny(48, seed=2).model.to(gpu_device), tile_latent=4, tile_overlap=2)
+    video = torch.rand(1, 3, 33, 512, 512) * 2 - 1
+    want = vae.encode(video.to(gpu_device))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(gpu_device)
+    base = torch.cuda.memory_allocated(gpu_device)
+    z = vae.encode(video)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated(gpu_device) - base < video.numel() * 4
+    torch.testing.assert_close(z, want, rtol=0, atol=0)
 
 
 def test_vae_normalisation_roundtrip():
@@ -201,6 +259,7 @@ def test_pipeline_rejects_wrong_kind_and_sizes(tiny_pipe):
         (dict(prompt_embeds=[[0.0]]), TypeError, "prompt_embeds"),
         (dict(prompt_embeds=torch.ones(1, 3, 32, dtype=torch.long)), TypeError, "prompt_embeds"),
         (dict(guidance_scale=2.0, negative_prompt_embeds=[[0.0]]), TypeError, "negative_prompt_embeds"),
+        (dict(shared_anchor="yes"), TypeError, "shared_anchor"),
     ],
 )
 def test_generate_rejects_bad_arguments_before_running(tiny_pipe, kwargs, exc, word):
@@ -229,6 +288,37 @@ def test_tiny_pipeline_guidance(tiny_pipe):
     assert torch.isfinite(r.latents).all()
 
 
+def test_tiny_pipeline_shared_anchor(tiny_pipe, monkeypatch):
+    """``shared_anchor=True`` runs every Stage II window with the layout a shared-anchor training sequence
+    gives that window (the anchor attending only itself; the packed forward equals this window forward,
+    tests/test_training.py), the result differs from the default; ``False`` is the default."""
+    from swift_model.packing import TrainingWindows
+
+    img = _image(4)
+    size = dict(frames=13, width=64, height=64, progress=False)  # 4 latent frames: 2 segments of 2 blocks
+    base = tiny_pipe.generate(img, "a cat", seed=1, **size)
+    off = tiny_pipe.generate(img, "a cat", seed=1, shared_anchor=False, **size)
+    assert torch.equal(base.latents, off.latents) and base.info["shared_anchor"] is False
+    calls = []
+    forward = tiny_pipe.stage2.forward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("layout"))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_pipe.stage2, "forward", spy)
+    on = tiny_pipe.generate(img, "a cat", seed=1, shared_anchor=True, **size)
+    monkeypatch.undo()
+    T, h, w = on.latents.shape[2:]
+    P = (h // 2) * (w // 2)
+    want = [TrainingWindows(T, P, 2, (1, 0), (s,), shared_anchor=True).layout for s in range(2)]
+    assert len(calls) == 2 * 4  # two windows, four steps each
+    assert all(lay == want[k // 4] for k, lay in enumerate(calls))
+    assert on.info["shared_anchor"] is True and torch.isfinite(on.latents).all()
+    assert torch.equal(on.latents[:, :, 0], base.latents[:, :, 0])  # the anchor itself is z_ref in both
+    assert not torch.allclose(on.latents[:, :, 1:], base.latents[:, :, 1:], rtol=1e-3, atol=1e-3)
+
+
 def _copy_without_text(pipe):
     import copy
 
@@ -250,3 +340,31 @@ def test_tiny_pipeline_image_embeds(tiny_pipe):
     p.text_encoder, p.image_encoder = tiny_pipe.text_encoder, None
     with pytest.raises(ValueError, match="CLIP image tokens"):
         p.generate(img, "x", **SMALL)
+
+
+@pytest.mark.parametrize("stage1", ["i2v", "ti2v"])
+def test_stage1_is_the_transition_from_pure_noise(tiny_pipe, stage1):
+    """The pipeline's Stage I and the stage-transition references of training share one conditioning
+    (:func:`swift_model.transition.stage1_conditioning`): Stage I sampled from pure noise is, bit for bit, the
+    transition of any clip with that first frame from sigma 1 (Wan2.1 I2V and Wan2.2 TI2V conditioning)."""
+    import dataclasses
+
+    from swift_model import WanDiT, WanDiTConfig
+    from swift_model.csg import flow_steps
+    from swift_model.transition import transition_latents
+
+    dit = tiny_pipe.stage1
+    if stage1 == "ti2v":
+        cfg = dataclasses.replace(WanDiTConfig.preset("tiny-ti2v"), in_channels=16, out_channels=16)
+        dit = WanDiT(cfg).reset_parameters(torch.Generator().manual_seed(3)).eval()
+    pipe = copy.copy(tiny_pipe)
+    pipe.stage1 = dit
+    g = torch.Generator().manual_seed(5)
+    clip = torch.rand(3, 9, 16, 16, generator=g) * 2 - 1
+    ctx = torch.randn(1, 8, 32, generator=g)
+    fea = tiny_pipe.image_encoder.encode(clip[:, 0]) if stage1 == "i2v" else None
+    got = pipe._stage1(clip[:, 0], ctx, fea, 9, 16, 16, flow_steps(2, 5.0), 7, "renoise", False)
+    want = transition_latents(dit, tiny_pipe.vae1, clip, ctx, sigma=1.0, steps=2, seed=7, clip_fea=fea)
+    assert torch.equal(got, want)
+    if stage1 == "ti2v":  # the image latent stays frame 0
+        assert torch.equal(got[:, :, :1], tiny_pipe.vae1.encode(clip[None, :, :1]))
