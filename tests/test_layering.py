@@ -24,7 +24,7 @@ LAYERS: dict[str, int] = {
     "csg": 5, "bridge": 5,                                  # the stages
     "packing": 5, "transition": 5, "dataset": 5,            # training sequences, references, prepared data
     "train_config": 5,
-    "distributed": 5,                                       # torchrun, process groups, CFG parallel
+    "distributed": 5, "vae_parallel": 5,                    # torchrun, process groups, CFG parallel, VAE tiles
     "pipeline": 6,
     "prepare": 6, "train": 6, "export": 6,                  # the training runs, beside the pipeline
     "cli": 7, "train_cli": 7,
