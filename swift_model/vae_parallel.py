@@ -144,7 +144,11 @@ def encode(vae, video: torch.Tensor, group=None) -> torch.Tensor:
     """
     from .vae_tiling import TileBlender
 
+    if not isinstance(video, torch.Tensor) or video.dim() != 5 or video.shape[1] != 3:
+        raise ValueError(f"parallel VAE encode: video must be [B, 3, F, H, W], got "
+                         f"{tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__}")
     B, _, F, H, W = video.shape
+    vae.check_size(F, H, W)  # before any tile runs: an error then stops every rank at once, not mid-exchange
     if _size(group) == 1 or not vae.encode_is_tiled(H, W):
         return vae.encode(video)
     sf = vae.spatial_factor
