@@ -405,6 +405,6 @@ def distribute(pipe, par: Parallelism) -> None:
     """
     check_pipeline(pipe, par)
     if par.fsdp:
-        for dit in (pipe.stage1, pipe.stage2):
-            fsdp_shard_blocks(dit, dist.group.WORLD)
+        for dit in (pipe.stage1, pipe.stage2):  # weights still in host memory: only the shards reach the device
+            fsdp_shard_blocks(dit, dist.group.WORLD, device=pipe.device)
     pipe.parallel = par
