@@ -170,21 +170,28 @@ class WanVAE:
 
     Args:
         model: a diffusers ``AutoencoderKLWan``.
-        tile_latent: spatial tile size (decode and tiled encode), in latent pixels.
+        tile_latent: spatial tile size of the decoder, in latent pixels.
         tile_overlap: overlap of neighbouring tiles, in latent pixels.
+        encode_tile_latent, encode_tile_overlap: the same for a tiled encode (default: twice the decoder's:
+            the encoder's middle attention block sees one tile, so larger tiles stay closer to the untiled
+            encode, and an encode runs once per video).
         dtype: cast the model to this dtype (``torch.bfloat16``/``torch.float32``, or ``"bf16"``/``"fp32"``);
             ``None`` keeps the model's dtype. Latents in and out stay float32 either way.
         encode_tile_min_pixels: encodes of more pixels per frame than this are tiled.
     """
 
     def __init__(self, model, tile_latent: int = 32, tile_overlap: int = 8, *, dtype=None,
-                 encode_tile_min_pixels: int = ENCODE_TILE_MIN_PIXELS) -> None:
+                 encode_tile_min_pixels: int = ENCODE_TILE_MIN_PIXELS, encode_tile_latent: int | None = None,
+                 encode_tile_overlap: int | None = None) -> None:
         from diffusers import AutoencoderKLWan
         from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
         if not isinstance(model, AutoencoderKLWan):
             raise TypeError(f"model must be a diffusers AutoencoderKLWan, got {type(model).__name__}")
+        encode_tile_latent = 2 * tile_latent if encode_tile_latent is None else encode_tile_latent
+        encode_tile_overlap = 2 * tile_overlap if encode_tile_overlap is None else encode_tile_overlap
         spatial_tiles(1, 1, tile_latent, tile_overlap)  # checks the tile arguments
+        spatial_tiles(1, 1, encode_tile_latent, encode_tile_overlap)
         dtype = parse_dtype(dtype)
         if dtype is not None and next(model.parameters()).dtype != dtype:
             # nn.Module.to: diffusers' own ``to`` warns about modules to keep in float32, of which this
@@ -202,6 +209,8 @@ class WanVAE:
         self.tile_latent = tile_latent
         self.tile_overlap = tile_overlap
         self.encode_tile_min_pixels = encode_tile_min_pixels
+        self.encode_tile_latent = encode_tile_latent
+        self.encode_tile_overlap = encode_tile_overlap
         # Our own tiling replaces the library's (whose decode keeps every tile's output on the device).
         model.disable_tiling()
 
@@ -301,8 +310,13 @@ class WanVAE:
 
     def spatial_tiles(self, latent_h: int, latent_w: int) -> list[Tile]:
         """The tiles (row-major, :class:`~swift_model.vae_tiling.Tile`, in latent pixels) that a decode of a
-        ``latent_h x latent_w`` latent (or a tiled encode of the matching video) runs through."""
+        ``latent_h x latent_w`` latent runs through."""
         return spatial_tiles(latent_h, latent_w, self.tile_latent, self.tile_overlap)
+
+    def encode_spatial_tiles(self, latent_h: int, latent_w: int) -> list[Tile]:
+        """The tiles of a tiled encode of a video whose latent is ``latent_h x latent_w`` (pixel crops of
+        ``tile * spatial_factor``)."""
+        return spatial_tiles(latent_h, latent_w, self.encode_tile_latent, self.encode_tile_overlap)
 
     def num_frames(self, latent_frames: int) -> int:
         """Pixel frames of ``latent_frames`` latent frames (``1 + 4 * (T - 1)``)."""
@@ -312,7 +326,8 @@ class WanVAE:
         """Whether :meth:`encode` tiles a ``height x width`` video: above ``encode_tile_min_pixels`` pixels per
         frame (default 1280x720) and larger than one tile."""
         sf = self.spatial_factor
-        return height * width > self.encode_tile_min_pixels and len(self.spatial_tiles(height // sf, width // sf)) > 1
+        return (height * width > self.encode_tile_min_pixels
+                and len(self.encode_spatial_tiles(height // sf, width // sf)) > 1)
 
     def _check_latents(self, z: torch.Tensor) -> None:
         if not isinstance(z, torch.Tensor) or z.dim() != 5 or z.shape[1] != self.z_dim:
@@ -406,10 +421,9 @@ class WanVAE:
         """Encode ``video`` ``[B, 3, F, H, W]`` (in ``[-1, 1]``, any device) tile by tile and yield
         ``(tile, latents)``: normalised latents (posterior mean) ``[B, C, T, th, tw]``, float32 on the CPU.
 
-        ``tiles`` are latent tiles of the video's latent (:meth:`spatial_tiles` ``(H // f, W // f)``); each
-        one encodes its pixel crop on its own (only the crop goes to the device). Blend them with an
-        ``encode_blender``-style :class:`~swift_model.vae_tiling.TileBlender` (``scale=1``), as :meth:`encode`
-        does.
+        ``tiles`` are latent tiles of the video's latent (any subset of :meth:`encode_spatial_tiles`
+        ``(H // f, W // f)``); each one encodes its pixel crop on its own (only the crop goes to the device).
+        Blend them with :meth:`encode_blender`, as :meth:`encode` does.
         """
         self._check_video(video)
         sf = self.spatial_factor
@@ -430,12 +444,19 @@ class WanVAE:
         if not self.encode_is_tiled(H, W):
             z = self.model.encode(video.to(self.device, self.dtype)).latent_dist.mode()
             return self.normalize(z.float())
-        sf = self.spatial_factor
-        tiles = self.spatial_tiles(H // sf, W // sf)
-        blender = TileBlender(tiles, B, self.z_dim, (F - 1) // self.temporal_factor + 1, scale=1)
-        for tile, z in self.encode_tiles(video, tiles):
+        blender = self.encode_blender(tuple(video.shape))
+        for tile, z in self.encode_tiles(video, blender.tiles):
             blender.add(tile, z)
         return blender.result().to(self.device)
+
+    def encode_blender(self, video_shape) -> TileBlender:
+        """A :class:`~swift_model.vae_tiling.TileBlender` for the tiled encode of a video of shape
+        ``video_shape`` ``(B, 3, F, H, W)``: it takes :meth:`encode_tiles`' pairs (from any process, in any
+        order); its result is the normalised latents ``[B, C, T, H // f, W // f]``, float32 on the CPU."""
+        B, _, F, H, W = video_shape
+        sf = self.spatial_factor
+        return TileBlender(self.encode_spatial_tiles(H // sf, W // sf), B, self.z_dim,
+                           (F - 1) // self.temporal_factor + 1, scale=1)
 
     def decode_stream(self, z: torch.Tensor, chunk: int = 1, *, progress: bool = False) -> Iterator[torch.Tensor]:
         """Decode normalised latents ``[B, C, T, h, w]`` and yield pixel chunks ``[B, 3, f, H, W]`` (float32 in
