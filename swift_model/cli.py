@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--text-encoder", default=None, help="UMT5 folder (default: the Stage I folder)")
     g.add_argument("--offload", action="store_true", help="keep the stage not in use on the CPU")
     g.add_argument("--tiny", action="store_true", help="use the tiny random-weight models (no checkpoints)")
+    g.add_argument("--vae-dtype", choices=("bf16", "fp32"), default=None,
+                   help="dtype of the VAEs (default: bf16 on a GPU, fp32 on the CPU)")
     _add_parallel(g)
     _add_common(g, frames=81, width=2560, height=1408)
     d = sub.add_parser("demo", help="run the whole pipeline on tiny random-weight models on the CPU")
@@ -161,7 +163,8 @@ def _prepare(args, device):
     if demo or args.tiny:
         if env_rank() == 0:
             print(DEMO_TEXT if demo else "swift-i2v: using the tiny RANDOM-WEIGHT models (--tiny).", file=sys.stderr)
-        pipe = SwiftI2VPipeline.tiny(seed=0, stage2_kind=args.stage2_kind, device=device)
+        pipe = SwiftI2VPipeline.tiny(seed=0, stage2_kind=args.stage2_kind, device=device,
+                                     vae_dtype=getattr(args, "vae_dtype", None))
     else:
         if not args.stage1 or not args.stage2:
             raise ValueError("generate needs --stage1 and --stage2 checkpoint folders (or --tiny)")
@@ -170,7 +173,8 @@ def _prepare(args, device):
         pipe = SwiftI2VPipeline.from_pretrained(
             args.stage1, args.stage2, stage1_lora=args.stage1_lora, lora_scale=args.lora_scale,
             stage2_kind=args.stage2_kind, text_encoder=args.text_encoder,
-            load_text_encoder=args.prompt_embeds is None, device=device, offload=args.offload)
+            load_text_encoder=args.prompt_embeds is None, device=device, offload=args.offload,
+            vae_dtype=args.vae_dtype)
     pipe.check_inputs(args.frames, args.width, args.height)
     return pipe, image, out
 

@@ -231,6 +231,11 @@ class Parallelism:
         """Whether several processes take part (and collectives are needed)."""
         return self.world_size > 1
 
+    @property
+    def group(self):
+        """The group of every rank (the VAE's tiles are spread over all of them); ``None`` in one process."""
+        return dist.group.WORLD if self.distributed else None
+
     def report(self) -> dict:
         """The degrees used, for ``--report``."""
         return {"world_size": self.world_size, "ulysses": self.ulysses, "cfg_parallel": self.cfg_parallel,

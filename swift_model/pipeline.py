@@ -3,7 +3,8 @@
 1. Stage I (motion): a large I2V DiT samples the whole clip at a quarter of the output size per side.
 2. Bridge: decode, bicubic upsample, frame 0 := full-resolution image, encode with the Stage II VAE (``z_ref``).
 3. Stage II (detail): a small DiT generates the full-size latents segment by segment (CSG, :mod:`.csg`).
-4. Decode with the Stage II VAE, streaming in time and tiled in space; write the mp4 atomically.
+4. Decode with the Stage II VAE, tile by tile (device memory: one tile's caches), blended on the host; write
+   the mp4 atomically.
 """
 
 from __future__ import annotations
@@ -17,12 +18,15 @@ import time
 
 import torch
 
-from .bridge import hybrid_reference
+from . import vae_parallel
+from .bridge import hybrid_reference, reference_video
 from .csg import CSGPlan, STAGE2_KINDS, flow_steps, flow_update, gaussian, parse_neighbors, run_csg
 from .distributed import Parallelism, check_sizes
 from .encoders import ImageEncoder, TextEncoder, load_prompt_embeds
 from .transition import stage1_conditioning, stage1_model_input
 from .vae import WanVAE
+from .vae import default_dtype as default_vae_dtype
+from .vae import parse_dtype as parse_vae_dtype
 from .video import image_to_tensor, read_image, write_mp4
 
 
@@ -123,8 +127,10 @@ class SwiftI2VPipeline:
                              f"{c2.in_channels}/{c2.out_channels}, expected {want}/{z2} for a {z2}-channel VAE")
 
     @classmethod
-    def tiny(cls, *, seed: int = 0, stage2_kind: str = "swift", device=None, offload: bool = False) -> "SwiftI2VPipeline":
-        """The whole pipeline on tiny random-weight models (for demos and tests; the output is noise-like)."""
+    def tiny(cls, *, seed: int = 0, stage2_kind: str = "swift", device=None, offload: bool = False,
+             vae_dtype=None) -> "SwiftI2VPipeline":
+        """The whole pipeline on tiny random-weight models (for demos and tests; the output is noise-like).
+        ``vae_dtype``: ``"bf16"``/``"fp32"`` (default: bf16 on a GPU, fp32 on the CPU)."""
         from .config import WanDiTConfig
         from .dit import WanDiT
 
@@ -135,8 +141,10 @@ class SwiftI2VPipeline:
             if stage2_kind == "swift":
                 c2 = c2.widened_input(extra_in_channels=c2.in_channels)
             stage1, stage2 = WanDiT(c1), WanDiT(c2)
-        vae1 = WanVAE.tiny(16, seed=seed)
-        vae2 = WanVAE.tiny(48, seed=seed + 1)
+        vae_dtype = parse_vae_dtype(vae_dtype) or default_vae_dtype(
+            device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        vae1 = WanVAE.tiny(16, seed=seed, dtype=vae_dtype)
+        vae2 = WanVAE.tiny(48, seed=seed + 1, dtype=vae_dtype)
         text = TextEncoder.tiny(dim=c1.text_dim, seed=seed)
         if c2.text_dim != c1.text_dim:
             raise ValueError("tiny presets must share the text width")
@@ -148,7 +156,7 @@ class SwiftI2VPipeline:
     @classmethod
     def from_pretrained(cls, stage1: str, stage2: str, *, stage1_lora: str | None = None, lora_scale: float = 1.0,
                         stage2_kind: str = "refine", text_encoder: str | None = None, load_text_encoder: bool = True,
-                        device=None, dtype=None, offload: bool = False) -> "SwiftI2VPipeline":
+                        device=None, dtype=None, offload: bool = False, vae_dtype=None) -> "SwiftI2VPipeline":
         """Load both stages from diffusers-format or original Wan folders.
 
         Args:
@@ -159,6 +167,7 @@ class SwiftI2VPipeline:
             text_encoder: folder of the UMT5 encoder + tokenizer (default: ``stage1``'s).
             load_text_encoder: False to run from precomputed prompt embeddings only.
             offload: keep the stage not in use on the CPU.
+            vae_dtype: dtype of both VAEs, ``"bf16"``/``"fp32"`` (default: bf16 on a GPU, fp32 on the CPU).
         """
         from .dit import WanDiT
 
@@ -168,6 +177,7 @@ class SwiftI2VPipeline:
         dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
             dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+        vae_dtype = parse_vae_dtype(vae_dtype) or default_vae_dtype(dev)
         load_dev = "cpu" if offload else dev
         s1 = WanDiT.from_pretrained(stage1, device=load_dev, dtype=dtype, lora=stage1_lora, lora_scale=lora_scale)
         s2 = WanDiT.from_pretrained(stage2, device=load_dev, dtype=dtype,
@@ -175,8 +185,8 @@ class SwiftI2VPipeline:
         if stage2_kind == "swift" and s2.config.in_channels == s2.config.out_channels:
             # A public checkpoint used as the method's network: widen the input, extra channels start at zero.
             s2 = WanDiT.from_pretrained(stage2, device=load_dev, dtype=dtype, extra_in_channels=s2.config.in_channels)
-        vae1 = WanVAE.from_pretrained(stage1, device=load_dev)
-        vae2 = WanVAE.from_pretrained(stage2, device=load_dev)
+        vae1 = WanVAE.from_pretrained(stage1, device=load_dev, dtype=vae_dtype)
+        vae2 = WanVAE.from_pretrained(stage2, device=load_dev, dtype=vae_dtype)
         text = None
         if load_text_encoder:
             text = TextEncoder.from_pretrained(text_encoder or stage1, device="cpu", dtype=dtype)
@@ -369,7 +379,11 @@ class SwiftI2VPipeline:
         # -- bridge --
         t0 = time.perf_counter()
         with self._on_device(self.vae1.model, self.vae2.model):
-            z_ref = hybrid_reference(z1, self.vae1, self.vae2, img_full, height, width)
+            if par.distributed:  # the 2K encode's tiles over the ranks (bitwise the one-process encode)
+                z_ref = vae_parallel.encode(self.vae2, reference_video(z1, self.vae1, img_full, height, width),
+                                            par.group)
+            else:
+                z_ref = hybrid_reference(z1, self.vae1, self.vae2, img_full, height, width)
             _sync(dev)
         seconds["bridge"] = time.perf_counter() - t0
 
@@ -388,23 +402,20 @@ class SwiftI2VPipeline:
         # -- decode + write --
         t0 = time.perf_counter()
         with self._on_device(self.vae2.model):
-            bar = _tqdm(progress, total=T, desc="decode", unit="latent frame")
-
-            def chunks():
-                for c in self.vae2.decode_stream(z2[:1]):
-                    bar.update(c.shape[2] and 1)
-                    yield ((c[0].permute(1, 2, 3, 0) + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8).cpu()
-
-            try:
-                if not par.is_main:
-                    video = output = None  # rank 0 alone decodes and writes the video
-                elif output is not None:
-                    write_mp4(chunks(), output, fps=fps)
-                    video = None
-                else:
-                    video = torch.cat(list(chunks()), 0)
-            finally:
-                bar.close()
+            if par.distributed:
+                # each rank decodes its share of the tiles; rank 0 blends them (bitwise the one-process decode)
+                frames_ = vae_parallel.decode_uint8(self.vae2, z2[:1], par.group, progress=progress)
+                chunks = None if frames_ is None else iter((frames_,))
+            else:
+                # Tile-major decode (device: one tile's caches), blended to uint8 frames on the host.
+                chunks = self.vae2.decode_uint8_stream(z2[:1], progress=progress)
+            if chunks is None:
+                video = output = None  # rank 0 alone writes the video
+            elif output is not None:
+                write_mp4(chunks, output, fps=fps)
+                video = None
+            else:
+                video = torch.cat(list(chunks), 0)
             _sync(dev)
         seconds["decode"] = time.perf_counter() - t0
         seconds["total"] = time.perf_counter() - t_start

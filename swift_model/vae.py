@@ -4,8 +4,10 @@ diffusers' ``AutoencoderKLWan``.
 :class:`WanVAE` adds what the pipeline needs around the library model: latent normalisation with the
 checkpoint's ``latents_mean``/``latents_std``, size checks, and a decoder that streams in time (the Wan VAEs
 are causal: one latent frame at a time, with a cache of the previous frames' features) and is tiled in space
-(each tile has its own cache; overlapping tiles are blended with linear ramps), so decode memory is bounded
-by a tile and a frame chunk, not by the clip. Decoded frames leave the device as uint8 as soon as they exist.
+(overlapping tiles are blended with linear ramps, :mod:`.vae_tiling`). The decode is tile-major: one tile
+runs through every latent frame with its own cache, its pixels go to the host, and its cache is freed before
+the next tile, so the device working set is one tile's caches and one frame's activations, whatever the size
+and length of the video; the blend happens in a host buffer. Encodes are tiled the same way above 1280x720.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Iterator
 import torch
 
 from .files import read_json, read_tensors
+from .vae_tiling import Tile, TileBlender, spatial_tiles
 
 # Architecture of the public VAEs (diffusers config values), used when building from an original Wan file.
 WAN21_CONFIG = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
@@ -135,26 +138,25 @@ def _tiny_config(z_dim: int) -> dict:
     return cfg
 
 
-def _ramp(n: int, overlap_lo: int, overlap_hi: int) -> torch.Tensor:
-    """Blend weights along one axis of a tile: linear ramps over the overlaps with its neighbours."""
-    w = torch.ones(n)
-    if overlap_lo > 0:
-        w[:overlap_lo] = torch.arange(1, overlap_lo + 1, dtype=torch.float32) / (overlap_lo + 1)
-    if overlap_hi > 0:
-        w[n - overlap_hi:] = torch.minimum(
-            w[n - overlap_hi:], torch.arange(overlap_hi, 0, -1, dtype=torch.float32) / (overlap_hi + 1))
-    return w
+def default_dtype(device) -> torch.dtype:
+    """The VAE dtype used when none is asked for: bfloat16 on a GPU, float32 on the CPU."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
-def _tiles(size: int, tile: int, overlap: int) -> list[tuple[int, int]]:
-    """Overlapping ``[start, end)`` spans covering ``[0, size)`` (one span when it fits)."""
-    if size <= tile:
-        return [(0, size)]
-    stride = tile - overlap
-    starts = list(range(0, size - tile + 1, stride))
-    if starts[-1] + tile < size:
-        starts.append(size - tile)
-    return [(s, s + tile) for s in starts]
+def parse_dtype(name) -> torch.dtype | None:
+    """``"bf16"``/``"fp32"`` (or a ``torch.dtype`` of those, or ``None`` for the default) -> the dtype."""
+    if name is None or name in (torch.bfloat16, torch.float32):
+        return name
+    table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+    if not isinstance(name, str) or name not in table:
+        raise ValueError(f"VAE dtype must be 'bf16' or 'fp32', got {name!r}")
+    return table[name]
+
+
+# Encodes larger than this (pixels per frame) are tiled; smaller ones (e.g. the 640x352 Stage I conditioning
+# encode) run in one piece, as the library's untiled encode. 1280x720 in bf16 fits any card the pipeline
+# supports in one piece; a 2560x1408 encode (the bridge's) does not need to.
+ENCODE_TILE_MIN_PIXELS = 1280 * 720
 
 
 def _chunk_to_device(module, args, kwargs):
@@ -166,20 +168,43 @@ def _chunk_to_device(module, args, kwargs):
 
 
 class WanVAE:
-    """A Wan video VAE with normalised latents and a bounded-memory streaming decoder.
+    """A Wan video VAE with normalised latents, a bounded-memory tiled decoder and an encoder tiled when large.
+
+    Decoding is tile-major: each spatial tile (:meth:`spatial_tiles`) runs through all its latent frames with
+    one causal-conv cache, its pixels go to the host, and the cache is freed before the next tile. The device
+    working set is one tile's cache and one frame's activations whatever the video's size and length; the
+    tiles are blended on the host (:class:`~swift_model.vae_tiling.TileBlender`). :meth:`decode_tiles` and
+    :meth:`decode_blender` expose the two halves so several processes can share a decode.
 
     Args:
         model: a diffusers ``AutoencoderKLWan``.
         tile_latent: spatial tile size of the decoder, in latent pixels.
         tile_overlap: overlap of neighbouring tiles, in latent pixels.
+        encode_tile_latent, encode_tile_overlap: the same for a tiled encode (default: twice the decoder's:
+            the encoder's middle attention block sees one tile, so larger tiles stay closer to the untiled
+            encode, and an encode runs once per video).
+        dtype: cast the model to this dtype (``torch.bfloat16``/``torch.float32``, or ``"bf16"``/``"fp32"``);
+            ``None`` keeps the model's dtype. Latents in and out stay float32 either way.
+        encode_tile_min_pixels: encodes of more pixels per frame than this are tiled.
     """
 
-    def __init__(self, model, tile_latent: int = 32, tile_overlap: int = 8) -> None:
+    def __init__(self, model, tile_latent: int = 32, tile_overlap: int = 8, *, dtype=None,
+                 encode_tile_min_pixels: int = ENCODE_TILE_MIN_PIXELS, encode_tile_latent: int | None = None,
+                 encode_tile_overlap: int | None = None) -> None:
         from diffusers import AutoencoderKLWan
         from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
         if not isinstance(model, AutoencoderKLWan):
             raise TypeError(f"model must be a diffusers AutoencoderKLWan, got {type(model).__name__}")
+        encode_tile_latent = 2 * tile_latent if encode_tile_latent is None else encode_tile_latent
+        encode_tile_overlap = 2 * tile_overlap if encode_tile_overlap is None else encode_tile_overlap
+        spatial_tiles(1, 1, tile_latent, tile_overlap)  # checks the tile arguments
+        spatial_tiles(1, 1, encode_tile_latent, encode_tile_overlap)
+        dtype = parse_dtype(dtype)
+        if dtype is not None and next(model.parameters()).dtype != dtype:
+            # nn.Module.to: diffusers' own ``to`` warns about modules to keep in float32, of which this
+            # model has none.
+            model = torch.nn.Module.to(model, dtype=dtype)
         self.model = model.eval().requires_grad_(False)
         cfg = model.config
         self.z_dim = int(cfg.z_dim)
@@ -191,14 +216,14 @@ class WanVAE:
         self._num_dec_convs = sum(isinstance(m, WanCausalConv3d) for m in model.decoder.modules())
         self.tile_latent = tile_latent
         self.tile_overlap = tile_overlap
-        # diffusers' own spatial tiling for the encoder, at a size matching the decoder's tiles.
-        tile_px = tile_latent * self.spatial_factor
-        model.enable_tiling(tile_sample_min_height=tile_px, tile_sample_min_width=tile_px,
-                            tile_sample_stride_height=tile_px - tile_overlap * self.spatial_factor,
-                            tile_sample_stride_width=tile_px - tile_overlap * self.spatial_factor)
-        # The encoder gets its input in chunks diffusers cuts from the clip (1 or 4 frames, one spatial tile):
-        # each chunk moves to the encoder's device here, so a clip on the CPU (a 2K training clip, the
-        # bridge's upsampled reference) never needs the device memory of the whole clip.
+        self.encode_tile_min_pixels = encode_tile_min_pixels
+        self.encode_tile_latent = encode_tile_latent
+        self.encode_tile_overlap = encode_tile_overlap
+        # Our own tiling replaces the library's (whose decode keeps every tile's output on the device).
+        model.disable_tiling()
+        # The encoder gets its input in chunks the library cuts from the clip (1 or 4 frames): each chunk moves
+        # to the encoder's device here, so a clip on the CPU (a 2K training clip, the bridge's upsampled
+        # reference) never needs the device memory of the whole clip or tile.
         if not getattr(model.encoder, "_swift_chunk_to_device", False):
             model.encoder.register_forward_pre_hook(_chunk_to_device, with_kwargs=True)
             model.encoder._swift_chunk_to_device = True
@@ -207,7 +232,8 @@ class WanVAE:
 
     @classmethod
     def tiny(cls, z_dim: int = 16, seed: int = 0, dtype=torch.float32, **kw) -> "WanVAE":
-        """A tiny random-weight VAE with the architecture of Wan2.1 (``z_dim=16``) or Wan2.2 (``z_dim=48``)."""
+        """A tiny random-weight VAE with the architecture of Wan2.1 (``z_dim=16``) or Wan2.2 (``z_dim=48``);
+        the weights are drawn in float32 (the same values for every ``dtype``), then cast."""
         from diffusers import AutoencoderKLWan
 
         if z_dim not in (16, 48):
@@ -215,15 +241,14 @@ class WanVAE:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = AutoencoderKLWan(**_tiny_config(z_dim))
-            if dtype != torch.float32:
-                model = model.to(dtype)
-        return cls(model, **kw)
+        return cls(model, dtype=dtype, **kw)
 
     @classmethod
     def from_pretrained(cls, path: str, *, device=None, dtype=torch.float32, config: dict | None = None,
                         **kw) -> "WanVAE":
         """Load from a diffusers folder (``config.json`` + weights, or a pipeline folder with ``vae/``) or an
-        original Wan VAE file (``Wan2.1_VAE.pth``, ``Wan2.2_VAE.pth``, or a folder holding one).
+        original Wan VAE file (``Wan2.1_VAE.pth``, ``Wan2.2_VAE.pth``, or a folder holding one), in ``dtype``
+        (``torch.float32``/``torch.bfloat16`` or ``"fp32"``/``"bf16"``).
 
         ``config``: ``AutoencoderKLWan`` arguments for an original file whose architecture is not the public
         one (default: :data:`WAN21_CONFIG` or :data:`WAN22_CONFIG`, told apart by the file's keys); the
@@ -231,6 +256,7 @@ class WanVAE:
         """
         from diffusers import AutoencoderKLWan
 
+        dtype = parse_dtype(dtype) or torch.float32
         layout, path = locate_vae(path)
         if layout == "diffusers":
             model = AutoencoderKLWan.from_pretrained(path, torch_dtype=dtype)
@@ -250,8 +276,7 @@ class WanVAE:
         if missing or unexpected:
             raise ValueError(f"{path} is not a Wan VAE checkpoint: missing keys {missing[:5]}..., "
                              f"unexpected keys {unexpected[:5]}...")
-        model = model.to(dtype=dtype)
-        return cls(model.to(device) if device is not None else model, **kw)
+        return cls(model.to(device) if device is not None else model, dtype=dtype, **kw)
 
     # -- properties -----------------------------------------------------------------------------------
 
@@ -294,76 +319,201 @@ class WanVAE:
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
         return z * self._std.to(z.device, z.dtype) + self._mean.to(z.device, z.dtype)
 
+
+    # -- tiles ----------------------------------------------------------------------------------------
+
+    def spatial_tiles(self, latent_h: int, latent_w: int) -> list[Tile]:
+        """The tiles (row-major, :class:`~swift_model.vae_tiling.Tile`, in latent pixels) that a decode of a
+        ``latent_h x latent_w`` latent runs through."""
+        return spatial_tiles(latent_h, latent_w, self.tile_latent, self.tile_overlap)
+
+    def encode_spatial_tiles(self, latent_h: int, latent_w: int) -> list[Tile]:
+        """The tiles of a tiled encode of a video whose latent is ``latent_h x latent_w`` (pixel crops of
+        ``tile * spatial_factor``)."""
+        return spatial_tiles(latent_h, latent_w, self.encode_tile_latent, self.encode_tile_overlap)
+
+    def num_frames(self, latent_frames: int) -> int:
+        """Pixel frames of ``latent_frames`` latent frames (``1 + 4 * (T - 1)``)."""
+        return 1 + self.temporal_factor * (latent_frames - 1)
+
+    def encode_is_tiled(self, height: int, width: int) -> bool:
+        """Whether :meth:`encode` tiles a ``height x width`` video: above ``encode_tile_min_pixels`` pixels per
+        frame (default 1280x720) and larger than one tile."""
+        sf = self.spatial_factor
+        return (height * width > self.encode_tile_min_pixels
+                and len(self.encode_spatial_tiles(height // sf, width // sf)) > 1)
+
+    def _check_latents(self, z: torch.Tensor) -> None:
+        if not isinstance(z, torch.Tensor) or z.dim() != 5 or z.shape[1] != self.z_dim:
+            raise ValueError(f"VAE decode: z must be [B, {self.z_dim}, T, h, w], got "
+                             f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+
+    def _check_video(self, video: torch.Tensor) -> None:
+        if not isinstance(video, torch.Tensor) or video.dim() != 5 or video.shape[1] != 3:
+            raise ValueError(f"VAE encode: video must be [B, 3, F, H, W], got "
+                             f"{tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__}")
+        self.check_size(video.shape[2], video.shape[3], video.shape[4])
+
+    @staticmethod
+    def _check_tiles(tiles, h: int, w: int, what: str) -> None:
+        for t in tiles:
+            if not isinstance(t, Tile) or t.y1 > h or t.x1 > w:
+                raise ValueError(f"VAE {what}: {t!r} is not a tile of a {h}x{w} latent")
+
+    def decode_blender(self, z_shape, *, uint8: bool = False) -> TileBlender:
+        """A :class:`~swift_model.vae_tiling.TileBlender` for the decode of latents of shape ``z_shape``
+        ``(B, C, T, h, w)``: it takes the ``(tile, pixels)`` pairs of :meth:`decode_tiles` (from any process, in
+        any order) and its :meth:`~swift_model.vae_tiling.TileBlender.result` is the decoded video, float32
+        ``[B, 3, F, H, W]`` in ``[-1, 1]`` or, with ``uint8=True``, uint8 frames ``[B, F, H, W, 3]``."""
+        B, _, T, h, w = z_shape
+        return TileBlender(self.spatial_tiles(h, w), B, 3, self.num_frames(T), scale=self.spatial_factor,
+                           uint8=uint8)
+
+    @torch.no_grad()
+    def decode_tiles(self, z: torch.Tensor, tiles: list[Tile], *, progress: bool = False
+                     ) -> Iterator[tuple[Tile, torch.Tensor]]:
+        """Decode normalised latents ``z`` ``[B, C, T, h, w]`` tile by tile and yield ``(tile, pixels)``:
+        ``pixels`` is the tile's whole clip ``[B, 3, F, th*f, tw*f]``, float32 on the CPU, clamped to
+        ``[-1, 1]``, not yet weighted (``f`` = the spatial factor, ``F`` = :meth:`num_frames`).
+
+        ``tiles`` is any subset of :meth:`spatial_tiles` ``(h, w)`` (e.g. ``tiles[rank::world]`` on each rank
+        of a parallel decode); the blend is :meth:`decode_blender`'s. Each tile runs all its latent frames
+        with one causal-conv cache, frame by frame, sending each frame's pixels to the host as it is made;
+        the cache is dropped before the next tile, so the device holds one tile's cache and one frame's
+        activations, whatever the size or length of the video.
+        """
+        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+        self._check_latents(z)
+        B, _, T, h, w = z.shape
+        tiles = list(tiles)
+        self._check_tiles(tiles, h, w, "decode_tiles")
+        model, dev, dt = self.model, self.device, self.dtype
+        sf, F = self.spatial_factor, self.num_frames(T)
+        bar = _progress(progress, len(tiles) * T, "decode", "tile-frame")
+        try:
+            for tile in tiles:
+                zt = z[:, :, :, tile.y0:tile.y1, tile.x0:tile.x1]
+                cache = [None] * self._num_dec_convs
+                out = torch.empty(B, 3, F, tile.height * sf, tile.width * sf)
+                f0 = 0
+                for t in range(T):
+                    x = model.post_quant_conv(self.denormalize(zt[:, :, t:t + 1].to(dev, torch.float32)).to(dt))
+                    px = model.decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=(t == 0))
+                    if self.patch > 1:
+                        px = unpatchify(px, patch_size=self.patch)
+                    px = px.float().clamp_(-1, 1)
+                    out[:, :, f0:f0 + px.shape[2]] = px  # to the host now: the device keeps no frames
+                    f0 += px.shape[2]
+                    del x, px
+                    bar.update(1)
+                del cache  # free this tile's causal caches before the next tile starts
+                if f0 != F:
+                    raise RuntimeError(f"VAE decode: {T} latent frames gave {f0} frames, expected {F}")
+                yield tile, out
+        finally:
+            bar.close()
+
+    def _decode_blended(self, z: torch.Tensor, *, uint8: bool, progress: bool) -> torch.Tensor:
+        self._check_latents(z)
+        blender = self.decode_blender(tuple(z.shape), uint8=uint8)
+        for tile, pixels in self.decode_tiles(z, blender.tiles, progress=progress):
+            blender.add(tile, pixels)
+        return blender.result()
+
+    def _frame_spans(self, latent_frames: int, chunk: int) -> list[tuple[int, int]]:
+        """Pixel-frame spans of ``chunk`` latent frames each: ``1 + 4*(chunk-1)`` frames first, then ``4*chunk``."""
+        if not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"VAE decode: chunk must be a positive int, got {chunk!r}")
+        return [(0 if t0 == 0 else self.num_frames(t0), self.num_frames(min(t0 + chunk, latent_frames)))
+                for t0 in range(0, latent_frames, chunk)]
+
     # -- encode / decode ------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def encode(self, video: torch.Tensor) -> torch.Tensor:
-        """Normalised latents (posterior mean) of ``video`` ``[B, 3, F, H, W]`` in ``[-1, 1]``."""
-        if video.dim() != 5 or video.shape[1] != 3:
-            raise ValueError(f"video must be [B, 3, F, H, W], got {tuple(video.shape)}")
-        self.check_size(video.shape[2], video.shape[3], video.shape[4])
-        # cast where the clip is; the encoder's pre-hook moves each chunk to the device (same values as
-        # moving the whole clip first: the cast and diffusers' patchify/tiling are elementwise or copies)
-        x = video.to(dtype=self.dtype)
-        z = self.model.encode(x).latent_dist.mode()
-        return self.normalize(z.float())
+    def encode_tiles(self, video: torch.Tensor, tiles: list[Tile]) -> Iterator[tuple[Tile, torch.Tensor]]:
+        """Encode ``video`` ``[B, 3, F, H, W]`` (in ``[-1, 1]``, any device) tile by tile and yield
+        ``(tile, latents)``: normalised latents (posterior mean) ``[B, C, T, th, tw]``, float32 on the CPU.
+
+        ``tiles`` are latent tiles of the video's latent (any subset of :meth:`encode_spatial_tiles`
+        ``(H // f, W // f)``); each one encodes its pixel crop on its own (only the crop goes to the device).
+        Blend them with :meth:`encode_blender`, as :meth:`encode` does.
+        """
+        self._check_video(video)
+        sf = self.spatial_factor
+        self._check_tiles(tiles, video.shape[3] // sf, video.shape[4] // sf, "encode_tiles")
+        for tile in tiles:
+            # cast where the clip is; the encoder's pre-hook moves each chunk to the device
+            x = video[:, :, :, tile.y0 * sf:tile.y1 * sf, tile.x0 * sf:tile.x1 * sf].to(dtype=self.dtype)
+            z = self.model.encode(x).latent_dist.mode()  # the library clears its caches after each call
+            yield tile, self.normalize(z.float()).cpu()
 
     @torch.no_grad()
-    def decode_stream(self, z: torch.Tensor, chunk: int = 1) -> Iterator[torch.Tensor]:
-        """Decode normalised latents ``[B, C, T, h, w]`` and yield pixel chunks ``[B, 3, f, H, W]`` (float32 in
-        [-1, 1] on the VAE's device), ``chunk`` latent frames at a time: 1 + 4*(chunk-1) pixel frames first,
-        then 4*chunk. Memory is bounded by one spatial tile's features and one chunk's pixels."""
-        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (posterior mean, float32, on the VAE's device) of ``video`` ``[B, 3, F, H, W]`` in
+        ``[-1, 1]``. Videos of at most ``encode_tile_min_pixels`` pixels per frame (default 1280x720) are
+        encoded in one piece; larger ones tile by tile (:meth:`encode_tiles`), blended with linear ramps in
+        latent space, so the device holds one tile's pixels and caches."""
+        self._check_video(video)
+        B, _, F, H, W = video.shape
+        if not self.encode_is_tiled(H, W):
+            # cast where the clip is; the encoder's pre-hook moves each chunk to the device (the same values as
+            # moving the whole clip first: the cast and the library's patchify are elementwise or copies)
+            z = self.model.encode(video.to(dtype=self.dtype)).latent_dist.mode()
+            return self.normalize(z.float())
+        blender = self.encode_blender(tuple(video.shape))
+        for tile, z in self.encode_tiles(video, blender.tiles):
+            blender.add(tile, z)
+        return blender.result().to(self.device)
 
-        if z.dim() != 5 or z.shape[1] != self.z_dim:
-            raise ValueError(f"z must be [B, {self.z_dim}, T, h, w], got {tuple(z.shape)}")
-        model = self.model
-        dev, dt = self.device, self.dtype
-        B, _, T, h, w = z.shape
-        ys, xs = _tiles(h, self.tile_latent, self.tile_overlap), _tiles(w, self.tile_latent, self.tile_overlap)
+    def encode_blender(self, video_shape) -> TileBlender:
+        """A :class:`~swift_model.vae_tiling.TileBlender` for the tiled encode of a video of shape
+        ``video_shape`` ``(B, 3, F, H, W)``: it takes :meth:`encode_tiles`' pairs (from any process, in any
+        order); its result is the normalised latents ``[B, C, T, H // f, W // f]``, float32 on the CPU."""
+        B, _, F, H, W = video_shape
         sf = self.spatial_factor
-        caches = {(i, j): [None] * self._num_dec_convs for i in range(len(ys)) for j in range(len(xs))}
-        weights = {}
-        for i, (y0, y1) in enumerate(ys):
-            for j, (x0, x1) in enumerate(xs):
-                oy0 = (ys[i - 1][1] - y0) * sf if i > 0 else 0
-                oy1 = (y1 - ys[i + 1][0]) * sf if i + 1 < len(ys) else 0
-                ox0 = (xs[j - 1][1] - x0) * sf if j > 0 else 0
-                ox1 = (x1 - xs[j + 1][0]) * sf if j + 1 < len(xs) else 0
-                wy = _ramp((y1 - y0) * sf, oy0, oy1)
-                wx = _ramp((x1 - x0) * sf, ox0, ox1)
-                weights[i, j] = (wy[:, None] * wx[None, :]).to(dev)
-        for t0 in range(0, T, chunk):
-            zc = self.denormalize(z[:, :, t0:t0 + chunk].to(dev, torch.float32)).to(dt)
-            out = None
-            wsum = None
-            for i, (y0, y1) in enumerate(ys):
-                for j, (x0, x1) in enumerate(xs):
-                    x = model.post_quant_conv(zc[:, :, :, y0:y1, x0:x1])
-                    pieces = []
-                    for f in range(x.shape[2]):
-                        idx = [0]
-                        pieces.append(model.decoder(x[:, :, f:f + 1], feat_cache=caches[i, j], feat_idx=idx,
-                                                    first_chunk=(t0 + f == 0)))
-                    tile = torch.cat(pieces, 2)
-                    if self.patch > 1:
-                        tile = unpatchify(tile, patch_size=self.patch)
-                    tile = tile.float().clamp_(-1, 1)
-                    if out is None:
-                        out = torch.zeros(B, 3, tile.shape[2], h * sf, w * sf, device=dev)
-                        wsum = torch.zeros(h * sf, w * sf, device=dev)
-                    wt = weights[i, j]
-                    out[:, :, :, y0 * sf:y1 * sf, x0 * sf:x1 * sf] += tile * wt
-                    wsum[y0 * sf:y1 * sf, x0 * sf:x1 * sf] += wt
-            yield out / wsum
+        return TileBlender(self.encode_spatial_tiles(H // sf, W // sf), B, self.z_dim,
+                           (F - 1) // self.temporal_factor + 1, scale=1)
 
-    def decode(self, z: torch.Tensor, chunk: int = 1) -> torch.Tensor:
-        """The whole decoded video ``[B, 3, F, H, W]`` as float32 on the CPU (see :meth:`decode_stream`)."""
-        return torch.cat([c.cpu() for c in self.decode_stream(z, chunk)], 2)
+    def decode_stream(self, z: torch.Tensor, chunk: int = 1, *, progress: bool = False) -> Iterator[torch.Tensor]:
+        """Decode normalised latents ``[B, C, T, h, w]`` and yield pixel chunks ``[B, 3, f, H, W]`` (float32 in
+        ``[-1, 1]`` on the VAE's device), ``chunk`` latent frames at a time: ``1 + 4*(chunk-1)`` pixel frames
+        first, then ``4*chunk``.
 
-    def decode_uint8(self, z: torch.Tensor, chunk: int = 1) -> torch.Tensor:
-        """Decoded video of the first sample as uint8 frames ``[F, H, W, 3]`` on the CPU, built chunk by chunk."""
-        frames = []
-        for c in self.decode_stream(z[:1], chunk):
-            frames.append(((c[0].permute(1, 2, 3, 0) + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8).cpu())
-        return torch.cat(frames, 0)
+        The decode is tile-major (:meth:`decode_tiles`): the whole clip is decoded and blended on the host
+        (float32, the size of the video) before the first chunk is yielded; the device holds one tile's
+        caches during the decode and one chunk afterwards.
+        """
+        video = self._decode_blended(z, uint8=False, progress=progress)
+        for f0, f1 in self._frame_spans(z.shape[2], chunk):
+            yield video[:, :, f0:f1].to(self.device)
+
+    def decode(self, z: torch.Tensor, chunk: int = 1, *, progress: bool = False) -> torch.Tensor:
+        """The whole decoded video ``[B, 3, F, H, W]`` as float32 on the CPU (see :meth:`decode_tiles`; ``chunk``
+        is accepted for compatibility and does not change the result)."""
+        self._frame_spans(z.shape[2] if isinstance(z, torch.Tensor) and z.dim() == 5 else 1, chunk)
+        return self._decode_blended(z, uint8=False, progress=progress)
+
+    def decode_uint8_stream(self, z: torch.Tensor, chunk: int = 1, *, progress: bool = False
+                            ) -> Iterator[torch.Tensor]:
+        """Decoded frames of the first sample as uint8 chunks ``[f, H, W, 3]`` on the CPU, for a video writer.
+
+        The blend finalises output rows to uint8 as soon as no tile still to come covers them, so the host
+        holds the uint8 video and a float32 band of one tile row, not a float32 copy of the video.
+        """
+        self._check_latents(z)
+        video = self._decode_blended(z[:1], uint8=True, progress=progress)[0]
+        for f0, f1 in self._frame_spans(z.shape[2], chunk):
+            yield video[f0:f1]
+
+    def decode_uint8(self, z: torch.Tensor, chunk: int = 1, *, progress: bool = False) -> torch.Tensor:
+        """Decoded video of the first sample as uint8 frames ``[F, H, W, 3]`` on the CPU."""
+        self._check_latents(z)
+        return self._decode_blended(z[:1], uint8=True, progress=progress)[0]
+
+
+def _progress(enabled: bool, total: int, desc: str, unit: str):
+    """A tqdm bar (a silent one when ``enabled`` is false)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)

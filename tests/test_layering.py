@@ -19,6 +19,7 @@ LAYERS: dict[str, int] = {
     "keys": 1,                                              # key naming
     "files": 2, "video": 2,                                 # reading (and writing) files
     "config": 3, "dit": 3, "vae": 3, "encoders": 3,         # the networks
+    "vae_tiling": 3,                                        # tiles and blending of the VAE passes
     "parallel": 3,                                          # sequence parallelism, FSDP2 (under the DiT)
     "checkpoint": 4, "lora": 4, "preflight": 4,             # loading
     "csg": 5, "bridge": 5,                                  # the stages

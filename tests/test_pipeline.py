@@ -67,14 +67,32 @@ def test_vae_encode_moves_chunks_not_the_clip(z_dim, dtype):
     vae = WanVAE(WanVAE.tiny(z_dim, seed=2).model.to(dtype), tile_latent=4, tile_overlap=2)
     m = vae.size_multiple
     g = torch.Generator().manual_seed(6)
-    video = torch.rand(1, 3, 9, 2 * m, 3 * m, generator=g) * 2 - 1  # fp32, larger than one tile
+    video = torch.rand(1, 3, 9, 2 * m, 3 * m, generator=g) * 2 - 1  # fp32, small: encoded untiled
+    assert not vae.encode_is_tiled(video.shape[3], video.shape[4])
     z, seen = _encoder_inputs(vae, video)
-    assert len(seen) > 3
+    assert len(seen) == 3  # the library's temporal chunks of 1, 4 and 4 frames
     for chunk in seen:
         assert chunk.dtype == dtype and chunk.device == vae.device
         assert chunk.shape[2] in (1, 4) and chunk.numel() * 2 <= video.numel()
     want = vae.normalize(vae.model.encode(video.to(vae.device, dtype)).latent_dist.mode().float())
     assert torch.equal(z, want)
+
+
+def test_vae_tiled_encode_moves_chunks_of_tiles():
+    """A tiled encode (a video above the tiling threshold) hands the encoder chunks of one tile's crop, each
+    moved on its own (the tiling itself is checked against the untiled encode in test_vae_tiling.py)."""
+    vae = WanVAE(WanVAE.tiny(16, seed=2).model, tile_latent=4, tile_overlap=2, encode_tile_min_pixels=0,
+                 encode_tile_latent=4, encode_tile_overlap=2)
+    m = vae.size_multiple
+    g = torch.Generator().manual_seed(7)
+    video = torch.rand(1, 3, 5, 2 * m, 3 * m, generator=g) * 2 - 1
+    assert vae.encode_is_tiled(video.shape[3], video.shape[4])
+    z, seen = _encoder_inputs(vae, video)
+    tiles = vae.encode_spatial_tiles(video.shape[3] // vae.spatial_factor, video.shape[4] // vae.spatial_factor)
+    assert len(seen) == 2 * len(tiles) > 2  # the temporal chunks (1 and 4 frames) of each tile
+    for chunk in seen:  # a few frames of one tile's crop, never the whole frame
+        assert chunk.shape[2] in (1, 4) and chunk.shape[3] * chunk.shape[4] < video.shape[3] * video.shape[4]
+    assert z.shape == (1, vae.z_dim, 2, 2 * m // vae.spatial_factor, 3 * m // vae.spatial_factor)
 
 
 def test_vae_encoder_hook_moves_each_chunk():

@@ -1,0 +1,205 @@
+"""Spatial tiles of a VAE pass and the blending of their outputs, shared by every tiled decode and encode.
+
+A latent of ``h x w`` is covered by overlapping rectangular tiles (:func:`spatial_tiles`, row-major). Each
+tile is decoded (or encoded) on its own; its output is weighted by linear ramps over the overlaps with its
+neighbours (:meth:`Tile.weight`) and summed into a host buffer by a :class:`TileBlender`, which divides by the
+summed weights. The blender works in any order of tiles (a parallel decode adds tiles as ranks finish them)
+and finalises a band of output rows as soon as every tile covering it has been added, so its float32 working
+buffer is one band of tile rows, not the whole output.
+
+Single-process and multi-process decodes use the same three pieces: ``tiles = spatial_tiles(...)``; each
+worker runs its share (e.g. ``tiles[rank::world]``) through the VAE; one process calls
+``blender.add(tile, out)`` for every tile and reads ``blender.result()``. Because the blend is a per-element
+weighted sum, the result does not depend on which process decoded which tile; the order of the additions
+only changes float32 rounding (the row-major order reproduces the one-process decode bit for bit).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class Tile:
+    """One spatial tile, in latent pixels: rows ``[y0, y1)``, columns ``[x0, x1)``.
+
+    ``index`` is its position in :func:`spatial_tiles`' list, ``row``/``col`` its position in the grid; the
+    ``blend_*`` fields are how far (latent pixels) its neighbours above, below, left and right overlap it,
+    the lengths of its blend ramps.
+    """
+
+    index: int
+    row: int
+    col: int
+    y0: int
+    y1: int
+    x0: int
+    x1: int
+    blend_top: int = 0
+    blend_bottom: int = 0
+    blend_left: int = 0
+    blend_right: int = 0
+
+    @property
+    def height(self) -> int:
+        return self.y1 - self.y0
+
+    @property
+    def width(self) -> int:
+        return self.x1 - self.x0
+
+    def weight(self, scale: int = 1) -> torch.Tensor:
+        """Blend weights ``[height*scale, width*scale]`` (float32, CPU) of this tile's output at ``scale`` output
+        pixels per latent pixel: 1 inside, linear ramps ``k/(n+1)`` over the overlaps."""
+        wy = _ramp(self.height * scale, self.blend_top * scale, self.blend_bottom * scale)
+        wx = _ramp(self.width * scale, self.blend_left * scale, self.blend_right * scale)
+        return wy[:, None] * wx[None, :]
+
+
+def _ramp(n: int, overlap_lo: int, overlap_hi: int) -> torch.Tensor:
+    """Blend weights along one axis of a tile: linear ramps over the overlaps with its neighbours."""
+    w = torch.ones(n)
+    if overlap_lo > 0:
+        w[:overlap_lo] = torch.arange(1, overlap_lo + 1, dtype=torch.float32) / (overlap_lo + 1)
+    if overlap_hi > 0:
+        w[n - overlap_hi:] = torch.minimum(
+            w[n - overlap_hi:], torch.arange(overlap_hi, 0, -1, dtype=torch.float32) / (overlap_hi + 1))
+    return w
+
+
+def spans(size: int, tile: int, overlap: int) -> list[tuple[int, int]]:
+    """Overlapping ``[start, end)`` spans of length ``tile`` covering ``[0, size)`` with stride ``tile - overlap``
+    (one span when it fits; the last span is moved back to end at ``size``)."""
+    if size <= tile:
+        return [(0, size)]
+    stride = tile - overlap
+    starts = list(range(0, size - tile + 1, stride))
+    if starts[-1] + tile < size:
+        starts.append(size - tile)
+    return [(s, s + tile) for s in starts]
+
+
+def spatial_tiles(height: int, width: int, tile: int, overlap: int) -> list[Tile]:
+    """The tiles covering a ``height x width`` latent, row-major, with their blend overlaps.
+
+    Args:
+        height, width: latent size (latent pixels).
+        tile: tile side (latent pixels); a side that fits in one tile is not split.
+        overlap: overlap of neighbouring tiles (latent pixels), ``0 <= overlap < tile``.
+    """
+    for name, v in (("height", height), ("width", width), ("tile", tile)):
+        if not isinstance(v, int) or v < 1:
+            raise ValueError(f"VAE tiling: {name} must be a positive int, got {v!r}")
+    if not isinstance(overlap, int) or not 0 <= overlap < tile:
+        raise ValueError(f"VAE tiling: overlap must be an int in [0, tile={tile}), got {overlap!r}")
+    ys, xs = spans(height, tile, overlap), spans(width, tile, overlap)
+    out = []
+    for i, (y0, y1) in enumerate(ys):
+        for j, (x0, x1) in enumerate(xs):
+            out.append(Tile(len(out), i, j, y0, y1, x0, x1,
+                            blend_top=ys[i - 1][1] - y0 if i > 0 else 0,
+                            blend_bottom=y1 - ys[i + 1][0] if i + 1 < len(ys) else 0,
+                            blend_left=xs[j - 1][1] - x0 if j > 0 else 0,
+                            blend_right=x1 - xs[j + 1][0] if j + 1 < len(xs) else 0))
+    return out
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """``[..., 3, F, H, W]`` floats in ``[-1, 1]`` -> uint8 ``[..., F, H, W, 3]`` (round to nearest)."""
+    return ((x.movedim(-4, -1) + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+
+
+class TileBlender:
+    """Sums tile outputs with their blend weights into one output on the host and finalises it band by band.
+
+    The output is ``[B, C, F, H, W]`` float32 (``uint8=False``) or ``[B, F, H, W, C]`` uint8 (``uint8=True``,
+    values in ``[-1, 1]`` mapped to ``0..255``), with ``H, W = latent size * scale``. The output rows are cut
+    into bands at every tile-row edge; a band keeps a float32 accumulator (and a weight sum) only from the
+    first tile that touches it until the last tile covering it is added, then it is divided by its weight sum
+    and written to the output. Tiles may come in any order and from any process; each tile is added once.
+
+    Args:
+        tiles: the complete tiling (:func:`spatial_tiles`).
+        batch, channels, frames: the leading sizes of every tile output ``[B, C, F, th*scale, tw*scale]``.
+        scale: output pixels per latent pixel (the VAE's spatial factor for a decode, 1 for an encode).
+        uint8: store finished bands as uint8 frames (a decode for video files) instead of float32.
+    """
+
+    def __init__(self, tiles: list[Tile], batch: int, channels: int, frames: int, *, scale: int = 1,
+                 uint8: bool = False) -> None:
+        if not tiles:
+            raise ValueError("TileBlender: tiles must not be empty")
+        self.tiles = list(tiles)
+        self.scale = scale
+        self.uint8 = uint8
+        self.lead = (batch, channels, frames)
+        self.height = max(t.y1 for t in self.tiles) * scale
+        self.width = max(t.x1 for t in self.tiles) * scale
+        if uint8:
+            self.output = torch.empty(batch, frames, self.height, self.width, channels, dtype=torch.uint8)
+        else:
+            self.output = torch.empty(batch, channels, frames, self.height, self.width)
+        edges = sorted({t.y0 * scale for t in self.tiles} | {t.y1 * scale for t in self.tiles})
+        self.bands = list(zip(edges[:-1], edges[1:]))  # output row spans; each inside every tile row it meets
+        # For each band: the indices of the tiles covering it (all must be added before it is final).
+        self._cover = [{t.index for t in self.tiles if t.y0 * scale < b1 and t.y1 * scale > b0}
+                       for b0, b1 in self.bands]
+        self._acc: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._added: set[int] = set()
+        self._final = [False] * len(self.bands)
+
+    @property
+    def complete(self) -> bool:
+        """Whether every tile has been added (then the whole output is final)."""
+        return all(self._final)
+
+    def final_rows(self) -> list[tuple[int, int]]:
+        """The output row spans ``[r0, r1)`` that are final (no tile still to come covers them)."""
+        return [b for b, done in zip(self.bands, self._final) if done]
+
+    def add(self, tile: Tile, out: torch.Tensor) -> None:
+        """Add one tile's output ``[B, C, F, th*scale, tw*scale]`` (float32; moved to the CPU if elsewhere),
+        weighted by :meth:`Tile.weight`, and finalise the bands it completes."""
+        if tile.index >= len(self.tiles) or self.tiles[tile.index] != tile:
+            raise ValueError(f"TileBlender.add: tile {tile} is not part of this tiling")
+        if tile.index in self._added:
+            raise ValueError(f"TileBlender.add: tile {tile.index} was already added")
+        s = self.scale
+        want = (*self.lead, tile.height * s, tile.width * s)
+        if tuple(out.shape) != want:
+            raise ValueError(f"TileBlender.add: tile {tile.index} output must be {want}, got {tuple(out.shape)}")
+        out = out.to("cpu", torch.float32)
+        wt = tile.weight(s)
+        ty0, x0, x1 = tile.y0 * s, tile.x0 * s, tile.x1 * s
+        for k, (b0, b1) in enumerate(self.bands):
+            if tile.index not in self._cover[k]:
+                continue
+            if k not in self._acc:
+                self._acc[k] = (torch.zeros(*self.lead, b1 - b0, self.width), torch.zeros(b1 - b0, self.width))
+            acc, wsum = self._acc[k]
+            w = wt[b0 - ty0:b1 - ty0]
+            acc[..., x0:x1] += out[..., b0 - ty0:b1 - ty0, :] * w
+            wsum[:, x0:x1] += w
+        self._added.add(tile.index)
+        for k in range(len(self.bands)):
+            if not self._final[k] and self._cover[k] <= self._added:
+                self._finalise(k)
+
+    def _finalise(self, k: int) -> None:
+        b0, b1 = self.bands[k]
+        acc, wsum = self._acc.pop(k)
+        band = acc / wsum
+        if self.uint8:
+            self.output[:, :, b0:b1] = to_uint8(band)
+        else:
+            self.output[..., b0:b1, :] = band
+        self._final[k] = True
+
+    def result(self) -> torch.Tensor:
+        """The blended output (see the class docstring); ``RuntimeError`` before every tile has been added."""
+        if not self.complete:
+            missing = sorted(t.index for t in self.tiles if t.index not in self._added)
+            raise RuntimeError(f"TileBlender.result: tiles {missing} have not been added")
+        return self.output

@@ -1,0 +1,241 @@
+"""The tiled VAE: tile-major bounded decode vs the old per-tile-cache decode, the tile API, encode tiling,
+the VAE dtype, and the decode's device working set (which must not grow with the width)."""
+
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from swift_model.vae import WanVAE, parse_dtype
+from swift_model.vae_tiling import TileBlender, Tile, spans, spatial_tiles
+
+
+def _old_ramp(n, lo, hi):
+    w = torch.ones(n)
+    if lo > 0:
+        w[:lo] = torch.arange(1, lo + 1, dtype=torch.float32) / (lo + 1)
+    if hi > 0:
+        w[n - hi:] = torch.minimum(w[n - hi:], torch.arange(hi, 0, -1, dtype=torch.float32) / (hi + 1))
+    return w
+
+
+def _old_tiles(size, tile, overlap):
+    if size <= tile:
+        return [(0, size)]
+    stride = tile - overlap
+    starts = list(range(0, size - tile + 1, stride))
+    if starts[-1] + tile < size:
+        starts.append(size - tile)
+    return [(s, s + tile) for s in starts]
+
+
+@torch.no_grad()
+def old_decode(vae: WanVAE, z: torch.Tensor, chunk: int = 1) -> torch.Tensor:
+    """FROZEN copy of the previous ``WanVAE.decode_stream`` (time-major, one live cache per spatial tile for the
+    whole decode), concatenated on the CPU: the oracle the tile-major decode must reproduce."""
+    from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+    model = vae.model
+    dev, dt = vae.device, vae.dtype
+    B, _, T, h, w = z.shape
+    ys, xs = _old_tiles(h, vae.tile_latent, vae.tile_overlap), _old_tiles(w, vae.tile_latent, vae.tile_overlap)
+    sf = vae.spatial_factor
+    caches = {(i, j): [None] * vae._num_dec_convs for i in range(len(ys)) for j in range(len(xs))}
+    weights = {}
+    for i, (y0, y1) in enumerate(ys):
+        for j, (x0, x1) in enumerate(xs):
+            oy0 = (ys[i - 1][1] - y0) * sf if i > 0 else 0
+            oy1 = (y1 - ys[i + 1][0]) * sf if i + 1 < len(ys) else 0
+            ox0 = (xs[j - 1][1] - x0) * sf if j > 0 else 0
+            ox1 = (x1 - xs[j + 1][0]) * sf if j + 1 < len(xs) else 0
+            weights[i, j] = (_old_ramp((y1 - y0) * sf, oy0, oy1)[:, None]
+                             * _old_ramp((x1 - x0) * sf, ox0, ox1)[None, :]).to(dev)
+    chunks = []
+    for t0 in range(0, T, chunk):
+        zc = vae.denormalize(z[:, :, t0:t0 + chunk].to(dev, torch.float32)).to(dt)
+        out = wsum = None
+        for i, (y0, y1) in enumerate(ys):
+            for j, (x0, x1) in enumerate(xs):
+                x = model.post_quant_conv(zc[:, :, :, y0:y1, x0:x1])
+                pieces = []
+                for f in range(x.shape[2]):
+                    pieces.append(model.decoder(x[:, :, f:f + 1], feat_cache=caches[i, j], feat_idx=[0],
+                                                first_chunk=(t0 + f == 0)))
+                tile = torch.cat(pieces, 2)
+                if vae.patch > 1:
+                    tile = unpatchify(tile, patch_size=vae.patch)
+                tile = tile.float().clamp_(-1, 1)
+                if out is None:
+                    out = torch.zeros(B, 3, tile.shape[2], h * sf, w * sf, device=dev)
+                    wsum = torch.zeros(h * sf, w * sf, device=dev)
+                out[:, :, :, y0 * sf:y1 * sf, x0 * sf:x1 * sf] += tile * weights[i, j]
+                wsum[y0 * sf:y1 * sf, x0 * sf:x1 * sf] += weights[i, j]
+        chunks.append((out / wsum).cpu())
+    return torch.cat(chunks, 2)
+
+
+def _old_uint8(video):
+    return ((video[0].permute(1, 2, 3, 0) + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These decodes are many tiny convolutions: on a busy 2-core machine one thread is ~10x faster than two.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# -- the decode against the frozen oracle -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def vae16():
+    return WanVAE.tiny(16, seed=0)
+
+
+@pytest.fixture(scope="module")
+def vae48():
+    return WanVAE.tiny(48, seed=1)
+
+
+# (latent h, latent w, tile, overlap): one tile, a 1x2 strip, 2x2 with sizes that are no multiple of the
+# stride (the last tile moves back and overlaps more), and a 3x2 grid whose overlap exceeds half the tile.
+SIZES = [(3, 3, 4, 2), (3, 6, 4, 2), (5, 7, 4, 1), (7, 5, 3, 2)]
+
+
+@pytest.mark.parametrize("which", ["vae16", "vae48"])
+@pytest.mark.parametrize("h,w,tile,overlap", SIZES)
+def test_tile_major_decode_equals_old_decode(request, which, h, w, tile, overlap):
+    base = request.getfixturevalue(which)
+    vae = WanVAE(base.model, tile_latent=tile, tile_overlap=overlap)
+    z = torch.randn(1, vae.z_dim, 2, h, w)
+    ref = old_decode(vae, z)
+    out = vae.decode(z)
+    # The same decoder calls on the same tiles, blended in the same order: bit for bit.
+    assert out.shape == ref.shape == (1, 3, 5, h * vae.spatial_factor, w * vae.spatial_factor)
+    assert torch.equal(out, ref)
+    if (h, w) == (5, 7):  # the other entry points, once per VAE
+        assert torch.equal(vae.decode_uint8(z), _old_uint8(ref))
+        chunks = list(vae.decode_stream(z))
+        assert [c.shape[2] for c in chunks] == [1, 4]
+        assert torch.equal(torch.cat(chunks, 2), ref)
+        u8 = list(vae.decode_uint8_stream(z, chunk=2))
+        assert len(u8) == 1 and torch.equal(u8[0], _old_uint8(ref))
+
+
+def test_tile_major_decode_equals_old_decode_real_architecture():
+    """A Wan2.2 decoder with the public architecture (dim_mult 1,2,4,4, two residual blocks, residual
+    up-blocks, patch 2) at reduced widths, random weights; three latent frames over a 2x2 tiling."""
+    from diffusers import AutoencoderKLWan
+
+    from swift_model.vae import WAN22_CONFIG
+
+    cfg = dict(WAN22_CONFIG, base_dim=16, decoder_base_dim=16, latents_mean=torch.randn(48).tolist(),
+               latents_std=(torch.rand(48) + 0.5).tolist())
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        vae = WanVAE(AutoencoderKLWan(**cfg), tile_latent=4, tile_overlap=2)
+    z = torch.randn(1, 48, 3, 5, 6)
+    ref = old_decode(vae, z)
+    assert torch.equal(vae.decode(z), ref)
+
+
+def test_decode_batch_and_checks(vae16):
+    vae = WanVAE(vae16.model, tile_latent=4, tile_overlap=2)
+    z = torch.randn(2, 16, 2, 3, 6)
+    assert torch.equal(vae.decode(z), old_decode(vae, z))
+    with pytest.raises(ValueError, match="z must be"):
+        vae.decode(torch.randn(1, 15, 2, 3, 6))
+    with pytest.raises(ValueError, match="chunk"):
+        next(vae.decode_stream(z, chunk=0))
+    with pytest.raises(ValueError, match="not a tile"):
+        next(vae.decode_tiles(z, vae.spatial_tiles(3, 9)))
+
+
+# -- the tile API -----------------------------------------------------------------------------------------
+
+def test_decode_tiles_any_split_and_order_equals_decode(vae48):
+    """A parallel decode's shape: 'rank' r decodes tiles[r::3], the tiles reach the blender in any order."""
+    vae = WanVAE(vae48.model, tile_latent=4, tile_overlap=2)
+    z = torch.randn(1, 48, 2, 5, 7)
+    full = vae.decode(z)
+    tiles = vae.spatial_tiles(5, 7)
+    assert len(tiles) == 6 and [t.index for t in tiles] == list(range(6))
+    pieces = [p for r in range(3) for p in vae.decode_tiles(z, tiles[r::3])]
+    order = torch.randperm(len(pieces), generator=torch.Generator().manual_seed(0)).tolist()
+    blender = vae.decode_blender(tuple(z.shape))
+    for k in order:
+        assert not blender.complete
+        blender.add(*pieces[k])
+    assert blender.complete
+    torch.testing.assert_close(blender.result(), full, rtol=0, atol=1e-6)  # addition order: fp32 rounding
+    u8 = vae.decode_blender(tuple(z.shape), uint8=True)
+    for k in order[::-1]:
+        u8.add(*pieces[k])
+    assert (u8.result()[0].int() - vae.decode_uint8(z).int()).abs().max() <= 1  # a rounding tie at most
+
+
+def _field(b, c, f, hh, ww):
+    """A smooth function of the output position, the same whichever tile computes it."""
+    y = torch.arange(hh, dtype=torch.float32)[:, None]
+    x = torch.arange(ww, dtype=torch.float32)[None, :]
+    base = torch.sin(0.37 * y + 0.11 * x) + 0.01 * y - 0.02 * x
+    k = torch.arange(b * c * f, dtype=torch.float32).view(b, c, f, 1, 1)
+    return base * (1 + 0.1 * k)
+
+
+@pytest.mark.parametrize("h,w,tile,overlap,scale", [(1, 1, 4, 0, 1), (9, 4, 4, 1, 2), (11, 13, 5, 3, 3),
+                                                     (16, 10, 6, 2, 1)])
+def test_blender_reproduces_a_consistent_field_and_finalises_rows(h, w, tile, overlap, scale):
+    """When every tile returns the same values on its overlaps, the blend is those values (the weights sum to
+    one after the division); bands turn final exactly when the last tile row covering them is added."""
+    tiles = spatial_tiles(h, w, tile, overlap)
+    field = _field(2, 3, 2, h * scale, w * scale)
+    for uint8 in (False, True):
+        bl = TileBlender(tiles, 2, 3, 2, scale=scale, uint8=uint8)
+        for t in tiles:
+            bl.add(t, field[..., t.y0 * scale:t.y1 * scale, t.x0 * scale:t.x1 * scale])
+            rows_done = [r for r in bl.final_rows()]
+            # Every final row is covered by no tile still to come (tiles arrive row-major).
+            later = [u for u in tiles if u.index > t.index]
+            for r0, r1 in rows_done:
+                assert all(u.y1 * scale <= r0 or u.y0 * scale >= r1 for u in later)
+            # And every row that no later tile covers is final (nothing waits longer than it must).
+            final = torch.zeros(h * scale, dtype=torch.bool)
+            for r0, r1 in rows_done:
+                final[r0:r1] = True
+            pending = torch.zeros(h * scale, dtype=torch.bool)
+            for u in later:
+                pending[u.y0 * scale:u.y1 * scale] = True
+            assert torch.equal(final, ~pending)
+        out = bl.result()
+        if uint8:
+            want = ((field.clamp(-1, 1).movedim(1, -1) + 1) * 127.5).round().to(torch.uint8)
+            assert (out.int() - want.int()).abs().max() <= 1
+        else:
+            torch.testing.assert_close(out, field, rtol=0, atol=1e-5)
+
+
+def test_blender_checks():
+    tiles = spatial_tiles(6, 6, 4, 2)
+    bl = TileBlender(tiles, 1, 3, 1)
+    with pytest.raises(ValueError, match="must be"):
+        bl.add(tiles[0], torch.zeros(1, 3, 1, 4, 5))
+    bl.add(tiles[0], torch.zeros(1, 3, 1, 4, 4))
+    with pytest.raises(ValueError, match="already added"):
+        bl.add(tiles[0], torch.zeros(1, 3, 1, 4, 4))
+    with pytest.raises(ValueError, match="not part"):
+        bl.add(spatial_tiles(6, 6, 3, 1)[1], torch.zeros(1, 3, 1, 3, 3))
+    with pytest.raises(RuntimeError, match="not been added"):
+        bl.result()
+    with pytest.raises(ValueError, match="overlap"):
+        spatial_tiles(6, 6, 4, 4)
+    assert spans(10, 4, 1) == [(0, 4), (3, 7), (6, 10)] and spans(3, 4, 1) == [(0, 3)]
+    t = Tile(0, 0, 0, 0, 4, 0, 4, blend_top=1, blend_right=2)
+    wt = t.weight(2)
+    assert wt.shape == (8, 8) and wt[0, 0] == pytest.approx(1 / 3) and wt[4, -1] == pytest.approx(1 / 5)
