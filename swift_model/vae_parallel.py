@@ -142,8 +142,6 @@ def encode(vae, video: torch.Tensor, group=None) -> torch.Tensor:
     every rank: bitwise the one-process :meth:`WanVAE.encode`. A smaller one is encoded whole by every rank,
     as one process does. Every rank passes the same ``video``.
     """
-    from .vae_tiling import TileBlender
-
     if not isinstance(video, torch.Tensor) or video.dim() != 5 or video.shape[1] != 3:
         raise ValueError(f"parallel VAE encode: video must be [B, 3, F, H, W], got "
                          f"{tuple(video.shape) if isinstance(video, torch.Tensor) else type(video).__name__}")
@@ -151,13 +149,11 @@ def encode(vae, video: torch.Tensor, group=None) -> torch.Tensor:
     vae.check_size(F, H, W)  # before any tile runs: an error then stops every rank at once, not mid-exchange
     if _size(group) == 1 or not vae.encode_is_tiled(H, W):
         return vae.encode(video)
-    sf = vae.spatial_factor
-    tiles = vae.spatial_tiles(H // sf, W // sf)
-    T = (F - 1) // vae.temporal_factor + 1
-    blender = TileBlender(tiles, B, vae.z_dim, T, scale=1)
-    is_root = blend_on_rank0(tiles, lambda subset: vae.encode_tiles(video, subset),
-                             lambda t: (B, vae.z_dim, T, t.height, t.width), blender, group)
+    blender = vae.encode_blender(tuple(video.shape))
+    B, C, T, h, w = blender.output.shape
+    is_root = blend_on_rank0(blender.tiles, lambda subset: vae.encode_tiles(video, subset),
+                             lambda t: (B, C, T, t.height, t.width), blender, group)
     dev = _comm_device(group)
-    z = blender.result().to(dev) if is_root else torch.empty(B, vae.z_dim, T, H // sf, W // sf, device=dev)
+    z = blender.result().to(dev) if is_root else torch.empty(B, C, T, h, w, device=dev)
     dist.broadcast(z, src=dist.get_global_rank(group, 0), group=group)
     return z.to(vae.device)

@@ -29,7 +29,15 @@ def _pipe():
     if "pipe" not in _PIPE:
         from swift_model.pipeline import SwiftI2VPipeline
 
-        _PIPE["pipe"] = SwiftI2VPipeline.tiny(seed=0, device="cpu")
+        pipe = SwiftI2VPipeline.tiny(seed=0, device="cpu")
+        # Stage II VAE tiles small enough that the 128 x 64 clip (a latent of 4 x 8) has 3 of them, encode
+        # tiled too: the bridge's encode and the final decode really split over the ranks
+        vae = pipe.vae2
+        vae.tile_latent = vae.encode_tile_latent = 4
+        vae.tile_overlap = vae.encode_tile_overlap = 1
+        vae.encode_tile_min_pixels = 0
+        assert len(vae.spatial_tiles(4, 8)) == 3 and vae.encode_is_tiled(SIZE["height"], SIZE["width"])
+        _PIPE["pipe"] = pipe
     return copy.deepcopy(_PIPE["pipe"])  # distribute() shards and sets attributes: every case its own copy
 
 
@@ -137,9 +145,36 @@ def pipeline_cases(check) -> dict:
                     os.environ[k] = v
         assert not os.path.exists(os.path.join(out_dir, "x.mp4"))
 
+    def vae_tiles(group):
+        """The 2K VAE passes over the ranks, on a tiny VAE with tiles small enough to give 6 tiles: the decode
+        (uint8 and float) on rank 0 and the tiled encode on every rank are bitwise the one-process ones."""
+        from swift_model import vae_parallel
+        from swift_model.vae import WanVAE
+
+        rank = dist.get_rank()
+        vae = WanVAE.tiny(48, seed=1, tile_latent=3, tile_overlap=1, encode_tile_min_pixels=0,
+                          encode_tile_latent=3, encode_tile_overlap=1)
+        g = torch.Generator().manual_seed(5)
+        z = torch.randn(1, 48, 2, 4, 7, generator=g)  # 2 x 3 tiles of up to 3 x 3: uneven shares at 4 ranks
+        assert len(vae.spatial_tiles(4, 7)) == 6
+        got8 = vae_parallel.decode_uint8(vae, z, group)
+        got = vae_parallel.decode(vae, z, group)
+        if rank == 0:  # the one-process references, computed once
+            check(got8, vae.decode_uint8(z), 0, "VAE decode uint8")
+            check(got, vae.decode(z), 0, "VAE decode float")
+        else:
+            assert got8 is None and got is None
+        video = torch.rand(1, 3, 5, 64, 96, generator=g) * 2 - 1  # a latent of 4 x 6: 6 tiles again
+        assert vae.encode_is_tiled(64, 96)
+        got = vae_parallel.encode(vae, video, group)
+        want = [vae.encode(video) if rank == 0 else None]
+        dist.broadcast_object_list(want, src=0)
+        check(got, want[0], 0, "VAE encode")
+
     return {
         "pipeline-sequential": split(False),
         "pipeline-joint": split(True),
         "pipeline-cfg-parallel": cfg_parallel,
         "cli-errors": cli_errors,
+        "vae-tiles": vae_tiles,
     }
