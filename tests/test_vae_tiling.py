@@ -239,3 +239,68 @@ def test_blender_checks():
     t = Tile(0, 0, 0, 0, 4, 0, 4, blend_top=1, blend_right=2)
     wt = t.weight(2)
     assert wt.shape == (8, 8) and wt[0, 0] == pytest.approx(1 / 3) and wt[4, -1] == pytest.approx(1 / 5)
+
+
+# -- the decode's device working set ----------------------------------------------------------------------
+
+class LiveDeviceBytes(TorchDispatchMode):
+    """Counts the bytes of live tensor storages on one device type: a storage is counted when an op first
+    returns it and uncounted when it is freed (a weakref callback); ``peak`` is the largest total seen."""
+
+    def __init__(self, device_type: str) -> None:
+        super().__init__()
+        self.device_type = device_type
+        self.live = 0
+        self.peak = 0
+        self._refs: dict[int, weakref.ref] = {}
+
+    def _freed(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self._refs.pop(key, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.device.type == self.device_type:
+                st = t.untyped_storage()
+                if id(st) in self._refs:
+                    continue
+                n = st.nbytes()
+                self.live += n
+                self.peak = max(self.peak, self.live)
+                self._refs[id(st)] = weakref.ref(st, lambda _, k=id(st), n=n: self._freed(k, n))
+        return out
+
+
+def test_decode_device_working_set_does_not_grow_with_width_or_length():
+    """The public Wan2.2 decoder architecture on a fake CUDA device (FakeTensorMode: shapes only, no GPU and
+    no real memory): the peak of live device bytes during the tile-major decode is the same at twice the
+    width, and at more frames, while the old per-tile-cache decode's peak grows with the tile count."""
+    from diffusers import AutoencoderKLWan
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from swift_model.vae import WAN22_CONFIG
+
+    def peak(decode, vae, t, w):
+        z = torch.randn(1, 48, t, 4, w, device="cuda")
+        with LiveDeviceBytes("cuda") as tracker:
+            decode(vae, z)
+        return tracker.peak
+
+    new = WanVAE.decode_uint8
+    cfg = dict(WAN22_CONFIG, latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        with torch.device("cuda"):
+            # Tiles of 4 latent pixels without overlap keep the op count (the cost of fake tensors) small.
+            vae = WanVAE(AutoencoderKLWan(**cfg), tile_latent=4, tile_overlap=0)
+        assert len(vae.spatial_tiles(4, 4)) == 1 and len(vae.spatial_tiles(4, 8)) == 2
+        narrow, wide = peak(new, vae, 2, 4), peak(new, vae, 2, 8)
+        assert narrow > 0 and abs(wide / narrow - 1) < 0.10, (narrow, wide)
+        # The caches are full from the third latent frame on; from there on the peak stays.
+        short, long = peak(new, vae, 3, 4), peak(new, vae, 4, 4)
+        assert abs(long / short - 1) < 0.10, (short, long)
+        # The tracker does see a working set that grows: the old decode keeps one cache per tile.
+        old1, old2 = peak(old_decode, vae, 2, 4), peak(old_decode, vae, 2, 8)
+        assert old2 > 1.25 * old1, (old1, old2)
+        print(f"peak live device bytes: tile-major {narrow} (1 tile) {wide} (2 tiles), {short} (3 frames) "
+              f"{long} (4 frames); old decode {old1} (1 tile) {old2} (2 tiles)")
