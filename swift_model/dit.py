@@ -900,7 +900,7 @@ class WanDiT(nn.Module):
         if positions is None or tuple(positions[:A].tolist()) != cache.positions:
             raise ValueError(f"the anchors' frame positions must be {cache.positions} as in anchor_cache")
         t = torch.as_tensor(timestep, device=latents.device)
-        if t.dim() != 2 or t.shape[1] not in (A * P + (latents.shape[2] - A) * P, latents.shape[2]):
+        if t.dim() != 2 or t.shape[1] not in (latents.shape[2] * P, latents.shape[2]):
             raise ValueError("with anchor_cache, timestep must be per token or per frame (0 on the anchor)")
         if bool((t[:, :A * P] if t.shape[1] != latents.shape[2] else t[:, :A]).ne(0).any()):
             raise ValueError("with anchor_cache the anchor's timestep must be 0 (it is clean)")
