@@ -259,7 +259,8 @@ class SwiftI2VPipeline:
             shared_anchor: the anchor (the input image's latent frame) attends only itself in every Stage II
                 window (``CSGPlan(anchor_attends="anchor")``), for Stage II networks trained that way
                 (``swift-i2v train --shared-anchor``). A departure from the paper, whose windows are dense;
-                off by default.
+                off by default. The anchor's keys and values are then computed once per conditioning and
+                reused by every window and step (:meth:`~swift_model.dit.WanDiT.precompute_anchor`).
 
         Returns:
             a :class:`GenerationResult`: the video as a uint8 ``[frames, height, width, 3]`` tensor (``None``
@@ -447,15 +448,24 @@ class SwiftI2VPipeline:
         cache = dit.precompute_context(context.to(dev, dtype), None)
         neg_cache = dit.precompute_context(neg_context.to(dev, dtype), None) if guidance is not None else None
 
+        anchors = {}  # shared anchor: its keys and values per conditioning, computed on the first call
+
+        def call(inp, tt, positions, layout, ctx):
+            anchor = None
+            if plan.anchor_attends == "anchor":
+                anchor = anchors.get(id(ctx))
+                if anchor is None:
+                    A = plan.anchor_blocks
+                    anchor = anchors[id(ctx)] = dit.precompute_anchor(inp[:, :, :A], ctx, positions[:A])
+            return dit(inp, tt, None, layout=layout, frame_positions=positions, context_cache=ctx,
+                       anchor_cache=anchor)[:, :C].float()
+
         def model_fn(inp, ref, tt, positions, layout):
             # "swift": inp is the model input cat([state, z_ref window]) already in the DiT's dtype, written
             # by the sampler step itself (run_csg(fuse_ref=True)); "refine": inp is the state.
             inp = inp.to(dtype)
-            v = dit(inp, tt, None, layout=layout, frame_positions=positions, context_cache=cache)[:, :C].float()
-            if guidance is None:
-                return v
-            vu = dit(inp, tt, None, layout=layout, frame_positions=positions, context_cache=neg_cache)[:, :C].float()
-            return v, vu
+            v = call(inp, tt, positions, layout, cache)
+            return v if guidance is None else (v, call(inp, tt, positions, layout, neg_cache))
 
         n_units = 1 if joint else plan.num_segments
         seg_bar = _tqdm(progress, total=n_units, desc="stage II (joint)" if joint else "stage II", unit="segment")
