@@ -38,7 +38,8 @@ def _add_common(p: argparse.ArgumentParser, *, frames: int, width: int, height: 
     p.add_argument("--negative-prompt", default="", help="negative prompt of the guidance (default: empty)")
     p.add_argument("--shared-anchor", action="store_true",
                    help="Stage II: the anchor frame attends only itself in every window, for Stage II networks "
-                        "trained with shared_anchor (a departure from the paper; default off)")
+                        "trained with shared_anchor (a departure from the paper; default off); its keys and "
+                        "values are computed once and reused")
 
 
 def _add_parallel(p: argparse.ArgumentParser) -> None:

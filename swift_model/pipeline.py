@@ -267,7 +267,8 @@ class SwiftI2VPipeline:
             shared_anchor: the anchor (the input image's latent frame) attends only itself in every Stage II
                 window (``CSGPlan(anchor_attends="anchor")``), for Stage II networks trained that way
                 (``swift-i2v train --shared-anchor``). A departure from the paper, whose windows are dense;
-                off by default.
+                off by default. The anchor's keys and values are then computed once per conditioning and
+                reused by every window and step (:meth:`~swift_model.dit.WanDiT.precompute_anchor`).
 
         Returns:
             a :class:`GenerationResult`: the video as a uint8 ``[frames, height, width, 3]`` tensor (``None``
@@ -472,14 +473,25 @@ class SwiftI2VPipeline:
         cache = dit.precompute_context(context.to(dev, dtype), None)
         neg_cache = dit.precompute_context(neg_context.to(dev, dtype), None) if guidance is not None else None
 
+        anchors = {}  # shared anchor: its keys and values per conditioning, computed on the first call
+        sp = self.parallel.sp_group
+
+        def call(inp, tt, positions, layout, ctx):
+            anchor = None
+            if plan.anchor_attends == "anchor" and sp is None:  # the anchor's cache is for unsplit sequences
+                anchor = anchors.get(id(ctx))
+                if anchor is None:
+                    A = plan.anchor_blocks
+                    anchor = anchors[id(ctx)] = dit.precompute_anchor(inp[:, :, :A], ctx, positions[:A])
+            return dit(inp, tt, None, layout=layout, frame_positions=positions, context_cache=ctx,
+                       anchor_cache=anchor, sp_group=sp)[:, :C].float()
+
         def model_fn(inp, ref, tt, positions, layout):
             # "swift": inp is the model input cat([state, z_ref window]) already in the DiT's dtype, written
             # by the sampler step itself (run_csg(fuse_ref=True)); "refine": inp is the state.
             inp = inp.to(dtype)
-            return self.parallel.velocities(
-                lambda c: dit(inp, tt, None, layout=layout, frame_positions=positions, context_cache=c,
-                              sp_group=self.parallel.sp_group)[:, :C].float(),
-                cache, neg_cache, guidance is not None)
+            return self.parallel.velocities(lambda c: call(inp, tt, positions, layout, c), cache, neg_cache,
+                                            guidance is not None)
 
         n_units = 1 if joint else plan.num_segments
         seg_bar = _tqdm(progress, total=n_units, desc="stage II (joint)" if joint else "stage II", unit="segment")

@@ -90,12 +90,13 @@ def pipeline_cases(check) -> dict:
     def cfg_parallel(group):
         W = dist.get_world_size()
         fsdp = W == 4  # FSDP over every rank, under CFG halves of Ulysses pairs (each composition once)
-        want = _reference(guidance_scale=3.0)
+        # with the shared anchor too: one process reuses the anchor's keys and values, the ranks recompute them
+        want = _reference(guidance_scale=3.0, shared_anchor=True)
         pipe = _pipe()
         par = Parallelism.build(cfg_parallel=True, guidance=True, fsdp=fsdp)
         assert par.ulysses == W // 2 and par.branch == int(dist.get_rank() >= W // 2)
         distribute(pipe, par)
-        compare(_generate(pipe, guidance_scale=3.0), want, f"cfg-parallel fsdp={fsdp}")
+        compare(_generate(pipe, guidance_scale=3.0, shared_anchor=True), want, f"cfg-parallel fsdp={fsdp}")
         # the exchange itself: each half computes its own branch only, every rank gets both, bitwise
         calls = []
 

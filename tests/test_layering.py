@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "distributed": 5, "vae_parallel": 5,                    # torchrun, process groups, CFG parallel, VAE tiles
     "pipeline": 6,
     "prepare": 6, "train": 6, "export": 6,                  # the training runs, beside the pipeline
+    "lora_train": 6,                                        # Stage I's low-resolution LoRA
     "cli": 7, "train_cli": 7,
     "__init__": 8,
 }

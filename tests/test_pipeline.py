@@ -313,7 +313,8 @@ def test_tiny_pipeline_shared_anchor(tiny_pipe, monkeypatch):
     from swift_model.packing import TrainingWindows
 
     img = _image(4)
-    size = dict(frames=13, width=64, height=64, progress=False)  # 4 latent frames: 2 segments of 2 blocks
+    # 3 latent frames: the anchor and 2 segments of 1 block, 2 steps each
+    size = dict(frames=9, width=64, height=64, steps=2, segment_blocks=1, progress=False)
     base = tiny_pipe.generate(img, "a cat", seed=1, **size)
     off = tiny_pipe.generate(img, "a cat", seed=1, shared_anchor=False, **size)
     assert torch.equal(base.latents, off.latents) and base.info["shared_anchor"] is False
@@ -321,18 +322,33 @@ def test_tiny_pipeline_shared_anchor(tiny_pipe, monkeypatch):
     forward = tiny_pipe.stage2.forward
 
     def spy(*args, **kwargs):
-        calls.append(kwargs.get("layout"))
+        calls.append((kwargs.get("layout"), kwargs.get("anchor_cache")))
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(tiny_pipe.stage2, "forward", spy)
     on = tiny_pipe.generate(img, "a cat", seed=1, shared_anchor=True, **size)
-    monkeypatch.undo()
     T, h, w = on.latents.shape[2:]
     P = (h // 2) * (w // 2)
-    want = [TrainingWindows(T, P, 2, (1, 0), (s,), shared_anchor=True).layout for s in range(2)]
-    assert len(calls) == 2 * 4  # two windows, four steps each
-    assert all(lay == want[k // 4] for k, lay in enumerate(calls))
+    want = [TrainingWindows(T, P, 1, (1, 0), (s,), shared_anchor=True).layout for s in range(2)]
+    windows = [c for c in calls if c[0] is not None]
+    assert len(calls) - len(windows) == 1  # the anchor's keys and values: computed once (precompute_anchor)
+    assert len(windows) == 2 * 2  # two windows, two steps each, all reusing them
+    assert all(lay == want[k // 2] and anchor is windows[0][1] is not None for k, (lay, anchor) in enumerate(windows))
     assert on.info["shared_anchor"] is True and torch.isfinite(on.latents).all()
+
+    def no_cache(*args, **kwargs):  # the same windows, the anchor run in every call
+        kwargs.pop("anchor_cache", None)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_pipe.stage2, "forward", no_cache)
+    uncached = tiny_pipe.generate(img, "a cat", seed=1, shared_anchor=True, **size)
+    monkeypatch.setattr(tiny_pipe.stage2, "forward", spy)
+    calls.clear()
+    guided = tiny_pipe.generate(img, "a cat", seed=1, shared_anchor=True, guidance_scale=3.0, **size)
+    monkeypatch.undo()
+    assert sum(lay is None for lay, _ in calls) == 2  # one anchor cache per conditioning (prompt, negative)
+    assert torch.isfinite(guided.latents).all() and not torch.allclose(guided.latents, on.latents)
+    torch.testing.assert_close(on.latents, uncached.latents, rtol=1e-5, atol=1e-5 * uncached.latents.abs().max().item())
     assert torch.equal(on.latents[:, :, 0], base.latents[:, :, 0])  # the anchor itself is z_ref in both
     assert not torch.allclose(on.latents[:, :, 1:], base.latents[:, :, 1:], rtol=1e-3, atol=1e-3)
 
