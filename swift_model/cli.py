@@ -42,6 +42,18 @@ def _add_common(p: argparse.ArgumentParser, *, frames: int, width: int, height: 
                         "values are computed once and reused")
 
 
+def _add_parallel(p: argparse.ArgumentParser) -> None:
+    group = p.add_argument_group("several GPUs (under torchrun --nproc-per-node N)")
+    group.add_argument("--ulysses", type=int, default=None,
+                       help="ranks that split each DiT call's tokens and attention heads (default: all N, or N/2 "
+                            "with --cfg-parallel); must divide N and both DiTs' head counts")
+    group.add_argument("--cfg-parallel", action="store_true",
+                       help="run the conditional and unconditional guidance branches on two halves of the ranks "
+                            "(needs --guidance and an even N)")
+    group.add_argument("--fsdp", action="store_true",
+                       help="shard both DiTs' blocks over the N ranks (FSDP2), for weights that do not fit one GPU")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swift-i2v", description="High-resolution image-to-video by SwiftI2V "
                                      "(two stages, Conditional Segment-wise Generation).")
@@ -63,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tiny", action="store_true", help="use the tiny random-weight models (no checkpoints)")
     g.add_argument("--vae-dtype", choices=("bf16", "fp32"), default=None,
                    help="dtype of the VAEs (default: bf16 on a GPU, fp32 on the CPU)")
+    _add_parallel(g)
     _add_common(g, frames=81, width=2560, height=1408)
     d = sub.add_parser("demo", help="run the whole pipeline on tiny random-weight models on the CPU")
     d.add_argument("--image", default=None, help="input image (default: a generated test pattern)")
@@ -102,8 +115,39 @@ def _summary(result) -> str:
 
 
 def _run(args) -> int:
-    import torch
+    from .distributed import check_pipeline, distribute, processes
 
+    guided = args.guidance is not None and args.guidance != 1.0
+    device = args.device or ("cpu" if args.command == "demo" else None)  # the demo runs on the CPU
+    with processes(device, ulysses=getattr(args, "ulysses", None), cfg_parallel=getattr(args, "cfg_parallel", False),
+                   fsdp=getattr(args, "fsdp", False), guidance=guided) as (par, device):
+        error = None
+        try:
+            pipe, image, out = _prepare(args, device)
+            check_pipeline(pipe, par)
+        except (ValueError, TypeError, OSError) as exc:
+            error = exc
+        par.agree(error)  # every rank goes on, or every rank stops with the same message
+        distribute(pipe, par)
+        result = pipe.generate(
+            image, getattr(args, "prompt", None), prompt_embeds=getattr(args, "prompt_embeds", None),
+            frames=args.frames, width=args.width, height=args.height, steps=args.steps, shift=args.shift,
+            segment_blocks=args.segment_blocks, neighbors=args.neighbors, joint=args.joint,
+            start_sigma=args.start_sigma, seed=args.seed, step_mode=args.step_mode, output=out, fps=args.fps,
+            progress=not args.quiet, free_text_encoder=True, guidance_scale=args.guidance,
+            negative_prompt=args.negative_prompt, negative_prompt_embeds=getattr(args, "negative_prompt_embeds", None),
+            shared_anchor=args.shared_anchor)
+        if par.is_main:  # rank 0 alone prints and writes
+            print(_summary(result))
+            if args.report is not None:
+                with open(args.report, "w") as f:
+                    json.dump(result.report(), f, indent=2)
+    return 0
+
+
+def _prepare(args, device):
+    """Check the arguments and build the pipeline on ``device``: ``(pipeline, image, output path)``."""
+    from .distributed import env_rank
     from .pipeline import SwiftI2VPipeline
     from .video import check_output_path, read_image
 
@@ -112,18 +156,14 @@ def _run(args) -> int:
         folder = os.path.dirname(os.path.abspath(args.report)) or "."
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             raise ValueError(f"cannot write the report to {args.report}")
-    if args.device is not None and args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
-        raise ValueError(f"--device must be cpu or cuda, got {args.device!r}")
-    if args.device and args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but no CUDA GPU is available")
     if args.guidance is not None and not args.guidance > 0:
         raise ValueError(f"--guidance must be > 0, got {args.guidance}")
     demo = args.command == "demo"
-    device = args.device or ("cpu" if demo else None)
     image = read_image(args.image) if args.image else _demo_image(args.width, args.height)
 
     if demo or args.tiny:
-        print(DEMO_TEXT if demo else "swift-i2v: using the tiny RANDOM-WEIGHT models (--tiny).", file=sys.stderr)
+        if env_rank() == 0:
+            print(DEMO_TEXT if demo else "swift-i2v: using the tiny RANDOM-WEIGHT models (--tiny).", file=sys.stderr)
         pipe = SwiftI2VPipeline.tiny(seed=0, stage2_kind=args.stage2_kind, device=device,
                                      vae_dtype=getattr(args, "vae_dtype", None))
     else:
@@ -137,18 +177,7 @@ def _run(args) -> int:
             load_text_encoder=args.prompt_embeds is None, device=device, offload=args.offload,
             vae_dtype=args.vae_dtype)
     pipe.check_inputs(args.frames, args.width, args.height)
-    result = pipe.generate(
-        image, getattr(args, "prompt", None), prompt_embeds=getattr(args, "prompt_embeds", None), frames=args.frames,
-        width=args.width, height=args.height, steps=args.steps, shift=args.shift, segment_blocks=args.segment_blocks,
-        neighbors=args.neighbors, joint=args.joint, start_sigma=args.start_sigma, seed=args.seed,
-        step_mode=args.step_mode, output=out, fps=args.fps, progress=not args.quiet, free_text_encoder=True,
-        guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
-        negative_prompt_embeds=getattr(args, "negative_prompt_embeds", None), shared_anchor=args.shared_anchor)
-    print(_summary(result))
-    if args.report is not None:
-        with open(args.report, "w") as f:
-            json.dump(result.report(), f, indent=2)
-    return 0
+    return pipe, image, out
 
 
 def main(argv=None) -> int:
@@ -163,8 +192,14 @@ def main(argv=None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     except (ValueError, TypeError, FileNotFoundError, PermissionError, IsADirectoryError, OSError) as exc:
+        from .distributed import AgreedError, env_rank, torchrun_world_size
+
         msg = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"error: {msg}", file=sys.stderr)
+        rank = env_rank()
+        if torchrun_world_size() > 1 and not isinstance(exc, AgreedError):
+            msg = f"rank {rank}: {msg}"  # an error of this rank alone
+        if rank == 0 or not isinstance(exc, AgreedError):  # every rank has the same one: printed once
+            print(f"error: {msg}", file=sys.stderr)
         return 2
 
 

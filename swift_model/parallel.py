@@ -334,7 +334,7 @@ def gather_tokens(t: torch.Tensor, group: dist.ProcessGroup | None, sizes: Seque
 
 def fsdp_shard_blocks(model: torch.nn.Module, group: dist.ProcessGroup | None = None, *,
                       reshard_after_forward: bool = True, mp_policy=None,
-                      keep_whole: Callable[[str], bool] | None = None) -> torch.nn.Module:
+                      keep_whole: Callable[[str], bool] | None = None, device=None) -> torch.nn.Module:
     """Shard every transformer block of ``model`` (its ``blocks``) over ``group`` with FSDP2, in place.
 
     Each block becomes an FSDP2 module (``torch.distributed.fsdp.fully_shard``): its weights live sharded
@@ -368,6 +368,10 @@ def fsdp_shard_blocks(model: torch.nn.Module, group: dist.ProcessGroup | None = 
             ``"blocks.3.scale_shift_table"``) says which block parameters to leave out of the sharding instead of
             the dtype rule above; training with fp32 master weights and bf16 compute passes
             ``swift_model.dit.keeps_fp32``, so those parameters are neither sharded nor cast by ``mp_policy``.
+        device: where the model runs, when its weights are still elsewhere (e.g. loaded into host memory, so
+            that no rank ever holds the whole model on its GPU): each block's shard is moved there as it is
+            sharded, then the rest of the model (the root's parameters, the parameters left whole). Default:
+            where the parameters are.
 
     Returns ``model`` (its blocks now ``FSDPModule``\\ s). Untested on a GPU.
     """
@@ -380,7 +384,7 @@ def fsdp_shard_blocks(model: torch.nn.Module, group: dist.ProcessGroup | None = 
     if not isinstance(blocks, torch.nn.ModuleList) or len(blocks) == 0:
         raise TypeError(f"model must have a non-empty ModuleList `blocks`, got {type(model).__name__}")
     group = dist.group.WORLD if group is None else group
-    device = next(model.parameters()).device
+    device = next(model.parameters()).device if device is None else torch.device(device)
     mesh = DeviceMesh.from_group(group, device_type=device.type)
     policy = MixedPrecisionPolicy(cast_forward_inputs=False) if mp_policy is None else mp_policy
     for i, blk in enumerate(blocks):
@@ -396,4 +400,12 @@ def fsdp_shard_blocks(model: torch.nn.Module, group: dist.ProcessGroup | None = 
                     ignored_params=ignored or None)
         if hasattr(blk, "context_kv"):
             register_fsdp_forward_method(blk, "context_kv")
+    # fully_shard moved the sharded parameters to the mesh's device; the rest follows (in place, so the
+    # Parameter objects FSDP and the model hold stay the same)
+    from torch.distributed.tensor import DTensor
+
+    for mod in model.modules():
+        for t in list(mod._parameters.values()) + list(mod._buffers.values()):
+            if t is not None and not isinstance(t, DTensor) and t.device != device:
+                t.data = t.data.to(device)
     return model

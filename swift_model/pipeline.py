@@ -18,8 +18,10 @@ import time
 
 import torch
 
-from .bridge import hybrid_reference
+from . import vae_parallel
+from .bridge import hybrid_reference, reference_video
 from .csg import CSGPlan, STAGE2_KINDS, flow_steps, flow_update, gaussian, parse_neighbors, run_csg
+from .distributed import Parallelism, check_sizes
 from .encoders import ImageEncoder, TextEncoder, load_prompt_embeds
 from .transition import stage1_conditioning, stage1_model_input
 from .vae import WanVAE
@@ -78,7 +80,13 @@ class SwiftI2VPipeline:
         device: where the models run (default: CUDA when available, else CPU).
         offload: keep the stage not in use (and the encoders) on the CPU.
         random_weights: a flag carried into reports (the tiny demo models).
+
+    Several processes (``torchrun``): :func:`swift_model.distributed.distribute` sets ``parallel`` (a
+    :class:`~swift_model.distributed.Parallelism`); every rank then calls :meth:`generate` with the same
+    arguments, and only rank 0 shows progress and writes the video.
     """
+
+    parallel: Parallelism = Parallelism()  # one process; distribute() sets this pipeline's own
 
     def __init__(self, stage1, stage2, vae1: WanVAE, vae2: WanVAE, text_encoder: TextEncoder | None = None,
                  image_encoder: ImageEncoder | None = None, *, stage2_kind: str = "swift", device=None,
@@ -307,6 +315,9 @@ class SwiftI2VPipeline:
             output = check_output_path(output)
         if isinstance(image, (str, os.PathLike)):
             image = read_image(image)
+        par = self.parallel
+        check_sizes(self, par, frames, width, height, segment_blocks, neighbors, joint)
+        progress = progress and par.is_main
         dev = self.device
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
@@ -369,7 +380,11 @@ class SwiftI2VPipeline:
         # -- bridge --
         t0 = time.perf_counter()
         with self._on_device(self.vae1.model, self.vae2.model):
-            z_ref = hybrid_reference(z1, self.vae1, self.vae2, img_full, height, width)
+            if par.distributed:  # the 2K encode's tiles over the ranks (bitwise the one-process encode)
+                z_ref = vae_parallel.encode(self.vae2, reference_video(z1, self.vae1, img_full, height, width),
+                                            par.group)
+            else:
+                z_ref = hybrid_reference(z1, self.vae1, self.vae2, img_full, height, width)
             _sync(dev)
         seconds["bridge"] = time.perf_counter() - t0
 
@@ -388,9 +403,16 @@ class SwiftI2VPipeline:
         # -- decode + write --
         t0 = time.perf_counter()
         with self._on_device(self.vae2.model):
-            # Tile-major decode (device: one tile's caches), blended to uint8 frames on the host.
-            chunks = self.vae2.decode_uint8_stream(z2[:1], progress=progress)
-            if output is not None:
+            if par.distributed:
+                # each rank decodes its share of the tiles; rank 0 blends them (bitwise the one-process decode)
+                frames_ = vae_parallel.decode_uint8(self.vae2, z2[:1], par.group, progress=progress)
+                chunks = None if frames_ is None else iter((frames_,))
+            else:
+                # Tile-major decode (device: one tile's caches), blended to uint8 frames on the host.
+                chunks = self.vae2.decode_uint8_stream(z2[:1], progress=progress)
+            if chunks is None:
+                video = output = None  # rank 0 alone writes the video
+            elif output is not None:
                 write_mp4(chunks, output, fps=fps)
                 video = None
             else:
@@ -402,7 +424,8 @@ class SwiftI2VPipeline:
                     segment_blocks=segment_blocks, neighbors=list(neighbors), segments=plan.num_segments,
                     stage1_size=[w1, h1], latent_frames=T, max_window_tokens=plan.max_window_tokens,
                     guidance_scale=guidance_scale, shared_anchor=shared_anchor, device=str(dev),
-                    random_weights=self.random_weights)
+                    random_weights=self.random_weights,
+                    **par.report())
         return GenerationResult(video, output, z2.cpu(), seconds, _peak_memory(dev), info)
 
     __call__ = generate
@@ -430,10 +453,12 @@ class SwiftI2VPipeline:
         numel = x.numel()
         for i, (t, sigma, sigma_next) in enumerate(_tqdm(progress, iterable=sched, desc="stage I", unit="step")):
             inp, tt = stage1_model_input(x, ti2v, cond, t, dtype)
-            v = dit(inp, tt, None, context_cache=cache).float()
+            v = self.parallel.velocities(
+                lambda c: dit(inp, tt, None, context_cache=c, sp_group=self.parallel.sp_group).float(),
+                cache, neg_cache, guidance is not None)
             g = {}
             if guidance is not None:
-                g = dict(v_uncond=dit(inp, tt, None, context_cache=neg_cache).float(), guidance=guidance)
+                v, g = v[0], dict(v_uncond=v[1], guidance=guidance)
             x = flow_update(x, v, sigma, sigma_next, mode=step_mode, seed=seed, offset=(i + 1) * numel, **g)
         if ti2v:
             x[:, :, :1] = cond
@@ -449,23 +474,24 @@ class SwiftI2VPipeline:
         neg_cache = dit.precompute_context(neg_context.to(dev, dtype), None) if guidance is not None else None
 
         anchors = {}  # shared anchor: its keys and values per conditioning, computed on the first call
+        sp = self.parallel.sp_group
 
         def call(inp, tt, positions, layout, ctx):
             anchor = None
-            if plan.anchor_attends == "anchor":
+            if plan.anchor_attends == "anchor" and sp is None:  # the anchor's cache is for unsplit sequences
                 anchor = anchors.get(id(ctx))
                 if anchor is None:
                     A = plan.anchor_blocks
                     anchor = anchors[id(ctx)] = dit.precompute_anchor(inp[:, :, :A], ctx, positions[:A])
             return dit(inp, tt, None, layout=layout, frame_positions=positions, context_cache=ctx,
-                       anchor_cache=anchor)[:, :C].float()
+                       anchor_cache=anchor, sp_group=sp)[:, :C].float()
 
         def model_fn(inp, ref, tt, positions, layout):
             # "swift": inp is the model input cat([state, z_ref window]) already in the DiT's dtype, written
             # by the sampler step itself (run_csg(fuse_ref=True)); "refine": inp is the state.
             inp = inp.to(dtype)
-            v = call(inp, tt, positions, layout, cache)
-            return v if guidance is None else (v, call(inp, tt, positions, layout, neg_cache))
+            return self.parallel.velocities(lambda c: call(inp, tt, positions, layout, c), cache, neg_cache,
+                                            guidance is not None)
 
         n_units = 1 if joint else plan.num_segments
         seg_bar = _tqdm(progress, total=n_units, desc="stage II (joint)" if joint else "stage II", unit="segment")

@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "csg": 5, "bridge": 5,                                  # the stages
     "packing": 5, "transition": 5, "dataset": 5,            # training sequences, references, prepared data
     "train_config": 5,
+    "distributed": 5, "vae_parallel": 5,                    # torchrun, process groups, CFG parallel, VAE tiles
     "pipeline": 6,
     "prepare": 6, "train": 6, "export": 6,                  # the training runs, beside the pipeline
     "lora_train": 6,                                        # Stage I's low-resolution LoRA

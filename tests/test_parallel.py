@@ -23,7 +23,13 @@ Exactness (relative to the reference's largest magnitude):
 from __future__ import annotations
 
 import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
@@ -33,10 +39,12 @@ from swift_model import WanDiT, WanDiTConfig
 from swift_model import dit as dit_module
 from swift_model import parallel
 from swift_model.parallel import check_heads, shard_sizes, token_range
+from _parallel_pipeline import pipeline_cases
 from _spawn import launch
 from _spawn import problems as spawn_problems
 from test_dit_blocks import _random_init
 
+ROOT = Path(__file__).resolve().parents[1]
 WORLD_SIZES = (2, 4)
 COLLECTIVE_TIMEOUT_S = 30  # a rank waiting longer for its peers raises (init_process_group timeout)
 LAUNCH_DEADLINE_S = 150  # the whole spawn of one world size; then the children are killed
@@ -334,6 +342,7 @@ CASES = {
     "fsdp-fp32": _case_fsdp_inference(torch.float32, False),
     "fsdp-bf16-sp": _case_fsdp_inference(torch.bfloat16, True),
     "fsdp-training": _case_fsdp_training,
+    **pipeline_cases(_check),  # the tiny two-stage pipeline, CFG parallel, the CLI's errors
 }
 
 
@@ -361,3 +370,79 @@ def spawned(tmp_path_factory):
 def test_distributed(spawned, world_size, case):
     problems = spawn_problems(spawned(world_size), case)
     assert not problems, "\n".join(problems)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# the command line: degrees, one process, torchrun
+# -------------------------------------------------------------------------------------------------------------
+
+
+def test_degrees():
+    from swift_model.distributed import resolve_degrees
+
+    assert resolve_degrees(1) == {"world_size": 1, "ulysses": 1, "cfg_parallel": False, "fsdp": False, "replicas": 1}
+    assert resolve_degrees(8)["ulysses"] == 8
+    assert resolve_degrees(8, cfg_parallel=True, guidance=True)["ulysses"] == 4
+    d = resolve_degrees(8, ulysses=2, cfg_parallel=True, fsdp=True, guidance=True)
+    assert (d["ulysses"], d["replicas"], d["fsdp"]) == (2, 2, True)
+    for kw, needle in ((dict(world_size=4, ulysses=3), "--ulysses 3 must divide the 4 ranks"),
+                       (dict(world_size=8, ulysses=8, cfg_parallel=True, guidance=True), "of each CFG half"),
+                       (dict(world_size=3, cfg_parallel=True, guidance=True), "even number of processes"),
+                       (dict(world_size=4, cfg_parallel=True), "needs --guidance"),
+                       (dict(world_size=1, ulysses=2), "--ulysses 2 needs several processes"),
+                       (dict(world_size=1, fsdp=True), "--fsdp needs several processes"),
+                       (dict(world_size=2, ulysses=0), "--ulysses must be >= 1")):
+        with pytest.raises(ValueError, match=needle):
+            resolve_degrees(**kw)
+
+
+def _png(path):
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(path)
+    return str(path)
+
+
+def test_parallel_flags_in_one_process(tmp_path, capsys):
+    from swift_model.cli import main
+
+    base = ["generate", "--tiny", "--image", _png(tmp_path / "in.png"), "--prompt", "p", "--out",
+            str(tmp_path / "o.mp4"), "--quiet"]
+    for extra, needle in ((["--ulysses", "2"], "--ulysses 2 needs several processes"),
+                          (["--cfg-parallel", "--guidance", "3"], "--cfg-parallel needs several processes"),
+                          (["--cfg-parallel"], "needs --guidance")):
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+    assert not (tmp_path / "o.mp4").exists()
+
+
+TORCHRUN_TIMEOUT_S = 240  # two fresh processes importing torch and diffusers on a loaded two-core machine
+
+
+def test_torchrun_generate_equals_one_process(tmp_path):
+    """``torchrun --nproc-per-node 2 -m swift_model.cli generate --tiny`` writes the frames one process writes;
+    only rank 0 prints the summary and writes the report, which records the degrees."""
+    from swift_model.cli import main
+    from swift_model.video import read_mp4
+
+    args = ["generate", "--tiny", "--image", _png(tmp_path / "in.png"), "--prompt", "a dog", "--frames", "9",
+            "--width", "128", "--height", "64", "--segment-blocks", "1", "--neighbors", "1,1", "--quiet"]
+    assert main(args + ["--out", str(tmp_path / "one.mp4")]) == 0
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT)] + sys.path), OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "swift_model.cli"] + args + ["--out", str(tmp_path / "two.mp4"),
+                                                               "--report", str(tmp_path / "two.json")],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=TORCHRUN_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("done: ") == 1, proc.stdout  # the summary, from rank 0 alone
+    one, two = read_mp4(str(tmp_path / "one.mp4")), read_mp4(str(tmp_path / "two.mp4"))
+    assert one.shape == two.shape == (9, 64, 128, 3)
+    diff = np.abs(one.astype(np.int16) - two.astype(np.int16))
+    # the same frames (the sequential windows are dense: bitwise here); at most an fp32 rounding's worth
+    assert diff.max() <= 1 and diff.mean() < 1e-3, f"frames differ by up to {diff.max()}"
+    report = json.loads((tmp_path / "two.json").read_text())
+    assert (report["world_size"], report["ulysses"], report["cfg_parallel"], report["fsdp"]) == (2, 2, False, False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "one.mp4", "two.json", "two.mp4"]
