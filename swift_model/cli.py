@@ -36,6 +36,10 @@ def _add_common(p: argparse.ArgumentParser, *, frames: int, width: int, height: 
                    help="classifier-free guidance scale in both stages (default: off; 1 is off; costs a second "
                         "DiT call per step)")
     p.add_argument("--negative-prompt", default="", help="negative prompt of the guidance (default: empty)")
+    p.add_argument("--shared-anchor", action="store_true",
+                   help="Stage II: the anchor frame attends only itself in every window, for Stage II networks "
+                        "trained with shared_anchor (a departure from the paper; default off); its keys and "
+                        "values are computed once and reused")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -139,7 +143,7 @@ def _run(args) -> int:
         neighbors=args.neighbors, joint=args.joint, start_sigma=args.start_sigma, seed=args.seed,
         step_mode=args.step_mode, output=out, fps=args.fps, progress=not args.quiet, free_text_encoder=True,
         guidance_scale=args.guidance, negative_prompt=args.negative_prompt,
-        negative_prompt_embeds=getattr(args, "negative_prompt_embeds", None))
+        negative_prompt_embeds=getattr(args, "negative_prompt_embeds", None), shared_anchor=args.shared_anchor)
     print(_summary(result))
     if args.report is not None:
         with open(args.report, "w") as f:

@@ -24,7 +24,8 @@ original Wan names both ways). What differs is how it runs:
   and the fused ops read the modulation as ``[K, dim]`` tables of those K values plus a per-token row index
   (``mod_index``) instead of ``[B, L, dim]`` fp32 tensors per token;
 - text/image cross-attention keys and values can be computed once (:meth:`WanDiT.precompute_context`) and
-  reused across steps and segments.
+  reused across steps and segments; so can a shared anchor's self-attention keys and values, when the
+  anchor attends only itself (:meth:`WanDiT.precompute_anchor`, ``forward(..., anchor_cache=...)``).
 
 Numerics: timestep embedding, modulation and norms in fp32 (as the originals); matmuls in the parameter
 dtype (bf16 on a GPU by default through :meth:`WanDiT.from_pretrained`, fp32 on a CPU).
@@ -205,6 +206,8 @@ class WanBlock(nn.Module):
         *,
         context_kv: tuple | None = None,
         defer_residual: bool = False,
+        anchor_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        record_kv: list | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """Run the block on the residual stream ``x [B, L, dim]``.
 
@@ -217,6 +220,10 @@ class WanBlock(nn.Module):
             context_kv: this block's cross-attention ``(k, v, k_img, v_img)`` from a :class:`ContextCache`;
                 default: computed from ``inputs.context`` / ``inputs.image_context``.
             defer_residual: return this block's FFN residual unapplied (fused boundary) instead of adding it.
+            anchor_kv: ``(k, v)`` ``[B or 1, n, H, D]`` of a shared anchor that attends only itself
+                (:class:`AnchorCache`): ``x`` then holds the other tokens, and the self-attention runs over the
+                anchor's cached keys and values followed by theirs (``inputs.attention`` lays out both).
+            record_kv: a list to which this block appends its self-attention ``(k, v)`` (after norm and RoPE).
 
         Returns:
             ``(x, pending)``: with ``defer_residual`` the stream without this block's FFN residual and that
@@ -240,7 +247,20 @@ class WanBlock(nn.Module):
         v = a1.to_v(xm).view(B, L, H, D)
         # RMSNorm across all heads of a token: per token, so it runs before any sequence-parallel exchange
         q, k = qk_norm_rope(q, k, a1.norm_q.weight, a1.norm_k.weight, inputs.rope, eps)
-        o = self.attention(q, k, v, inputs.attention)
+        if record_kv is not None:
+            record_kv.append((k, v))
+        if anchor_kv is None:
+            o = self.attention(q, k, v, inputs.attention)
+        else:
+            # The anchor's keys and values come from the cache. Its own query rows are not needed (its output
+            # is cached as well): zero queries keep the attention's square shape at the cost of n rows
+            # attending the anchor block alone.
+            ka, va = anchor_kv
+            n = ka.shape[1]
+            q = torch.cat([q.new_zeros(B, n, H, D), q], 1)
+            k = torch.cat([ka.expand(B, -1, -1, -1), k], 1)
+            v = torch.cat([va.expand(B, -1, -1, -1), v], 1)
+            o = self.attention(q, k, v, inputs.attention)[:, n:]
         y = a1.to_out[0](o.reshape(B, L, C))
         gate = mod.get(table, 2)
         if self.norm2 is not None:
@@ -426,6 +446,34 @@ class ContextCache:
     device: torch.device
 
 
+@dataclass
+class AnchorCache:
+    """A shared anchor's self-attention keys/values in every block, and its output (:meth:`WanDiT.precompute_anchor`).
+
+    Valid for calls whose sequence starts with these anchor blocks and whose layout lets them attend only
+    themselves (``CSGLayout(anchor_attends="anchor")``, one shared anchor): the anchor's tokens then depend on
+    nothing else, so their keys and values are the same in every window and step with the same conditioning.
+
+    Attributes:
+        kv: per block ``(k, v)`` ``[B, n, H, D]`` (``n = blocks * block_tokens``), after norm and RoPE.
+        output: the anchor blocks' model output ``[B, C_out, blocks, H, W]``.
+        latents: the anchor blocks' input ``[B, C_in, blocks, H, W]`` (a call must bring the same).
+        positions: the anchors' RoPE frame positions.
+        context_cache: the :class:`ContextCache` it was built with (a call must pass the same object).
+    """
+
+    kv: list
+    output: torch.Tensor
+    latents: torch.Tensor
+    positions: tuple[int, ...]
+    context_cache: ContextCache
+
+    @property
+    def blocks(self) -> int:
+        """Anchor blocks (latent frames)."""
+        return self.latents.shape[2]
+
+
 # -------------------------------------------------------------------------------------------------------------
 # the model
 # -------------------------------------------------------------------------------------------------------------
@@ -574,6 +622,36 @@ class WanDiT(nn.Module):
         kv = [blk.context_kv(ctx, img) for blk in self.blocks]
         return ContextCache(kv=kv, batch=ctx.shape[0], dtype=self.dtype, device=self.device)
 
+    @torch.no_grad()
+    def precompute_anchor(self, latents: torch.Tensor, context_cache: ContextCache,
+                          frame_positions: Sequence[int] | torch.Tensor | None = None) -> AnchorCache:
+        """The keys and values of a shared anchor that attends only itself, to pass as
+        ``forward(..., anchor_cache=...)`` to every call whose sequence starts with it (CSG windows and whole
+        clips laid out with ``anchor_attends="anchor"``): those calls then skip the anchor's tokens, and the
+        cache costs one forward on the anchor alone.
+
+        Args:
+            latents: ``[B, C_in, A, H, W]``: the anchor blocks' model input, as the calls bring it.
+            context_cache: the conditioning (:meth:`precompute_context`); the calls must pass the same object.
+            frame_positions: the anchors' RoPE frame positions (default ``0..A-1``).
+
+        The anchor runs at timestep 0 (it is clean), attending only itself. Memory: two ``[B, A*P, dim]``
+        tensors per block (an estimate for Wan2.2-TI2V-5B at 2560x1408 in bf16: 30 x 2 x 3520 x 3072 x 2 bytes,
+        about 1.3 GB per conditioning).
+        """
+        if not isinstance(context_cache, ContextCache):
+            raise TypeError(f"context_cache must come from precompute_context, got {type(context_cache).__name__}")
+        if not isinstance(latents, torch.Tensor) or latents.dim() != 5:
+            raise ValueError(f"anchor latents must be [B, C, A, H, W], got {getattr(latents, 'shape', type(latents))}")
+        B, _, A, Hl, Wl = latents.shape
+        P = (Hl // self.config.patch_size[1]) * (Wl // self.config.patch_size[2])
+        pos = torch.arange(A) if frame_positions is None else torch.as_tensor(frame_positions).flatten().cpu()
+        kv: list = []
+        t = torch.zeros(B, A * P, device=self.device)
+        output = self.forward(latents, t, frame_positions=pos, context_cache=context_cache, _record_kv=kv)
+        return AnchorCache(kv=kv, output=output, latents=latents.clone(), positions=tuple(int(p) for p in pos.tolist()),
+                           context_cache=context_cache)
+
     def _time(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(temb [N, dim], e [N, 6, dim]) of timesteps ``t`` [N], fp32."""
         ce = self.condition_embedder
@@ -639,6 +717,8 @@ class WanDiT(nn.Module):
         context_cache: ContextCache | None = None,
         attention_backend: str | None = None,
         sp_group: "torch.distributed.ProcessGroup | None" = None,
+        anchor_cache: AnchorCache | None = None,
+        _record_kv: list | None = None,
     ) -> torch.Tensor:
         """Velocity prediction for ``latents``.
 
@@ -669,6 +749,10 @@ class WanDiT(nn.Module):
                 and the output is gathered, so every rank returns the full (identical) velocity. ``num_heads``
                 must be a multiple of W (``ValueError`` otherwise). Differentiable: parameter gradients are then
                 each rank's partial sums, to be summed over the group (see :func:`swift_model.parallel.gather_tokens`).
+            anchor_cache: from :meth:`precompute_anchor`: the sequence starts with that shared anchor, which
+                attends only itself (the layout's ``anchor_attends="anchor"``); its tokens are not run again,
+                its keys, values and output come from the cache (the same numbers up to rounding; a mismatch
+                of layout, anchor input, timesteps or conditioning is a ``ValueError``). Not with ``sp_group``.
 
         Returns:
             ``[B, C_out, F, H, W]`` in ``latents.dtype``.
@@ -745,6 +829,11 @@ class WanDiT(nn.Module):
         else:
             sp_group = sp_sizes = None
 
+        anchor_tokens = 0
+        if anchor_cache is not None:
+            anchor_tokens = self._check_anchor_cache(anchor_cache, layout, latents, timestep, pos, context_cache,
+                                                     sp_group, P)
+
         # -- conditioning
         ctx = img = None
         if context_cache is None:
@@ -760,7 +849,13 @@ class WanDiT(nn.Module):
         mod = self._modulation(timestep, B, Fp, P, device)
 
         # -- patch embedding: [B, C, F, H, W] -> [B, L, dim]
-        x = self.patch_embedding(latents.to(dtype)).flatten(2).transpose(1, 2).contiguous()
+        if anchor_tokens:  # only the tokens after the cached anchor run
+            A = anchor_cache.blocks
+            x = self.patch_embedding(latents[:, :, A * pt:].to(dtype)).flatten(2).transpose(1, 2).contiguous()
+            freqs = freqs[anchor_tokens:]
+            mod = mod.shard(anchor_tokens, L)
+        else:
+            x = self.patch_embedding(latents.to(dtype)).flatten(2).transpose(1, 2).contiguous()
         if sp_group is not None:
             # this rank's tokens: the stream, their RoPE rows and their modulation rows; nothing else is per token
             start, end = token_range(L, W, group_rank(sp_group))
@@ -771,14 +866,48 @@ class WanDiT(nn.Module):
         inputs = BlockInputs(modulation=mod, rope=freqs, context=ctx, image_context=img,
                              attention=AttentionSpec(plan, attention_backend, sp_group,
                                                      None if sp_sizes is None else tuple(sp_sizes)))
-        out = self._head(*self._run_blocks(x, inputs, context_cache), mod)
+        out = self._head(*self._run_blocks(x, inputs, context_cache, anchor_cache, _record_kv), mod)
         if sp_group is not None:
             out = gather_tokens(out, sp_group, sp_sizes)  # the full velocity, identical on every rank
         # unpatchify: features are ordered (pt, ph, pw, c)
-        out = out.view(B, Fp, Hp, Wp, pt, ph, pw, cfg.out_channels).permute(0, 7, 1, 4, 2, 5, 3, 6)
-        return out.reshape(B, cfg.out_channels, Fr, Hl, Wl).to(latents.dtype)
+        Fo = Fp - anchor_tokens // P
+        out = out.view(B, Fo, Hp, Wp, pt, ph, pw, cfg.out_channels).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        out = out.reshape(B, cfg.out_channels, Fo * pt, Hl, Wl).to(latents.dtype)
+        if anchor_tokens:
+            out = torch.cat([anchor_cache.output.to(out.dtype).expand(B, -1, -1, -1, -1), out], 2)
+        return out
 
-    def _run_blocks(self, x: torch.Tensor, inputs: BlockInputs, context_cache: ContextCache | None):
+    def _check_anchor_cache(self, cache, layout, latents, timestep, positions, context_cache, sp_group, P) -> int:
+        """Raise unless ``cache`` is exact for this call; return the anchor's token count."""
+        from swift_kernels.attention.layout import ROLE_ANCHOR
+
+        if not isinstance(cache, AnchorCache):
+            raise TypeError(f"anchor_cache must come from precompute_anchor, got {type(cache).__name__}")
+        if sp_group is not None:
+            raise ValueError("anchor_cache does not combine with sp_group")
+        A = cache.blocks
+        roles = None if layout is None else layout.block_roles.tolist()
+        if (layout is None or layout.anchor_attends != "anchor" or roles[:A] != [ROLE_ANCHOR] * A
+                or ROLE_ANCHOR in roles[A:]):
+            raise ValueError("anchor_cache needs a layout whose sequence starts with the one shared anchor, attending "
+                             "only itself (CSGLayout(anchor_attends='anchor'), no anchor copies)")
+        if context_cache is not cache.context_cache:
+            raise ValueError("anchor_cache was built with another context_cache (the anchor depends on the conditioning)")
+        head = latents[:, :, :A]
+        if head.shape[1:] != cache.latents.shape[1:] or cache.latents.shape[0] not in (1, latents.shape[0]) \
+                or not torch.equal(head, cache.latents.expand_as(head).to(head.dtype)):
+            raise ValueError("the sequence's anchor blocks differ from the ones anchor_cache was built from")
+        if positions is None or tuple(positions[:A].tolist()) != cache.positions:
+            raise ValueError(f"the anchors' frame positions must be {cache.positions} as in anchor_cache")
+        t = torch.as_tensor(timestep, device=latents.device)
+        if t.dim() != 2 or t.shape[1] not in (latents.shape[2] * P, latents.shape[2]):
+            raise ValueError("with anchor_cache, timestep must be per token or per frame (0 on the anchor)")
+        if bool((t[:, :A * P] if t.shape[1] != latents.shape[2] else t[:, :A]).ne(0).any()):
+            raise ValueError("with anchor_cache the anchor's timestep must be 0 (it is clean)")
+        return A * P
+
+    def _run_blocks(self, x: torch.Tensor, inputs: BlockInputs, context_cache: ContextCache | None,
+                    anchor_cache: AnchorCache | None = None, record_kv: list | None = None):
         """Every block in order, at the chosen boundary, checkpointed or not; returns ``(x, pending)``."""
         if self.block_boundary not in BLOCK_BOUNDARIES:
             raise ValueError(f"block_boundary must be one of {BLOCK_BOUNDARIES}, got {self.block_boundary!r}")
@@ -787,11 +916,16 @@ class WanDiT(nn.Module):
         pending = None
         for i, blk in enumerate(self.blocks):
             kv = None if context_cache is None else context_cache.kv[i]
+            extra = {}  # only when used, so wrapped blocks that predate them see the same call
+            if anchor_cache is not None:
+                extra["anchor_kv"] = anchor_cache.kv[i]
+            if record_kv is not None:
+                extra["record_kv"] = record_kv
             if recompute:
                 x, pending = checkpoint(blk, x, inputs, pending, context_kv=kv, defer_residual=defer,
-                                        use_reentrant=False)
+                                        use_reentrant=False, **extra)
             else:
-                x, pending = blk(x, inputs, pending, context_kv=kv, defer_residual=defer)
+                x, pending = blk(x, inputs, pending, context_kv=kv, defer_residual=defer, **extra)
         return x, pending
 
     def _head(self, x: torch.Tensor, pending, mod: Modulation) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch
 from .bridge import hybrid_reference
 from .csg import CSGPlan, STAGE2_KINDS, flow_steps, flow_update, gaussian, parse_neighbors, run_csg
 from .encoders import ImageEncoder, TextEncoder, load_prompt_embeds
+from .transition import stage1_conditioning, stage1_model_input
 from .vae import WanVAE
 from .vae import default_dtype as default_vae_dtype
 from .vae import parse_dtype as parse_vae_dtype
@@ -227,7 +228,8 @@ class SwiftI2VPipeline:
                  stage2_kind: str | None = None, joint: bool = False, start_sigma: float = 0.6, seed: int = 0,
                  step_mode: str = "renoise", output: str | None = None, fps: int = 16,
                  progress: bool = True, free_text_encoder: bool = False, guidance_scale: float | None = None,
-                 negative_prompt: str = "", negative_prompt_embeds=None, image_embeds=None) -> GenerationResult:
+                 negative_prompt: str = "", negative_prompt_embeds=None, image_embeds=None,
+                 shared_anchor: bool = False) -> GenerationResult:
         """Generate a video from ``image`` and a prompt.
 
         Args:
@@ -254,6 +256,11 @@ class SwiftI2VPipeline:
                 (empty by default) or ``negative_prompt_embeds``, and costs a second DiT call per step.
             image_embeds: CLIP image tokens ``[1, N, image_dim]`` for a Stage I DiT that takes them, in place of
                 the CLIP image encoder.
+            shared_anchor: the anchor (the input image's latent frame) attends only itself in every Stage II
+                window (``CSGPlan(anchor_attends="anchor")``), for Stage II networks trained that way
+                (``swift-i2v train --shared-anchor``). A departure from the paper, whose windows are dense;
+                off by default. The anchor's keys and values are then computed once per conditioning and
+                reused by every window and step (:meth:`~swift_model.dit.WanDiT.precompute_anchor`).
 
         Returns:
             a :class:`GenerationResult`: the video as a uint8 ``[frames, height, width, 3]`` tensor (``None``
@@ -272,6 +279,8 @@ class SwiftI2VPipeline:
             if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) or not guidance_scale > 0:
                 raise ValueError(f"guidance_scale must be a positive float or None, got {guidance_scale!r}")
             guidance_scale = None if float(guidance_scale) == 1.0 else float(guidance_scale)
+        if not isinstance(shared_anchor, bool):
+            raise TypeError(f"shared_anchor must be a bool, got {type(shared_anchor).__name__}")
         if not isinstance(negative_prompt, str):
             raise TypeError(f"negative_prompt must be a string, got {type(negative_prompt).__name__}")
         if prompt_embeds is None and not isinstance(prompt, str):
@@ -367,7 +376,8 @@ class SwiftI2VPipeline:
         # -- Stage II --
         t0 = time.perf_counter()
         T, hh, ww = z_ref.shape[2:]
-        plan = CSGPlan(T, segment_blocks, neighbors, block_tokens=(hh // 2) * (ww // 2))
+        plan = CSGPlan(T, segment_blocks, neighbors, block_tokens=(hh // 2) * (ww // 2),
+                       anchor_attends="anchor" if shared_anchor else "all")
         sched2 = flow_steps(steps, shift, start_sigma=start_sigma if kind == "refine" else 1.0)
         with self._on_device(self.stage2):
             z2 = self._stage2(z_ref.to(dev), context, plan, sched2, kind, joint, start_sigma, seed, step_mode, progress,
@@ -391,7 +401,8 @@ class SwiftI2VPipeline:
         info = dict(frames=frames, width=width, height=height, steps=steps, seed=seed, stage2_kind=kind, joint=joint,
                     segment_blocks=segment_blocks, neighbors=list(neighbors), segments=plan.num_segments,
                     stage1_size=[w1, h1], latent_frames=T, max_window_tokens=plan.max_window_tokens,
-                    guidance_scale=guidance_scale, device=str(dev), random_weights=self.random_weights)
+                    guidance_scale=guidance_scale, shared_anchor=shared_anchor, device=str(dev),
+                    random_weights=self.random_weights)
         return GenerationResult(video, output, z2.cpu(), seconds, _peak_memory(dev), info)
 
     __call__ = generate
@@ -405,34 +416,20 @@ class SwiftI2VPipeline:
         dtype = next(dit.parameters()).dtype
         vae = self.vae1
         C, T, h, w = vae.latent_shape(frames, h1, w1)
-        ti2v = dit.config.in_channels == C
-        if ti2v:
-            # Wan2.2 TI2V conditioning: the image latent is frame 0, clean, at timestep 0.
-            cond = vae.encode(img_low[None, :, None]).to(dev)
-        else:
-            # Wan2.1 I2V conditioning: 4 mask channels (1 on the image frame) + latents of [image, black...].
-            video = torch.zeros(1, 3, frames, h1, w1)
-            video[0, :, 0] = img_low
-            y = vae.encode(video).to(dev)
-            mask = torch.zeros(1, 4, T, h, w, device=dev)
-            mask[:, :, 0] = 1.0
-            cond = torch.cat([mask, y], 1).to(dtype)
+        # Wan2.2 TI2V: the image latent is clean frame 0 at timestep 0; Wan2.1 I2V: mask channels and the
+        # latents of [image, black...] concatenated to the noisy latents (the same function prepares training
+        # references, so Stage I is conditioned alike in both).
+        ti2v, cond = stage1_conditioning(dit, vae, img_low, frames, dev)
+        if not ti2v:
+            cond = cond.to(dtype)  # cast once, not per step
         clip = None if clip_fea is None else clip_fea.to(dev, dtype)
         cache = dit.precompute_context(context.to(dev, dtype), clip)
         # The unconditional branch keeps the image conditioning (and CLIP tokens) and drops the prompt only.
         neg_cache = dit.precompute_context(neg_context.to(dev, dtype), clip) if guidance is not None else None
         x = gaussian((1, C, T, h, w), seed, 1, dev, torch.float32)
         numel = x.numel()
-        L = T * (h // 2) * (w // 2)
         for i, (t, sigma, sigma_next) in enumerate(_tqdm(progress, iterable=sched, desc="stage I", unit="step")):
-            if ti2v:
-                x[:, :, :1] = cond
-                tt = torch.full((1, L), float(t), device=dev)
-                tt[:, : (h // 2) * (w // 2)] = 0.0
-                inp = x.to(dtype)
-            else:
-                tt = torch.full((1,), float(t), device=dev)
-                inp = torch.cat([x.to(dtype), cond], 1)
+            inp, tt = stage1_model_input(x, ti2v, cond, t, dtype)
             v = dit(inp, tt, None, context_cache=cache).float()
             g = {}
             if guidance is not None:
@@ -451,15 +448,24 @@ class SwiftI2VPipeline:
         cache = dit.precompute_context(context.to(dev, dtype), None)
         neg_cache = dit.precompute_context(neg_context.to(dev, dtype), None) if guidance is not None else None
 
+        anchors = {}  # shared anchor: its keys and values per conditioning, computed on the first call
+
+        def call(inp, tt, positions, layout, ctx):
+            anchor = None
+            if plan.anchor_attends == "anchor":
+                anchor = anchors.get(id(ctx))
+                if anchor is None:
+                    A = plan.anchor_blocks
+                    anchor = anchors[id(ctx)] = dit.precompute_anchor(inp[:, :, :A], ctx, positions[:A])
+            return dit(inp, tt, None, layout=layout, frame_positions=positions, context_cache=ctx,
+                       anchor_cache=anchor)[:, :C].float()
+
         def model_fn(inp, ref, tt, positions, layout):
             # "swift": inp is the model input cat([state, z_ref window]) already in the DiT's dtype, written
             # by the sampler step itself (run_csg(fuse_ref=True)); "refine": inp is the state.
             inp = inp.to(dtype)
-            v = dit(inp, tt, None, layout=layout, frame_positions=positions, context_cache=cache)[:, :C].float()
-            if guidance is None:
-                return v
-            vu = dit(inp, tt, None, layout=layout, frame_positions=positions, context_cache=neg_cache)[:, :C].float()
-            return v, vu
+            v = call(inp, tt, positions, layout, cache)
+            return v if guidance is None else (v, call(inp, tt, positions, layout, neg_cache))
 
         n_units = 1 if joint else plan.num_segments
         seg_bar = _tqdm(progress, total=n_units, desc="stage II (joint)" if joint else "stage II", unit="segment")

@@ -85,18 +85,22 @@ class PrepareModels:
 
 
 def load_prepare_models(*, stage1=None, stage2=None, stage1_lora=None, lora_scale: float = 1.0, text_encoder=None,
-                        need_text_encoder: bool = True, tiny: bool = False, device=None) -> PrepareModels:
+                        need_text_encoder: bool = True, tiny: bool = False, device=None,
+                        need_stage2: bool = True) -> PrepareModels:
     """Load what ``prepare`` needs: the Stage I DiT (with its LoRA merged), the Stage I VAE, image encoder and
     (unless prompt embeddings replace it) text encoder from ``stage1``, and the Stage II VAE from ``stage2``.
-    ``tiny``: the tiny random-weight models of ``swift-i2v demo`` instead. The checkpoint arguments are checked
-    from configs and headers before any weight is read."""
+    ``tiny``: the tiny random-weight models of ``swift-i2v demo`` instead. ``need_stage2=False``: Stage I only
+    (``vae2`` is then ``None``). The checkpoint arguments are checked from configs and headers before any weight
+    is read."""
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     if tiny:
         from .pipeline import SwiftI2VPipeline
 
         pipe = SwiftI2VPipeline.tiny(seed=0, device=device)
         return PrepareModels(pipe.stage1, pipe.vae1, pipe.vae2, pipe.text_encoder, pipe.image_encoder, "tiny", "tiny")
-    if stage1 is None or stage2 is None:
+    if stage1 is None or (stage2 is None and need_stage2):
+        if not need_stage2:
+            raise ValueError("needs --stage1 (the Stage I checkpoint folder: DiT, VAE and encoders), or --tiny")
         raise ValueError("prepare needs --stage1 (Stage I DiT, its VAE and encoders) and --stage2 (for the Stage II "
                          "VAE) checkpoint folders, or --tiny")
     from .dit import WanDiT
@@ -106,17 +110,19 @@ def load_prepare_models(*, stage1=None, stage2=None, stage1_lora=None, lora_scal
 
     checked = check_checkpoints(stage1, None, stage1_lora=stage1_lora, text_encoder=text_encoder,
                                 need_text_encoder=need_text_encoder)
-    locate_vae(os.fspath(stage2))  # the Stage II VAE must be there (its DiT is not needed here)
+    if need_stage2:
+        locate_vae(os.fspath(stage2))  # the Stage II VAE must be there (its DiT is not needed here)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     dit = WanDiT.from_pretrained(stage1, device=device, dtype=dtype, lora=stage1_lora, lora_scale=lora_scale,
                                  stage="stage1")
     vae1 = WanVAE.from_pretrained(os.fspath(stage1), device=device)
-    vae2 = WanVAE.from_pretrained(os.fspath(stage2), device=device)
+    vae2 = WanVAE.from_pretrained(os.fspath(stage2), device=device) if need_stage2 else None
     text = TextEncoder.from_pretrained(os.fspath(text_encoder or stage1), device=device, dtype=dtype) \
         if need_text_encoder else None
     image = ImageEncoder.from_pretrained(os.fspath(stage1), device=device, dtype=dtype) \
         if checked.stage1.config.has_image_input else None
-    return PrepareModels(dit, vae1, vae2, text, image, os.path.abspath(stage1), os.path.abspath(stage2))
+    return PrepareModels(dit, vae1, vae2, text, image, os.path.abspath(stage1),
+                         os.path.abspath(stage2) if need_stage2 else "")
 
 
 # -- inputs ---------------------------------------------------------------------------------------------------
@@ -269,7 +275,6 @@ def prepare(videos, out, models: PrepareModels, settings: PrepareSettings, *, ca
 
     from tqdm.auto import tqdm
 
-    device = models.stage1.device
     C2 = models.vae2.z_dim
     mine = [n for i, n in enumerate(names) if i % world == rank]
     done = made = skipped = 0
@@ -298,7 +303,7 @@ def prepare(videos, out, models: PrepareModels, settings: PrepareSettings, *, ca
         context = fixed if fixed is not None else models.text_encoder.encode(caption or "")
         clip_fea = models.image_encoder.encode(low[:, 0]) if models.image_encoder is not None else None
         seed = (settings.seed * 1_000_003 + zlib.crc32(name.encode())) % (2**31)
-        z = models.vae2.encode(full[None].to(device))[0]
+        z = models.vae2.encode(full[None])[0]  # the clip stays on the CPU; the VAE moves it chunk by chunk
         z_ref = stage_transition_reference(models.stage1, models.vae1, models.vae2, full, low, context,
                                            sigma=settings.transition_sigma, steps=settings.steps,
                                            shift=settings.shift, seed=seed, clip_fea=clip_fea)[0]

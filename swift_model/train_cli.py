@@ -15,7 +15,7 @@ import json
 import os
 import sys
 
-TRAINING_COMMANDS = ("prepare", "train", "export")
+TRAINING_COMMANDS = ("prepare", "train", "export", "train-lora")
 
 
 def _add_prepare(sub) -> None:
@@ -78,7 +78,8 @@ def _add_train(sub) -> None:
         "grad_accum": "micro-batches per optimiser step", "lr": "peak learning rate (AdamW)",
         "seed": "seed of the initial tiny weights, the data order, windows and noise",
         "windows_per_clip": "segment windows packed per clip (0: all)",
-        "shared_anchor": "one anchor per sequence attending only itself (a departure from the paper)",
+        "shared_anchor": "one anchor per sequence attending only itself (a departure from the paper; "
+                         "generate such a network with generate --shared-anchor)",
         "timestep_sampling": "logit_normal or uniform", "compute_dtype": "auto, float32 or bfloat16",
         "ulysses": "Ulysses sequence-parallel degree (ranks per sequence)",
         "eval_data": "prepared data folder of held-out clips", "eval_every": "evaluate the held-out loss every N steps",
@@ -108,11 +109,39 @@ def _add_export(sub) -> None:
     p.add_argument("--no-vae", action="store_true", help="write the transformer only")
 
 
+def _add_train_lora(sub) -> None:
+    p = sub.add_parser("train-lora", help="train a LoRA of Stage I at its low resolution (for generate --stage1-lora)",
+                       description="Flow-matching LoRA training of the Stage I DiT on videos at the Stage I size (a "
+                       "quarter of the output per side), conditioned on each clip's first frame as generate's Stage I "
+                       "is. Writes a LoRA file (kohya-style factors) that generate --stage1-lora merges.")
+    p.add_argument("--videos", required=True, help="folder of videos (mp4, searched recursively)")
+    p.add_argument("--captions", default=None, help="captions: JSON lines or CSV, as for prepare")
+    p.add_argument("--prompt-embeds", default=None, help="one prompt-embeddings file for every clip, instead of "
+                   "captions and the text encoder")
+    p.add_argument("--out", required=True, help="the LoRA file to write (.safetensors)")
+    p.add_argument("--stage1", default=None, help="Stage I checkpoint folder (DiT, VAE, encoders)")
+    p.add_argument("--text-encoder", default=None, help="UMT5 folder (default: the Stage I folder)")
+    p.add_argument("--tiny", action="store_true", help="the tiny random-weight Stage I of the demo (no checkpoints)")
+    p.add_argument("--frames", type=int, default=81, help="frames per clip, 4k+1 (default 81)")
+    p.add_argument("--width", type=int, default=640, help="Stage I width: the output width / 4 (default 640)")
+    p.add_argument("--height", type=int, default=352, help="Stage I height: the output height / 4 (default 352)")
+    p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
+    p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
+    p.add_argument("--steps", type=int, default=1000, help="optimiser steps, one clip each (default 1000)")
+    p.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    p.add_argument("--shift", type=float, default=5.0, help="timestep shift of the sampled noise levels (default 5)")
+    p.add_argument("--timestep-sampling", choices=("logit_normal", "uniform"), default="logit_normal")
+    p.add_argument("--seed", type=int, default=0, help="seed of the adapter's start, the clip order and the noise")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def add_training_commands(subparsers) -> None:
-    """Add ``prepare``, ``train`` and ``export`` to the CLI's subparsers."""
+    """Add ``prepare``, ``train``, ``export`` and ``train-lora`` to the CLI's subparsers."""
     _add_prepare(subparsers)
     _add_train(subparsers)
     _add_export(subparsers)
+    _add_train_lora(subparsers)
 
 
 def _device(name):
@@ -179,9 +208,70 @@ def _run_export(args) -> int:
     return 0
 
 
+def _run_train_lora(args) -> int:
+    from .lora_train import encode_clip, train_stage1_lora
+    from .prepare import _to_clip, list_videos, load_prepare_models, read_captions, read_frames
+    from .train import default_device
+
+    if args.captions is None and args.prompt_embeds is None:
+        raise ValueError("train-lora needs --captions (with the text encoder) or --prompt-embeds")
+    if args.tiny and args.stage1:
+        raise ValueError("use --tiny or --stage1, not both")
+    out = os.fspath(args.out)
+    if not out.endswith(".safetensors"):
+        raise ValueError(f"--out must be a .safetensors file, got {out}")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ValueError(f"cannot write the LoRA to {out}: no writable folder {folder}")
+    for name in ("rank", "steps"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    names = list_videos(args.videos)
+    if not names:
+        raise ValueError(f"no video files in {args.videos}")
+    device = _device(args.device) or default_device()
+    models = load_prepare_models(stage1=args.stage1, text_encoder=args.text_encoder, need_stage2=False,
+                                 need_text_encoder=args.prompt_embeds is None, tiny=args.tiny, device=device)
+    models.vae1.check_size(args.frames, args.height, args.width)
+    if args.prompt_embeds is not None:
+        from .encoders import load_prompt_embeds
+
+        fixed, captions = load_prompt_embeds(os.fspath(args.prompt_embeds)), {}
+    else:
+        fixed, captions = None, read_captions(args.captions)
+    clips = []
+    for name in names:
+        caption = captions.get(name, captions.get(name.rsplit("/", 1)[-1]))
+        try:
+            if fixed is None and caption is None:
+                raise ValueError(f"no caption for it in {args.captions}")
+            frames = read_frames(os.path.join(os.fspath(args.videos), name), args.frames)
+        except ValueError as exc:
+            print(f"warning: skipped {name}: {exc}", file=sys.stderr)
+            continue
+        context = fixed if fixed is not None else models.text_encoder.encode(caption)
+        if context.shape[-1] != models.stage1.config.text_dim:
+            raise ValueError(f"the prompt embeddings are {context.shape[-1]}-wide, the Stage I DiT takes "
+                             f"{models.stage1.config.text_dim}")
+        clips.append(encode_clip(models.stage1, models.vae1, _to_clip(frames, args.width, args.height), context,
+                                 models.image_encoder))
+    if not clips:
+        raise ValueError(f"no usable video in {args.videos}")
+    adapters, losses = train_stage1_lora(models.stage1, clips, rank=args.rank, alpha=args.alpha, steps=args.steps,
+                                         lr=args.lr, seed=args.seed, shift=args.shift,
+                                         timestep_sampling=args.timestep_sampling, progress=not args.quiet)
+    adapters.save(out)
+    k = max(1, len(losses) // 10)
+    print(f"trained a rank-{adapters.rank} Stage I LoRA on {len(clips)} clips for {len(losses)} steps (loss "
+          f"{sum(losses[:k]) / k:.4f} -> {sum(losses[-k:]) / k:.4f}); wrote {out}")
+    return 0
+
+
 def run_training_command(args) -> int:
-    """Run the ``prepare``, ``train`` or ``export`` command of parsed ``args``; returns the exit status."""
-    run = {"prepare": _run_prepare, "train": _run_train, "export": _run_export}.get(args.command)
+    """Run the ``prepare``, ``train``, ``export`` or ``train-lora`` command of parsed ``args``; returns the exit
+    status."""
+    run = {"prepare": _run_prepare, "train": _run_train, "export": _run_export,
+           "train-lora": _run_train_lora}.get(args.command)
     if run is None:
         raise ValueError(f"not a training command: {args.command}")
     sys.stdout.flush()

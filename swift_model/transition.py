@@ -37,7 +37,8 @@ def stage1_conditioning(dit, vae1, image_low: torch.Tensor, frames: int, device)
     ``ti2v`` (the DiT's input has the VAE's channels): ``cond`` is the image latent ``[1, C, 1, h, w]``, put in
     as clean frame 0. Otherwise (Wan2.1 I2V, ``2C + 4`` input channels): ``cond`` ``[1, 4 + C, T, h, w]`` holds
     4 mask channels (1 on the image frame) and the latents of ``[image, black frames...]``, concatenated to
-    the noisy latents (as the pipeline's Stage I does).
+    the noisy latents. The pipeline's Stage I and the training references both use it (with
+    :func:`stage1_model_input`), so Stage I is conditioned alike at inference and in training.
     """
     C = vae1.z_dim
     h1, w1 = image_low.shape[1:]
@@ -53,6 +54,24 @@ def stage1_conditioning(dit, vae1, image_low: torch.Tensor, frames: int, device)
     mask = torch.zeros(1, 4, T, h, w, device=device)
     mask[:, :, 0] = 1.0
     return False, torch.cat([mask, y], 1)
+
+
+def stage1_model_input(x: torch.Tensor, ti2v: bool, cond: torch.Tensor, t: float,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input, timesteps)`` of one Stage I DiT call on the state ``x`` ``[1, C, T, h, w]`` at timestep ``t``,
+    conditioned by :func:`stage1_conditioning`'s ``(ti2v, cond)``.
+
+    TI2V: ``cond`` is written into frame 0 of ``x`` (in place: the state keeps the clean image latent) and the
+    per-token timesteps are 0 on that frame; I2V: ``cond`` is concatenated on the channels, one timestep.
+    """
+    _, _, T, h, w = x.shape
+    if ti2v:
+        frame_tokens = (h // 2) * (w // 2)
+        x[:, :, :1] = cond
+        tt = torch.full((1, T * frame_tokens), float(t), device=x.device)
+        tt[:, :frame_tokens] = 0.0
+        return x.to(dtype), tt
+    return torch.cat([x.to(dtype), cond.to(dtype)], 1), torch.full((1,), float(t), device=x.device)
 
 
 @torch.no_grad()
@@ -82,18 +101,9 @@ def transition_latents(dit, vae1, clip_low: torch.Tensor, context: torch.Tensor,
     eps = gaussian(z1.shape, seed, 1, device, torch.float32)
     x = (1.0 - sigma) * z1 + sigma * eps
     numel = x.numel()
-    _, _, T, h, w = x.shape
-    frame_tokens = (h // 2) * (w // 2)
     cache = dit.precompute_context(context.to(device, dtype), None if clip_fea is None else clip_fea.to(device, dtype))
     for i, (t, s, s_next) in enumerate(flow_steps(steps, shift, start_sigma=sigma)):
-        if ti2v:
-            x[:, :, :1] = cond
-            tt = torch.full((1, T * frame_tokens), float(t), device=device)
-            tt[:, :frame_tokens] = 0.0
-            inp = x.to(dtype)
-        else:
-            tt = torch.full((1,), float(t), device=device)
-            inp = torch.cat([x.to(dtype), cond.to(dtype)], 1)
+        inp, tt = stage1_model_input(x, ti2v, cond, t, dtype)
         v = dit(inp, tt, None, context_cache=cache).float()
         x = flow_update(x, v, s, s_next, mode=step_mode, seed=seed, offset=(i + 1) * numel)
     if ti2v:

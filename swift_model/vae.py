@@ -159,6 +159,14 @@ def parse_dtype(name) -> torch.dtype | None:
 ENCODE_TILE_MIN_PIXELS = 1280 * 720
 
 
+def _chunk_to_device(module, args, kwargs):
+    """Forward pre-hook of the VAE encoder: its input chunk moves to the encoder's device and dtype."""
+    p = next(module.parameters())
+    if args and isinstance(args[0], torch.Tensor) and (args[0].device != p.device or args[0].dtype != p.dtype):
+        args = (args[0].to(p.device, p.dtype),) + tuple(args[1:])
+    return args, kwargs
+
+
 class WanVAE:
     """A Wan video VAE with normalised latents, a bounded-memory tiled decoder and an encoder tiled when large.
 
@@ -213,6 +221,12 @@ class WanVAE:
         self.encode_tile_overlap = encode_tile_overlap
         # Our own tiling replaces the library's (whose decode keeps every tile's output on the device).
         model.disable_tiling()
+        # The encoder gets its input in chunks the library cuts from the clip (1 or 4 frames): each chunk moves
+        # to the encoder's device here, so a clip on the CPU (a 2K training clip, the bridge's upsampled
+        # reference) never needs the device memory of the whole clip or tile.
+        if not getattr(model.encoder, "_swift_chunk_to_device", False):
+            model.encoder.register_forward_pre_hook(_chunk_to_device, with_kwargs=True)
+            model.encoder._swift_chunk_to_device = True
 
     # -- construction ---------------------------------------------------------------------------------
 
@@ -429,7 +443,8 @@ class WanVAE:
         sf = self.spatial_factor
         self._check_tiles(tiles, video.shape[3] // sf, video.shape[4] // sf, "encode_tiles")
         for tile in tiles:
-            x = video[:, :, :, tile.y0 * sf:tile.y1 * sf, tile.x0 * sf:tile.x1 * sf].to(self.device, self.dtype)
+            # cast where the clip is; the encoder's pre-hook moves each chunk to the device
+            x = video[:, :, :, tile.y0 * sf:tile.y1 * sf, tile.x0 * sf:tile.x1 * sf].to(dtype=self.dtype)
             z = self.model.encode(x).latent_dist.mode()  # the library clears its caches after each call
             yield tile, self.normalize(z.float()).cpu()
 
@@ -442,7 +457,9 @@ class WanVAE:
         self._check_video(video)
         B, _, F, H, W = video.shape
         if not self.encode_is_tiled(H, W):
-            z = self.model.encode(video.to(self.device, self.dtype)).latent_dist.mode()
+            # cast where the clip is; the encoder's pre-hook moves each chunk to the device (the same values as
+            # moving the whole clip first: the cast and the library's patchify are elementwise or copies)
+            z = self.model.encode(video.to(dtype=self.dtype)).latent_dist.mode()
             return self.normalize(z.float())
         blender = self.encode_blender(tuple(video.shape))
         for tile, z in self.encode_tiles(video, blender.tiles):

@@ -95,3 +95,17 @@ def test_generate_guidance_flags(tmp_path):
         outs.append(read_mp4(str(out)))
     assert np.array_equal(outs[0], outs[1])  # guidance 1 is no guidance
     assert not np.array_equal(outs[0], outs[2])
+
+
+def test_generate_shared_anchor_flag(tmp_path):
+    """``--shared-anchor`` reaches Stage II (the report says so, the video differs); off by default."""
+    img = _png(tmp_path / "in.png")
+    outs, reports = [], []
+    for name, extra in (("a", []), ("b", ["--shared-anchor"])):
+        out, rep = tmp_path / f"{name}.mp4", tmp_path / f"{name}.json"
+        assert main(["generate", "--tiny", "--image", img, "--prompt", "a dog", "--out", str(out), "--report",
+                     str(rep), "--stage2-kind", "swift"] + SMALL + extra) == 0
+        outs.append(read_mp4(str(out)))
+        reports.append(json.loads(rep.read_text()))
+    assert [r["shared_anchor"] for r in reports] == [False, True]
+    assert not np.array_equal(outs[0], outs[1])

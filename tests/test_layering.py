@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "train_config": 5,
     "pipeline": 6,
     "prepare": 6, "train": 6, "export": 6,                  # the training runs, beside the pipeline
+    "lora_train": 6,                                        # Stage I's low-resolution LoRA
     "cli": 7, "train_cli": 7,
     "__init__": 8,
 }

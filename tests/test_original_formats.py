@@ -286,12 +286,18 @@ def test_clip_original_file_matches_wan_penultimate_block(tmp_path):
     size = CLIP["patch"] * CLIP["grid"]
     assert enc.size == size and enc.dim == CLIP["dim"]
     assert enc.model.config.num_attention_heads == 16 and enc.model.config.hidden_act == "gelu"
-    pixels = torch.randn(2, 3, size, size)
+    g = torch.Generator().manual_seed(2)  # inputs drawn apart from the weights' stream, the same every run
+    pixels = torch.randn(2, 3, size, size, generator=g)
     with torch.no_grad():
         got = enc.model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2].double()
-    torch.testing.assert_close(got, _wan_clip_reference(sd, pixels, CLIP["heads"]), rtol=1e-5, atol=1e-5)
+    want = _wan_clip_reference(sd, pixels, CLIP["heads"])
+    # fp32 against fp64: the residual stream grows to |x| ~ 20 and every element's rounding error follows that
+    # scale (LayerNorm, attention and MLP of two blocks add ~10 roundings of eps_32 = 1.2e-7 times it; measured
+    # <= 1.0e-6 * max|x| over 300 random inputs), so a fixed atol of 1e-5 missed now and then (1.2e-5, 1.7e-5):
+    # every element within 4e-6 of the output's scale.
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=4e-6 * want.abs().max().item())
     # ImageEncoder.encode: [3, H, W] in [-1, 1] -> the penultimate block's tokens.
-    tokens = enc.encode(torch.rand(3, 20, 28) * 2 - 1)
+    tokens = enc.encode(torch.rand(3, 20, 28, generator=g) * 2 - 1)
     assert tokens.shape == (1, CLIP["grid"] ** 2 + 1, CLIP["dim"]) and torch.isfinite(tokens).all()
 
 

@@ -1,5 +1,6 @@
 """The pipeline pieces: VAE wrapper, bridge, video I/O, and the tiny end-to-end pipeline on CPU."""
 
+import copy
 import os
 import stat
 
@@ -46,6 +47,81 @@ def test_vae_tiled_decode_blends_tiles(vae16):
     torch.testing.assert_close(tiled, whole, rtol=1e-5, atol=1e-5)
     small = WanVAE(vae16.model, tile_latent=4, tile_overlap=2).decode(z)
     assert small.shape == whole.shape and torch.isfinite(small).all()
+
+
+def _encoder_inputs(vae, video):
+    """Encode ``video`` with ``vae`` and return the latents and every tensor the encoder network received."""
+    seen = []
+    handle = vae.model.encoder.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    try:
+        z = vae.encode(video)
+    finally:
+        handle.remove()
+    return z, seen
+
+
+@pytest.mark.parametrize("z_dim,dtype", [(16, torch.float32), (48, torch.float64)])
+def test_vae_encode_moves_chunks_not_the_clip(z_dim, dtype):
+    """The encoder network only ever receives chunks of the clip (a tile of 1 or 4 frames) in the VAE's own
+    dtype and device, each moved there on its own; the latents are those of the whole clip moved first."""
+    vae = WanVAE(WanVAE.tiny(z_dim, seed=2).model.to(dtype), tile_latent=4, tile_overlap=2)
+    m = vae.size_multiple
+    g = torch.Generator().manual_seed(6)
+    video = torch.rand(1, 3, 9, 2 * m, 3 * m, generator=g) * 2 - 1  # fp32, small: encoded untiled
+    assert not vae.encode_is_tiled(video.shape[3], video.shape[4])
+    z, seen = _encoder_inputs(vae, video)
+    assert len(seen) == 3  # the library's temporal chunks of 1, 4 and 4 frames
+    for chunk in seen:
+        assert chunk.dtype == dtype and chunk.device == vae.device
+        assert chunk.shape[2] in (1, 4) and chunk.numel() * 2 <= video.numel()
+    want = vae.normalize(vae.model.encode(video.to(vae.device, dtype)).latent_dist.mode().float())
+    assert torch.equal(z, want)
+
+
+def test_vae_tiled_encode_moves_chunks_of_tiles():
+    """A tiled encode (a video above the tiling threshold) hands the encoder chunks of one tile's crop, each
+    moved on its own (the tiling itself is checked against the untiled encode in test_vae_tiling.py)."""
+    vae = WanVAE(WanVAE.tiny(16, seed=2).model, tile_latent=4, tile_overlap=2, encode_tile_min_pixels=0,
+                 encode_tile_latent=4, encode_tile_overlap=2)
+    m = vae.size_multiple
+    g = torch.Generator().manual_seed(7)
+    video = torch.rand(1, 3, 5, 2 * m, 3 * m, generator=g) * 2 - 1
+    assert vae.encode_is_tiled(video.shape[3], video.shape[4])
+    z, seen = _encoder_inputs(vae, video)
+    tiles = vae.encode_spatial_tiles(video.shape[3] // vae.spatial_factor, video.shape[4] // vae.spatial_factor)
+    assert len(seen) == 2 * len(tiles) > 2  # the temporal chunks (1 and 4 frames) of each tile
+    for chunk in seen:  # a few frames of one tile's crop, never the whole frame
+        assert chunk.shape[2] in (1, 4) and chunk.shape[3] * chunk.shape[4] < video.shape[3] * video.shape[4]
+    assert z.shape == (1, vae.z_dim, 2, 2 * m // vae.spatial_factor, 3 * m // vae.spatial_factor)
+
+
+def test_vae_encoder_hook_moves_each_chunk():
+    """The encoder's pre-hook puts a chunk on the encoder's device and dtype, and passes a chunk that is already
+    there through untouched (no copy)."""
+    from swift_model.vae import _chunk_to_device
+
+    net = torch.nn.Linear(3, 3).to(torch.float64)
+    chunk = torch.rand(2, 3)
+    (moved,), kw = _chunk_to_device(net, (chunk,), {"feat_idx": [0]})
+    assert moved.dtype == torch.float64 and torch.equal(moved, chunk.double()) and kw == {"feat_idx": [0]}
+    ready = chunk.double()
+    assert _chunk_to_device(net, (ready,), {})[0][0] is ready
+
+
+@pytest.mark.gpu
+def test_vae_encode_of_a_cpu_clip_keeps_the_clip_off_the_gpu(gpu_device):
+    """A clip on the CPU encoded by a VAE on the GPU: the same latents as the clip moved first, and the GPU
+    never holds the clip (peak memory below the clip's own bytes, which moving it would take)."""
+    vae = WanVAE(WanVAE.tiny(48, seed=2).model.to(gpu_device), tile_latent=4, tile_overlap=2)
+    video = torch.rand(1, 3, 33, 512, 512) * 2 - 1
+    want = vae.encode(video.to(gpu_device))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats(gpu_device)
+    base = torch.cuda.memory_allocated(gpu_device)
+    z = vae.encode(video)
+    torch.cuda.synchronize()
+    assert torch.cuda.max_memory_allocated(gpu_device) - base < video.numel() * 4
+    torch.testing.assert_close(z, want, rtol=0, atol=0)
 
 
 def test_vae_normalisation_roundtrip():
@@ -201,6 +277,7 @@ def test_pipeline_rejects_wrong_kind_and_sizes(tiny_pipe):
         (dict(prompt_embeds=[[0.0]]), TypeError, "prompt_embeds"),
         (dict(prompt_embeds=torch.ones(1, 3, 32, dtype=torch.long)), TypeError, "prompt_embeds"),
         (dict(guidance_scale=2.0, negative_prompt_embeds=[[0.0]]), TypeError, "negative_prompt_embeds"),
+        (dict(shared_anchor="yes"), TypeError, "shared_anchor"),
     ],
 )
 def test_generate_rejects_bad_arguments_before_running(tiny_pipe, kwargs, exc, word):
@@ -229,6 +306,53 @@ def test_tiny_pipeline_guidance(tiny_pipe):
     assert torch.isfinite(r.latents).all()
 
 
+def test_tiny_pipeline_shared_anchor(tiny_pipe, monkeypatch):
+    """``shared_anchor=True`` runs every Stage II window with the layout a shared-anchor training sequence
+    gives that window (the anchor attending only itself; the packed forward equals this window forward,
+    tests/test_training.py), the result differs from the default; ``False`` is the default."""
+    from swift_model.packing import TrainingWindows
+
+    img = _image(4)
+    # 3 latent frames: the anchor and 2 segments of 1 block, 2 steps each
+    size = dict(frames=9, width=64, height=64, steps=2, segment_blocks=1, progress=False)
+    base = tiny_pipe.generate(img, "a cat", seed=1, **size)
+    off = tiny_pipe.generate(img, "a cat", seed=1, shared_anchor=False, **size)
+    assert torch.equal(base.latents, off.latents) and base.info["shared_anchor"] is False
+    calls = []
+    forward = tiny_pipe.stage2.forward
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs.get("layout"), kwargs.get("anchor_cache")))
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_pipe.stage2, "forward", spy)
+    on = tiny_pipe.generate(img, "a cat", seed=1, shared_anchor=True, **size)
+    T, h, w = on.latents.shape[2:]
+    P = (h // 2) * (w // 2)
+    want = [TrainingWindows(T, P, 1, (1, 0), (s,), shared_anchor=True).layout for s in range(2)]
+    windows = [c for c in calls if c[0] is not None]
+    assert len(calls) - len(windows) == 1  # the anchor's keys and values: computed once (precompute_anchor)
+    assert len(windows) == 2 * 2  # two windows, two steps each, all reusing them
+    assert all(lay == want[k // 2] and anchor is windows[0][1] is not None for k, (lay, anchor) in enumerate(windows))
+    assert on.info["shared_anchor"] is True and torch.isfinite(on.latents).all()
+
+    def no_cache(*args, **kwargs):  # the same windows, the anchor run in every call
+        kwargs.pop("anchor_cache", None)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(tiny_pipe.stage2, "forward", no_cache)
+    uncached = tiny_pipe.generate(img, "a cat", seed=1, shared_anchor=True, **size)
+    monkeypatch.setattr(tiny_pipe.stage2, "forward", spy)
+    calls.clear()
+    guided = tiny_pipe.generate(img, "a cat", seed=1, shared_anchor=True, guidance_scale=3.0, **size)
+    monkeypatch.undo()
+    assert sum(lay is None for lay, _ in calls) == 2  # one anchor cache per conditioning (prompt, negative)
+    assert torch.isfinite(guided.latents).all() and not torch.allclose(guided.latents, on.latents)
+    torch.testing.assert_close(on.latents, uncached.latents, rtol=1e-5, atol=1e-5 * uncached.latents.abs().max().item())
+    assert torch.equal(on.latents[:, :, 0], base.latents[:, :, 0])  # the anchor itself is z_ref in both
+    assert not torch.allclose(on.latents[:, :, 1:], base.latents[:, :, 1:], rtol=1e-3, atol=1e-3)
+
+
 def _copy_without_text(pipe):
     import copy
 
@@ -250,3 +374,31 @@ def test_tiny_pipeline_image_embeds(tiny_pipe):
     p.text_encoder, p.image_encoder = tiny_pipe.text_encoder, None
     with pytest.raises(ValueError, match="CLIP image tokens"):
         p.generate(img, "x", **SMALL)
+
+
+@pytest.mark.parametrize("stage1", ["i2v", "ti2v"])
+def test_stage1_is_the_transition_from_pure_noise(tiny_pipe, stage1):
+    """The pipeline's Stage I and the stage-transition references of training share one conditioning
+    (:func:`swift_model.transition.stage1_conditioning`): Stage I sampled from pure noise is, bit for bit, the
+    transition of any clip with that first frame from sigma 1 (Wan2.1 I2V and Wan2.2 TI2V conditioning)."""
+    import dataclasses
+
+    from swift_model import WanDiT, WanDiTConfig
+    from swift_model.csg import flow_steps
+    from swift_model.transition import transition_latents
+
+    dit = tiny_pipe.stage1
+    if stage1 == "ti2v":
+        cfg = dataclasses.replace(WanDiTConfig.preset("tiny-ti2v"), in_channels=16, out_channels=16)
+        dit = WanDiT(cfg).reset_parameters(torch.Generator().manual_seed(3)).eval()
+    pipe = copy.copy(tiny_pipe)
+    pipe.stage1 = dit
+    g = torch.Generator().manual_seed(5)
+    clip = torch.rand(3, 9, 16, 16, generator=g) * 2 - 1
+    ctx = torch.randn(1, 8, 32, generator=g)
+    fea = tiny_pipe.image_encoder.encode(clip[:, 0]) if stage1 == "i2v" else None
+    got = pipe._stage1(clip[:, 0], ctx, fea, 9, 16, 16, flow_steps(2, 5.0), 7, "renoise", False)
+    want = transition_latents(dit, tiny_pipe.vae1, clip, ctx, sigma=1.0, steps=2, seed=7, clip_fea=fea)
+    assert torch.equal(got, want)
+    if stage1 == "ti2v":  # the image latent stays frame 0
+        assert torch.equal(got[:, :, :1], tiny_pipe.vae1.encode(clip[None, :, :1]))

@@ -105,6 +105,100 @@ def test_packed_forward_equals_each_dense_window(shared):
             assert err <= rtol, f"{dtype} window {s}: relative error {err:.1e}"
 
 
+def _time_per_value(model):
+    """Make the model's fp32 timestep MLP run one value at a time: its rounding then does not depend on which
+    other timesteps share the call (the only batch-dependent rounding of a forward)."""
+    orig = model._time
+
+    def per_value(t):
+        parts = [orig(t[i:i + 1]) for i in range(t.shape[0])]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    model._time = per_value
+    return model
+
+
+@pytest.mark.parametrize("joint", [False, True])
+def test_cached_shared_anchor_is_the_packed_training_forward(joint):
+    """``generate --shared-anchor`` computes the anchor's keys and values once (``precompute_anchor``) and every
+    window call reuses them: each window's output equals the packed shared-anchor training forward on that
+    window's tokens, and the window forward without the cache (fp32 rounding; fp64 rounding with the fp32
+    timestep MLP run per value). Joint mode (the whole clip, ``anchor_attends="anchor"``) likewise."""
+    T = 7
+    plan = CSGPlan(T, 2, (1, 1), block_tokens=P, anchor_attends="anchor")
+    segments = (0, 1, 2)
+    for dtype, rtol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        model = _swift_model().to(dtype)
+        if dtype == torch.float64:
+            _time_per_value(model)
+        z, z_ref, noise, ctx = _clip(T, dtype=dtype)
+        cache = model.precompute_context(ctx)
+        sig = torch.rand(2, 1).expand(2, 3).contiguous()  # one timestep, as in one sampler step
+        layout = TrainingWindows(T, P, 2, (1, 1), segments, shared_anchor=True).layout
+        packed = window_inputs(z, z_ref, layout, sig, noise)
+        with torch.no_grad():
+            want_packed = model(packed.inputs, packed.timesteps, None, layout=layout, context_cache=cache)
+        anchor = None
+        calls = [(plan.clip_layout, None)] if joint else [(w.layout, k) for k, w in enumerate(plan.windows)]
+        for lay, k in calls:
+            if joint:  # every non-anchor block noisy, as run_csg(joint=True) calls it
+                x = torch.cat([z_ref[:, :, :1], (1 - sig[:, :1, None, None, None]) * z[:, :, 1:]
+                               + sig[:, :1, None, None, None] * noise[:, :, 1:]], 2)
+                inputs = torch.cat([x, z_ref], 1)
+                tt = torch.cat([torch.zeros(2, P), (sig[:, :1] * 1000).expand(2, (T - 1) * P)], 1)
+            else:
+                b = window_inputs(z, z_ref, lay, sig[:, k:k + 1], noise)
+                inputs, tt = b.inputs, b.timesteps
+            with torch.no_grad():
+                if anchor is None:
+                    anchor = model.precompute_anchor(inputs[:, :, :1], cache, lay.block_ids[:1])
+                want = model(inputs, tt, None, layout=lay, context_cache=cache)
+                got = model(inputs, tt, None, layout=lay, context_cache=cache, anchor_cache=anchor)
+            assert got.shape == want.shape
+            err = ((got - want).abs().max() / want.abs().max()).item()
+            assert err <= rtol, f"{dtype} joint={joint} window {k}: relative error {err:.1e}"
+            if not joint:  # the packed training forward on this window's rows
+                first, last = window_spans(layout)[k][1:]
+                rows = torch.cat([torch.tensor([0]), torch.arange(first, last)])
+                ref = want_packed[:, :, rows]
+                err = ((got - ref).abs().max() / ref.abs().max()).item()
+                assert err <= rtol, f"{dtype} window {k} against the packed forward: relative error {err:.1e}"
+
+
+def test_anchor_cache_refuses_calls_it_does_not_fit():
+    """The cache is only exact for a sequence that starts with the same anchor input, at timestep 0, in a layout
+    where that anchor attends only itself, with the same conditioning: anything else is a ValueError."""
+    T = 7
+    model = _swift_model()
+    z, z_ref, noise, ctx = _clip(T)
+    cache = model.precompute_context(ctx)
+    plan = CSGPlan(T, 2, (1, 1), block_tokens=P, anchor_attends="anchor")
+    win = plan.windows[1]
+    b = window_inputs(z, z_ref, win.layout, torch.full((2, 1), 0.5), noise)
+    anchor = model.precompute_anchor(b.inputs[:, :, :1], cache)
+    dense = CSGPlan(T, 2, (1, 1), block_tokens=P).windows[1].layout
+    other = b.inputs.clone()
+    other[:, :, 0] += 1
+    tt_bad = b.timesteps.clone()
+    tt_bad[:, 0] = 5.0
+    bad = [
+        (dict(layout=dense), "attending only itself"),
+        (dict(layout=TrainingWindows(T, P, 2, (1, 1), (1, 2)).layout), "attending only itself"),  # anchor copies
+        (dict(latents=other), "anchor blocks differ"),
+        (dict(timestep=tt_bad), "timestep must be 0"),
+        (dict(context_cache=model.precompute_context(ctx * 2)), "another context_cache"),
+    ]
+    for change, match in bad:
+        kw = dict(latents=b.inputs, timestep=b.timesteps, layout=win.layout, context_cache=cache)
+        kw.update(change)
+        lat, t = kw.pop("latents"), kw.pop("timestep")
+        if kw["layout"].num_seq_blocks != lat.shape[2]:
+            lat = window_inputs(z, z_ref, kw["layout"], torch.full((2, 2), 0.5), noise).inputs
+            t = torch.zeros(2, lat.shape[2] * P)
+        with pytest.raises(ValueError, match=match), torch.no_grad():
+            model(lat, t, None, anchor_cache=anchor, **kw)
+
+
 def test_a_shared_anchor_attending_the_windows_does_not_reproduce_inference():
     """The layout the copies replace (one anchor attending every window) is measurably different: the check
     above would catch a packing that silently fell back to it."""
