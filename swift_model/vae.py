@@ -491,7 +491,7 @@ class WanVAE:
     def decode(self, z: torch.Tensor, chunk: int = 1, *, progress: bool = False) -> torch.Tensor:
         """The whole decoded video ``[B, 3, F, H, W]`` as float32 on the CPU (see :meth:`decode_tiles`; ``chunk``
         is accepted for compatibility and does not change the result)."""
-        self._frame_spans(z.shape[2] if isinstance(z, torch.Tensor) and z.dim() == 5 else 1, chunk)
+        self._frame_spans(1, chunk)  # checks chunk
         return self._decode_blended(z, uint8=False, progress=progress)
 
     def decode_uint8_stream(self, z: torch.Tensor, chunk: int = 1, *, progress: bool = False
