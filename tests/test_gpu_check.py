@@ -43,8 +43,10 @@ def test_gpu_check_dry_run(tmp_path):
     for key in ("frame_block_attention/triton", "frame_block_attention/sdpa", "frame_block_attention/flex",
                 "flow_step/triton", "adaln_modulate/triton", "gated_residual/triton", "qk_norm_rope/triton"):
         assert results["checks"][key]["passed"], (key, results["checks"][key])
+    # a later step may be cut by the 58 s budget on a loaded machine (killed by its timeout at the budget's end:
+    # rc 124/137); any other non-zero status is a failure
     ran = [s for s in steps.values() if "rc" in s]
-    assert all(s["rc"] == 0 for s in ran), ran
+    assert all(s["rc"] == 0 or (s["rc"] in (124, 137) and s["end_at"] >= 58 - 5 - 10) for s in ran), ran
     if steps["b-fwd"].get("rc") == 0:
         assert any(b.get("kind") == "gemm" for b in results["bench"])
     # a dry run verifies nothing
