@@ -51,7 +51,8 @@ def _add_parallel(p: argparse.ArgumentParser) -> None:
                        help="run the conditional and unconditional guidance branches on two halves of the ranks "
                             "(needs --guidance and an even N)")
     group.add_argument("--fsdp", action="store_true",
-                       help="shard both DiTs' blocks over the N ranks (FSDP2), for weights that do not fit one GPU")
+                       help="shard both DiTs' blocks over the N ranks (FSDP2) for the run; loading still puts each "
+                            "whole DiT on every GPU first")
 
 
 def build_parser() -> argparse.ArgumentParser:
