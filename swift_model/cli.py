@@ -55,7 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stage2", default=None, help="Stage II checkpoint folder (Wan2.2-TI2V-5B class)")
     g.add_argument("--stage2-kind", choices=("swift", "refine"), default="refine")
     g.add_argument("--text-encoder", default=None, help="UMT5 folder (default: the Stage I folder)")
-    g.add_argument("--offload", action="store_true", help="keep the stage not in use on the CPU")
+    g.add_argument("--memory", choices=("fast", "balanced", "24gb"), default="balanced",
+                   help="what stays on the GPU: fast (everything), balanced (one DiT at a time, encoders only while "
+                        "they run; default), 24gb (DiT blocks streamed from CPU memory, text encoder on the CPU)")
     g.add_argument("--tiny", action="store_true", help="use the tiny random-weight models (no checkpoints)")
     _add_common(g, frames=81, width=2560, height=1408)
     d = sub.add_parser("demo", help="run the whole pipeline on tiny random-weight models on the CPU")
@@ -98,9 +100,11 @@ def _summary(result) -> str:
 def _run(args) -> int:
     import torch
 
-    from .pipeline import SwiftI2VPipeline
+    from .pipeline import SwiftI2VPipeline, check_request
     from .video import check_output_path, read_image
 
+    # every argument that needs no model is checked before any checkpoint file is opened
+    check_request(args.frames, args.width, args.height, segment_blocks=args.segment_blocks, neighbors=args.neighbors)
     out = check_output_path(args.out)
     if args.report is not None:
         folder = os.path.dirname(os.path.abspath(args.report)) or "."
@@ -118,7 +122,8 @@ def _run(args) -> int:
 
     if demo or args.tiny:
         print(DEMO_TEXT if demo else "swift-i2v: using the tiny RANDOM-WEIGHT models (--tiny).", file=sys.stderr)
-        pipe = SwiftI2VPipeline.tiny(seed=0, stage2_kind=args.stage2_kind, device=device)
+        pipe = SwiftI2VPipeline.tiny(seed=0, stage2_kind=args.stage2_kind, device=device,
+                                     memory=getattr(args, "memory", "balanced"))
     else:
         if not args.stage1 or not args.stage2:
             raise ValueError("generate needs --stage1 and --stage2 checkpoint folders (or --tiny)")
@@ -127,7 +132,7 @@ def _run(args) -> int:
         pipe = SwiftI2VPipeline.from_pretrained(
             args.stage1, args.stage2, stage1_lora=args.stage1_lora, lora_scale=args.lora_scale,
             stage2_kind=args.stage2_kind, text_encoder=args.text_encoder,
-            load_text_encoder=args.prompt_embeds is None, device=device, offload=args.offload)
+            load_text_encoder=args.prompt_embeds is None, device=device, memory=args.memory)
     pipe.check_inputs(args.frames, args.width, args.height)
     result = pipe.generate(
         image, getattr(args, "prompt", None), prompt_embeds=getattr(args, "prompt_embeds", None), frames=args.frames,

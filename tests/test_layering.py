@@ -22,6 +22,7 @@ LAYERS: dict[str, int] = {
     "parallel": 3,                                          # sequence parallelism, FSDP2 (under the DiT)
     "checkpoint": 4, "lora": 4, "preflight": 4,             # loading
     "csg": 5, "bridge": 5,                                  # the stages
+    "memory": 5,                                            # what each phase keeps on the device
     "packing": 5, "transition": 5, "dataset": 5,            # training sequences, references, prepared data
     "train_config": 5,
     "pipeline": 6,
