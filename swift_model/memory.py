@@ -128,16 +128,42 @@ def _tensors(module: nn.Module, skip: str | None = None):
                 yield mod, attr, p
 
 
+def _set_data(t: torch.Tensor, new: torch.Tensor) -> None:
+    """``t.data = new``, also for the planner's fake tensors (which keep their device in a field of their own)."""
+    t.data = new
+    if hasattr(t, "fake_device"):
+        t.fake_device = new.device
+
+
+def _device(t: torch.Tensor) -> torch.device:
+    # a fake tensor's device without a dispatch (the planner moves thousands of them)
+    return getattr(t, "fake_device", None) or t.device
+
+
+@torch.no_grad()
 def _move(module: nn.Module, device: torch.device, skip: str | None = None) -> int:
     """Move ``module``'s parameters and buffers (outside ``skip``) to ``device`` in place (``.data``, so the
     Parameter objects, and any hooks on the module, stay); returns the bytes copied to a non-CPU device."""
     moved = 0
     for _mod, _attr, t in _tensors(module, skip):
-        if t.device != device:
+        src = _device(t)
+        if src != device:
             if device.type != "cpu":
                 moved += t.numel() * t.element_size()
-            t.data = t.data.to(device, non_blocking=t.device.type == "cpu" and device.type == "cuda")
+            if hasattr(t, "fake_device"):  # a fake tensor (the planner) has no data to copy: one allocation
+                new = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+            else:
+                new = t.to(device, non_blocking=src.type == "cpu" and device.type == "cuda")
+            _set_data(t, new)
     return moved
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """``cuda`` as ``cuda:N`` (the current device; 0 without a driver, as fake tensors say), so that comparing it
+    with a tensor's device tells whether the tensor is there."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return device
 
 
 def _align(n: int, a: int = 256) -> int:
@@ -171,7 +197,7 @@ class BlockStreamer:
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         self.blocks = list(blocks)
-        self.device = torch.device(device)
+        self.device = _indexed(torch.device(device))
         self.num_slots = slots
         # Real CUDA only: fake CUDA tensors (the planner) and CPUs take the synchronous path.
         self._cuda = self.device.type == "cuda" and torch.cuda.is_available()
@@ -187,7 +213,7 @@ class BlockStreamer:
             for t, o in entries:
                 view = self._view(host, t, o)
                 view.copy_(t.data)
-                t.data = view  # the block now lives in its host buffer
+                _set_data(t, view)  # the block now lives in its host buffer
             self._layouts.append(entries)
             self._host.append(host)
             self.block_bytes.append(off)
@@ -269,7 +295,7 @@ class BlockStreamer:
         old = self._slot_block[s]
         if old is not None:
             for t, o in self._layouts[old]:
-                t.data = self._view(self._host[old], t, o)
+                _set_data(t, self._view(self._host[old], t, o))
             del self._where[old]
             self._events.pop(old, None)
         nbytes = self.block_bytes[i]
@@ -284,7 +310,7 @@ class BlockStreamer:
         else:
             dst.copy_(self._host[i][:nbytes])
         for t, o in self._layouts[i]:
-            t.data = self._view(self._slots[s], t, o)
+            _set_data(t, self._view(self._slots[s], t, o))
         self._slot_block[s] = i
         self._slot_used[s] = self._clock
         self._where[i] = s
@@ -299,7 +325,7 @@ class BlockStreamer:
         for s, i in enumerate(self._slot_block):
             if i is not None:
                 for t, o in self._layouts[i]:
-                    t.data = self._view(self._host[i], t, o)
+                    _set_data(t, self._view(self._host[i], t, o))
                 self._slot_block[s] = None
         self._where.clear()
         self._events.clear()
@@ -331,7 +357,7 @@ class Residency:
 
     def __init__(self, plan: MemoryPlan, device) -> None:
         self.plan = plan
-        self.device = torch.device(device)
+        self.device = _indexed(torch.device(device))
         self.h2d_bytes: dict[str, int] = {}
         self.streamers: dict[str, BlockStreamer] = {}
         self.current: str | None = None
