@@ -1,4 +1,5 @@
-"""The ``swift-i2v`` command line: ``generate`` (real checkpoints) and ``demo`` (tiny random weights, CPU).
+"""The ``swift-i2v`` command line: ``generate`` (real checkpoints), ``plan`` (a memory and FLOP estimate on fake
+tensors) and ``demo`` (tiny random weights, CPU).
 
 Bad input gets a one-line ``error: ...`` on stderr and exit status 2, never a traceback, and never a
 half-written mp4 (the video is written to a temporary file and renamed when complete).
@@ -60,6 +61,31 @@ def build_parser() -> argparse.ArgumentParser:
                         "they run; default), 24gb (DiT blocks streamed from CPU memory, text encoder on the CPU)")
     g.add_argument("--tiny", action="store_true", help="use the tiny random-weight models (no checkpoints)")
     _add_common(g, frames=81, width=2560, height=1408)
+    pl = sub.add_parser("plan", help="estimate device memory, FLOPs and host-to-device bytes per phase of a "
+                        "generate run, on fake tensors (no GPU, no weights read)")
+    pl.add_argument("--stage1", default=None, help="Stage I checkpoint folder (its configs are read, no weights)")
+    pl.add_argument("--stage2", default=None, help="Stage II checkpoint folder (its configs are read, no weights)")
+    pl.add_argument("--stage1-preset", default=None, help="a built-in Stage I architecture instead of a folder "
+                    "(e.g. wan2.1-i2v-14b)")
+    pl.add_argument("--stage2-preset", default=None, help="a built-in Stage II architecture (e.g. wan2.2-ti2v-5b)")
+    pl.add_argument("--stage2-kind", choices=("swift", "refine"), default="refine")
+    pl.add_argument("--text-encoder", default=None, help="UMT5 folder (default: the Stage I folder)")
+    pl.add_argument("--prompt-embeds", default=None, help="plan without the text encoder (prompt embeddings given)")
+    pl.add_argument("--tiny", action="store_true", help="the tiny random-weight models")
+    pl.add_argument("--memory", choices=("fast", "balanced", "24gb"), default="balanced")
+    pl.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    for name, kw in (("--frames", dict(type=int, default=81)), ("--width", dict(type=int, default=2560)),
+                     ("--height", dict(type=int, default=1408)), ("--steps", dict(type=int, default=4)),
+                     ("--shift", dict(type=float, default=5.0)), ("--segment-blocks", dict(type=int, default=2)),
+                     ("--neighbors", dict(default="1,0")), ("--start-sigma", dict(type=float, default=0.6)),
+                     ("--guidance", dict(type=float, default=None))):
+        pl.add_argument(name, **kw)
+    pl.add_argument("--joint", action="store_true")
+    # generate's arguments that do not change the estimate are accepted, so a generate command line plans as is
+    for name in ("--image", "--prompt", "--out", "--stage1-lora", "--lora-scale", "--seed", "--fps", "--device",
+                 "--report", "--negative-prompt", "--negative-prompt-embeds", "--step-mode"):
+        pl.add_argument(name, default=None, help=argparse.SUPPRESS)
+    pl.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     d = sub.add_parser("demo", help="run the whole pipeline on tiny random-weight models on the CPU")
     d.add_argument("--image", default=None, help="input image (default: a generated test pattern)")
     d.add_argument("--prompt", default="a red fox running through fresh snow, cinematic")
@@ -95,6 +121,45 @@ def _summary(result) -> str:
     return (f"done: {result.output} ({result.info['frames']} frames, {result.info['width']}x{result.info['height']}); "
             f"total {s['total']:.2f}s ({parts}); peak memory {result.peak_memory_bytes / 2**30:.2f} GiB "
             f"on {result.info['device']}")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def _plan(args) -> int:
+    from .pipeline import check_request
+    from .planner import checkpoint_spec, plan_generation, preset_spec, tiny_spec
+
+    if args.guidance is not None and not args.guidance > 0:
+        raise ValueError(f"--guidance must be > 0, got {args.guidance}")
+    check_request(args.frames, args.width, args.height, segment_blocks=args.segment_blocks, neighbors=args.neighbors)
+    if args.tiny:
+        spec = tiny_spec(args.stage2_kind)
+    elif args.stage1 or args.stage2:
+        if not (args.stage1 and args.stage2):
+            raise ValueError("plan needs both --stage1 and --stage2 folders (or presets, or --tiny)")
+        spec = checkpoint_spec(args.stage1, args.stage2, stage2_kind=args.stage2_kind, text_encoder=args.text_encoder,
+                               load_text_encoder=args.prompt_embeds is None)
+    else:
+        spec = preset_spec(args.stage1_preset or "wan2.1-i2v-14b", args.stage2_preset or "wan2.2-ti2v-5b",
+                           stage2_kind=args.stage2_kind, text_encoder=args.prompt_embeds is None)
+    result = plan_generation(spec, memory=args.memory, frames=args.frames, width=args.width, height=args.height,
+                             steps=args.steps, shift=args.shift, segment_blocks=args.segment_blocks,
+                             neighbors=args.neighbors, joint=args.joint, start_sigma=args.start_sigma,
+                             guidance_scale=args.guidance)
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return 0
+    i = result.info
+    print(f"swift-i2v plan (an ESTIMATE on fake tensors, not a measurement): {i['stage1']} + {i['stage2']}, "
+          f"{i['frames']} frames at {i['width']}x{i['height']}, memory profile {result.profile}")
+    print(f"{'phase':<14} {'peak GiB':>9} {'TFLOP':>10} {'to device GiB':>14}")
+    for name, p in result.phases.items():
+        print(f"{name:<14} {_gib(p['peak_bytes']):>9} {p['flops'] / 1e12:>10.1f} {_gib(p['h2d_bytes']):>14}")
+    print(f"{'whole run':<14} {_gib(result.peak_bytes):>9} {result.flops / 1e12:>10.1f}")
+    print("not counted: the CUDA context, library workspaces, allocator fragmentation")
+    return 0
 
 
 def _run(args) -> int:
@@ -155,7 +220,9 @@ def main(argv=None) -> int:
     try:
         from .train_cli import TRAINING_COMMANDS, run_training_command
 
-        return run_training_command(args) if args.command in TRAINING_COMMANDS else _run(args)
+        if args.command in TRAINING_COMMANDS:
+            return run_training_command(args)
+        return _plan(args) if args.command == "plan" else _run(args)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -203,6 +203,8 @@ class BlockStreamer:
         self._cuda = self.device.type == "cuda" and torch.cuda.is_available()
         self._layouts: list[list[tuple[torch.Tensor, int]]] = []
         self._host: list[torch.Tensor] = []
+        self._host_views: list[list[torch.Tensor]] = []  # built once: a load or an eviction only re-points
+        self._slot_views: dict[tuple[int, int], list[torch.Tensor]] = {}
         self.block_bytes: list[int] = []
         for blk in self.blocks:
             entries, off = [], 0
@@ -210,10 +212,13 @@ class BlockStreamer:
                 entries.append((t, off))
                 off = _align(off + t.numel() * t.element_size())
             host = torch.empty(max(off, 1), dtype=torch.uint8, pin_memory=self._cuda)
+            views = []
             for t, o in entries:
                 view = self._view(host, t, o)
                 view.copy_(t.data)
                 _set_data(t, view)  # the block now lives in its host buffer
+                views.append(view)
+            self._host_views.append(views)
             self._layouts.append(entries)
             self._host.append(host)
             self.block_bytes.append(off)
@@ -273,6 +278,7 @@ class BlockStreamer:
         if self.active:
             self.release()
             self._slots = []
+            self._slot_views.clear()
             self.active = False
 
     def _enter(self, i: int) -> None:
@@ -294,8 +300,8 @@ class BlockStreamer:
         s = min(range(self.num_slots), key=lambda k: self._slot_used[k])
         old = self._slot_block[s]
         if old is not None:
-            for t, o in self._layouts[old]:
-                _set_data(t, self._view(self._host[old], t, o))
+            for (t, _o), v in zip(self._layouts[old], self._host_views[old]):
+                _set_data(t, v)
             del self._where[old]
             self._events.pop(old, None)
         nbytes = self.block_bytes[i]
@@ -309,8 +315,11 @@ class BlockStreamer:
             self._events[i] = ev
         else:
             dst.copy_(self._host[i][:nbytes])
-        for t, o in self._layouts[i]:
-            _set_data(t, self._view(self._slots[s], t, o))
+        views = self._slot_views.get((i, s))
+        if views is None:
+            views = self._slot_views[i, s] = [self._view(self._slots[s], t, o) for t, o in self._layouts[i]]
+        for (t, _o), v in zip(self._layouts[i], views):
+            _set_data(t, v)
         self._slot_block[s] = i
         self._slot_used[s] = self._clock
         self._where[i] = s
@@ -324,8 +333,8 @@ class BlockStreamer:
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
         for s, i in enumerate(self._slot_block):
             if i is not None:
-                for t, o in self._layouts[i]:
-                    _set_data(t, self._view(self._host[i], t, o))
+                for (t, _o), v in zip(self._layouts[i], self._host_views[i]):
+                    _set_data(t, v)
                 self._slot_block[s] = None
         self._where.clear()
         self._events.clear()

@@ -406,6 +406,37 @@ def _unique_two(orig):
     return unique
 
 
+@contextlib.contextmanager
+def _own_plan_cache():
+    """Plans built on fake tensors must not stay in swift_kernels' plan cache (a later real run on the same
+    device would find their fake tables): the cache is set aside for the plan and restored afterwards."""
+    from swift_kernels.attention import plan as plans
+
+    with plans._lock:
+        saved, saved_ids = dict(plans._cache), dict(plans.PLANS_BY_ID)
+        plans._cache.clear()
+        plans.PLANS_BY_ID.clear()
+    try:
+        yield
+    finally:
+        with plans._lock:
+            plans._cache.clear()
+            plans._cache.update(saved)
+            plans.PLANS_BY_ID.clear()
+            plans.PLANS_BY_ID.update(saved_ids)
+
+
+def _encode_text(text, spec: ModelSpec) -> torch.Tensor:
+    """What ``TextEncoder.encode`` computes, from token ids (the token values do not change the estimate)."""
+    if text is None:
+        return torch.zeros(1, spec.stage1.text_len, spec.stage1.text_dim)
+    dev = next(text.model.parameters()).device
+    ids = torch.zeros(1, text.max_length, dtype=torch.long, device=dev)
+    mask = torch.ones(1, text.max_length, dtype=torch.long, device=dev)
+    hidden = text.model(ids, attention_mask=mask).last_hidden_state.float()
+    return hidden * mask[..., None].float()
+
+
 def _rope_any_positions(dit, grid, positions, device):
     # RoPE positions are data (a fake tensor's values are unknown); the table's size does not depend on them
     return type(dit)._rope(dit, grid, None, device)
@@ -416,7 +447,7 @@ def plan_generation(spec: ModelSpec, *, memory="balanced", frames: int = 81, wid
                     height: int = 1408, steps: int = 4, shift: float = 5.0, segment_blocks: int = 2,
                     neighbors=(1, 0), joint: bool = False, start_sigma: float = 0.6, guidance_scale=None,
                     device: str = "cuda", dtype=None, vae_dtype=torch.float32, decode_frames: int | None = 4,
-                    replay: bool = True) -> PlanResult:
+                    replay: bool = True, phases=None) -> PlanResult:
     """Estimate the device memory, FLOPs and host-to-device bytes of each phase of a generation.
 
     Args:
@@ -430,6 +461,9 @@ def plan_generation(spec: ModelSpec, *, memory="balanced", frames: int = 81, wid
         decode_frames: decode this many latent frames, then extrapolate once a frame's FLOPs repeat
             (``None``: decode all).
         replay: replay repeated block / VAE calls (:class:`_Replay`) instead of executing them.
+        phases: run only these phases (default all); the others' results are stand-ins of their shapes. Each
+            phase starts by evicting what it does not keep, so a phase's estimate does not depend on the others
+            (tested), except under ``fast``, where everything is resident anyway.
 
     Returns a :class:`PlanResult`.
     """
@@ -448,11 +482,18 @@ def plan_generation(spec: ModelSpec, *, memory="balanced", frames: int = 81, wid
     counters = _Counters(device)
     tracker = counters.tracker
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
+    wanted = tuple(PHASES) if phases is None else tuple(phases)
+    for p in wanted:
+        if p not in PHASES:
+            raise ValueError(f"phases must be among {PHASES}, got {p!r}")
     phases: dict[str, dict] = {}
     timings: dict[str, tuple] = {}
+    resident: dict[str, list] = {}
     replays = []
     saved_unique = torch.unique
     torch.unique = _unique_two(saved_unique)
+    own_cache = _own_plan_cache()
+    own_cache.__enter__()
     try:
         with fake_mode:
             pipe = _meta_pipeline(spec, "cpu" if device == "cpu" else device, plan, dtype, vae_dtype)
@@ -475,10 +516,15 @@ def plan_generation(spec: ModelSpec, *, memory="balanced", frames: int = 81, wid
         def phase(name):
             @contextlib.contextmanager
             def run():
+                if name not in wanted:
+                    yield False
+                    return
                 flops0 = counters.flops()
                 ops0, t0 = tracker.ops, time.perf_counter()
                 with tracker.section() as sec, pipe._phase(name):
-                    yield
+                    resident[name] = [c for c, m in pipe._components().items() if m is not None and any(
+                        (getattr(t, "fake_device", None) or t.device).type == device for t in m.parameters())]
+                    yield True
                 timings[name] = (tracker.ops - ops0, round(time.perf_counter() - t0, 2))
                 phases[name] = dict(peak_bytes=int(sec["peak"]), flops=int(counters.flops() - flops0),
                                     h2d_bytes=int(pipe.residency.h2d_bytes.get(name, 0)))
@@ -488,38 +534,42 @@ def plan_generation(spec: ModelSpec, *, memory="balanced", frames: int = 81, wid
             if device != "cpu":
                 pipe.residency.place_initial(pipe._components())
             pipe.residency.h2d_bytes.clear()
-            with phase("text_encoding"):
+            C1, T1, hl, wl = pipe.vae1.latent_shape(frames, h1, w1)
+            done = T2
+            with phase("text_encoding") as run:
+                # without the phase: stand-ins where the encoders would have left their results
+                where = {c: pipe.device if plan.placement("text_encoding", c) == "device" else torch.device("cpu")
+                         for c in ("text_encoder", "image_encoder")}
                 text = pipe.text_encoder
-                contexts = []
-                for _ in range(2 if guidance is not None else 1):
-                    if text is not None:
-                        dev = next(text.model.parameters()).device
-                        ids = torch.zeros(1, text.max_length, dtype=torch.long, device=dev)
-                        mask = torch.ones(1, text.max_length, dtype=torch.long, device=dev)
-                        hidden = text.model(ids, attention_mask=mask).last_hidden_state.float()
-                        contexts.append(hidden * mask[..., None].float())
-                    else:
-                        contexts.append(torch.zeros(1, spec.stage1.text_len, spec.stage1.text_dim))
-                context, neg_context = contexts[0], (contexts[1] if guidance is not None else None)
-                clip_fea = pipe.image_encoder.encode(img_low) if pipe.image_encoder is not None else None
-                if clip_fea is None and spec.stage1.image_dim:
-                    clip_fea = torch.zeros(1, spec.stage1.image_len, spec.stage1.image_dim)
-            with phase("stage1"):
-                z1 = pipe._stage1(img_low, context, clip_fea, frames, h1, w1, sched, 0, "renoise", False,
+                if run:
+                    context = _encode_text(text, spec)
+                    neg_context = _encode_text(text, spec) if guidance is not None else None
+                else:
+                    context = torch.zeros(1, spec.stage1.text_len, spec.stage1.text_dim,
+                                          device=where["text_encoder"] if text is not None else "cpu")
+                    neg_context = torch.zeros_like(context) if guidance is not None else None
+                clip_fea = None
+                if pipe.image_encoder is not None and run:
+                    clip_fea = pipe.image_encoder.encode(img_low)
+                elif spec.stage1.image_dim:
+                    dev = where["image_encoder"] if pipe.image_encoder is not None else "cpu"
+                    clip_fea = torch.zeros(1, spec.stage1.image_len, spec.stage1.image_dim, device=dev)
+            with phase("stage1") as run:
+                z1 = torch.zeros(1, C1, T1, hl, wl, device=pipe.device) if not run else pipe._stage1(img_low, context, clip_fea, frames, h1, w1, sched, 0, "renoise", False,
                                   neg_context, guidance)
-            with phase("bridge"):
-                z_ref = hybrid_reference(z1, pipe.vae1, pipe.vae2, img_full, height, width)
+            with phase("bridge") as run:
+                z_ref = torch.zeros(1, C2, T2, hh, ww, device=pipe.device) if not run else hybrid_reference(z1, pipe.vae1, pipe.vae2, img_full, height, width)
             del z1
-            with phase("stage2"):
-                z2 = pipe._stage2(z_ref.to(pipe.device), context, csg, sched2, spec.stage2_kind, joint, start_sigma,
+            with phase("stage2") as run:
+                z2 = torch.zeros(1, C2, T2, hh, ww, device=pipe.device) if not run else pipe._stage2(z_ref.to(pipe.device), context, csg, sched2, spec.stage2_kind, joint, start_sigma,
                                   0, "renoise", False, neg_context, guidance)
             del z_ref
-            with phase("decode"):
+            with phase("decode") as run:
                 # FLOPs per latent frame: the decoder's work for a frame happens before the stream yields it
                 marks = [counters.flops()]
                 stream = pipe.vae2.decode_stream(z2[:1])
-                done = 0
-                for c in stream:
+                done = 0 if run else T2
+                for c in (stream if run else ()):
                     ((c[0].permute(1, 2, 3, 0) + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8).cpu()
                     del c
                     marks.append(counters.flops())
@@ -530,13 +580,71 @@ def plan_generation(spec: ModelSpec, *, memory="balanced", frames: int = 81, wid
                 stream.close()
         if done < T2:
             phases["decode"]["flops"] += (T2 - done) * (marks[-1] - marks[-2])
+        # the context is computed inside text_encoding; a stand-in of another phase is not counted there
     finally:
         torch.unique = saved_unique
+        own_cache.__exit__(None, None, None)
     info = dict(frames=frames, width=width, height=height, steps=steps, segment_blocks=segment_blocks,
                 neighbors=list(neighbors), segments=csg.num_segments, stage2_kind=spec.stage2_kind,
                 dtype=str(dtype).replace("torch.", ""), vae_dtype=str(vae_dtype).replace("torch.", ""),
                 device=device, stage1=spec.stage1.name, stage2=spec.stage2.name, decoded_latent_frames=done,
                 latent_frames=T2, replayed_calls=sum(r.hits for r in replays),
                 executed_calls=sum(r.misses for r in replays), timings=timings,
-                misses=sum(r.misses for r in replays))
-    return PlanResult(plan.profile, {p: phases[p] for p in PHASES}, info)
+                misses=sum(r.misses for r in replays), resident=resident)
+    return PlanResult(plan.profile, {p: phases[p] for p in PHASES if p in phases}, info)
+
+
+def measure_on_device(spec: ModelSpec, *, memory="balanced", frames: int = 33, width: int = 1280, height: int = 704,
+                      dtype=torch.bfloat16, vae_dtype=torch.float32, **generate_kw) -> int:
+    """Run the generation of ``spec`` for real on the CUDA GPU with uninitialised (random) weights and return
+    ``torch.cuda.max_memory_allocated`` over the run: the measurement :func:`plan_generation` estimates."""
+    from PIL import Image
+
+    from .encoders import TextEncoder
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("measure_on_device needs a CUDA GPU")
+    with torch.random.fork_rng(devices=[]):
+        pipe = _real_pipeline(spec, MemoryPlan.of(memory), dtype, vae_dtype)
+    image = Image.new("RGB", (width, height), (120, 90, 60))
+    kw = dict(frames=frames, width=width, height=height, progress=False)
+    kw.update(generate_kw)
+    if not isinstance(pipe.text_encoder, TextEncoder):
+        kw["prompt_embeds"] = torch.zeros(1, spec.stage1.text_len, spec.stage1.text_dim)
+    torch.cuda.synchronize()
+    result = pipe.generate(image, None if "prompt_embeds" in kw else "a prompt", **kw)
+    return int(result.peak_memory_bytes)
+
+
+def _real_pipeline(spec: ModelSpec, plan: MemoryPlan, dtype, vae_dtype) -> SwiftI2VPipeline:
+    """The pipeline of ``spec`` with uninitialised weights on the CPU (real tensors)."""
+    from diffusers import AutoencoderKLWan
+    from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
+
+    from .dit import WanDiT
+    from .encoders import ByteTokenizer, ImageEncoder, TextEncoder
+    from .vae import WanVAE
+
+    def real(module, dt=None):
+        module.to_empty(device="cpu")
+        if dt is not None:
+            module.to(dt)
+        for name, b in module.named_buffers():
+            b.zero_()
+        return module.eval().requires_grad_(False)
+
+    with torch.device("meta"):
+        s1, s2 = WanDiT(spec.stage1), WanDiT(spec.stage2)
+        v1, v2 = AutoencoderKLWan(**spec.vae1), AutoencoderKLWan(**spec.vae2)
+        text = UMT5EncoderModel(UMT5Config(**spec.text_encoder)) if spec.text_encoder else None
+        image = CLIPVisionModel(CLIPVisionConfig(**spec.image_encoder)) if spec.image_encoder else None
+    for dit in (s1, s2):
+        dit.to_dtype(dtype)
+        real(dit)
+        with torch.no_grad():
+            for p in dit.parameters():
+                p.normal_(0, 0.02)
+    vae1, vae2 = WanVAE(real(v1, vae_dtype)), WanVAE(real(v2, vae_dtype))
+    te = TextEncoder(real(text, dtype), ByteTokenizer(int(text.config.vocab_size))) if text is not None else None
+    ie = ImageEncoder(real(image, dtype), int(image.config.image_size)) if image is not None else None
+    return SwiftI2VPipeline(s1, s2, vae1, vae2, te, ie, stage2_kind=spec.stage2_kind, device="cuda", memory=plan)

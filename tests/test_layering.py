@@ -25,7 +25,7 @@ LAYERS: dict[str, int] = {
     "memory": 5,                                            # what each phase keeps on the device
     "packing": 5, "transition": 5, "dataset": 5,            # training sequences, references, prepared data
     "train_config": 5,
-    "pipeline": 6,
+    "pipeline": 6, "planner": 6,                            # the pipeline, and its estimate on fake tensors
     "prepare": 6, "train": 6, "export": 6,                  # the training runs, beside the pipeline
     "cli": 7, "train_cli": 7,
     "__init__": 8,
