@@ -508,9 +508,10 @@ def plan_generation(spec: ModelSpec, *, memory="balanced", frames: int = 81, wid
                 replays += [_Replay(b, counters, shared) for b in dit.blocks]
             for vae in (pipe.vae1, pipe.vae2):
                 replays += [_Replay(vae.model.decoder, counters), _Replay(vae.model.encoder, counters)]
-        if device == "cpu":  # a CPU plan counts the weights that exist before the run (as a real CPU run)
-            tracker.track(*[t for m in pipe._components().values() if m is not None
-                            for t in (*m.parameters(), *m.buffers())])
+        # the weights already on the device (all of them under "fast", placed when the pipeline is built; on a
+        # CPU plan, every weight, as a real CPU run has them) count from the start
+        tracker.track(*[t for m in pipe._components().values() if m is not None
+                        for t in (*m.parameters(), *m.buffers())])
         img_low, img_full = torch.zeros(3, h1, w1), torch.zeros(3, height, width)
 
         def phase(name):
