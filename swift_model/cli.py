@@ -1,4 +1,5 @@
-"""The ``swift-i2v`` command line: ``generate`` (real checkpoints) and ``demo`` (tiny random weights, CPU).
+"""The ``swift-i2v`` command line: ``generate`` (real checkpoints), ``plan`` (a memory and FLOP estimate on fake
+tensors) and ``demo`` (tiny random weights, CPU).
 
 Bad input gets a one-line ``error: ...`` on stderr and exit status 2, never a traceback, and never a
 half-written mp4 (the video is written to a temporary file and renamed when complete).
@@ -72,12 +73,40 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stage2", default=None, help="Stage II checkpoint folder (Wan2.2-TI2V-5B class)")
     g.add_argument("--stage2-kind", choices=("swift", "refine"), default="refine")
     g.add_argument("--text-encoder", default=None, help="UMT5 folder (default: the Stage I folder)")
-    g.add_argument("--offload", action="store_true", help="keep the stage not in use on the CPU")
+    g.add_argument("--memory", choices=("fast", "balanced", "24gb"), default=None,
+                   help="what stays on the GPU: fast (everything; the default with --fsdp, where each rank holds "
+                        "its weight shards), balanced (one DiT at a time, encoders only while they run; the "
+                        "default), 24gb (DiT blocks streamed from CPU memory, text encoder on the CPU)")
     g.add_argument("--tiny", action="store_true", help="use the tiny random-weight models (no checkpoints)")
     g.add_argument("--vae-dtype", choices=("bf16", "fp32"), default=None,
                    help="dtype of the VAEs (default: bf16 on a GPU, fp32 on the CPU)")
     _add_parallel(g)
     _add_common(g, frames=81, width=2560, height=1408)
+    pl = sub.add_parser("plan", help="estimate device memory, FLOPs and host-to-device bytes per phase of a "
+                        "generate run, on fake tensors (no GPU, no weights read)")
+    pl.add_argument("--stage1", default=None, help="Stage I checkpoint folder (its configs are read, no weights)")
+    pl.add_argument("--stage2", default=None, help="Stage II checkpoint folder (its configs are read, no weights)")
+    pl.add_argument("--stage1-preset", default=None, help="a built-in Stage I architecture instead of a folder "
+                    "(e.g. wan2.1-i2v-14b)")
+    pl.add_argument("--stage2-preset", default=None, help="a built-in Stage II architecture (e.g. wan2.2-ti2v-5b)")
+    pl.add_argument("--stage2-kind", choices=("swift", "refine"), default="refine")
+    pl.add_argument("--text-encoder", default=None, help="UMT5 folder (default: the Stage I folder)")
+    pl.add_argument("--prompt-embeds", default=None, help="plan without the text encoder (prompt embeddings given)")
+    pl.add_argument("--tiny", action="store_true", help="the tiny random-weight models")
+    pl.add_argument("--memory", choices=("fast", "balanced", "24gb"), default="balanced")
+    pl.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    for name, kw in (("--frames", dict(type=int, default=81)), ("--width", dict(type=int, default=2560)),
+                     ("--height", dict(type=int, default=1408)), ("--steps", dict(type=int, default=4)),
+                     ("--shift", dict(type=float, default=5.0)), ("--segment-blocks", dict(type=int, default=2)),
+                     ("--neighbors", dict(default="1,0")), ("--start-sigma", dict(type=float, default=0.6)),
+                     ("--guidance", dict(type=float, default=None))):
+        pl.add_argument(name, **kw)
+    pl.add_argument("--joint", action="store_true")
+    # generate's arguments that do not change the estimate are accepted, so a generate command line plans as is
+    for name in ("--image", "--prompt", "--out", "--stage1-lora", "--lora-scale", "--seed", "--fps", "--device",
+                 "--report", "--negative-prompt", "--negative-prompt-embeds", "--step-mode"):
+        pl.add_argument(name, default=None, help=argparse.SUPPRESS)
+    pl.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     d = sub.add_parser("demo", help="run the whole pipeline on tiny random-weight models on the CPU")
     d.add_argument("--image", default=None, help="input image (default: a generated test pattern)")
     d.add_argument("--prompt", default="a red fox running through fresh snow, cinematic")
@@ -115,6 +144,45 @@ def _summary(result) -> str:
             f"on {result.info['device']}")
 
 
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def _plan(args) -> int:
+    from .pipeline import check_request
+    from .planner import checkpoint_spec, plan_generation, preset_spec, tiny_spec
+
+    if args.guidance is not None and not args.guidance > 0:
+        raise ValueError(f"--guidance must be > 0, got {args.guidance}")
+    check_request(args.frames, args.width, args.height, segment_blocks=args.segment_blocks, neighbors=args.neighbors)
+    if args.tiny:
+        spec = tiny_spec(args.stage2_kind)
+    elif args.stage1 or args.stage2:
+        if not (args.stage1 and args.stage2):
+            raise ValueError("plan needs both --stage1 and --stage2 folders (or presets, or --tiny)")
+        spec = checkpoint_spec(args.stage1, args.stage2, stage2_kind=args.stage2_kind, text_encoder=args.text_encoder,
+                               load_text_encoder=args.prompt_embeds is None)
+    else:
+        spec = preset_spec(args.stage1_preset or "wan2.1-i2v-14b", args.stage2_preset or "wan2.2-ti2v-5b",
+                           stage2_kind=args.stage2_kind, text_encoder=args.prompt_embeds is None)
+    result = plan_generation(spec, memory=args.memory, frames=args.frames, width=args.width, height=args.height,
+                             steps=args.steps, shift=args.shift, segment_blocks=args.segment_blocks,
+                             neighbors=args.neighbors, joint=args.joint, start_sigma=args.start_sigma,
+                             guidance_scale=args.guidance)
+    if args.json:
+        print(json.dumps(result.to_json()))
+        return 0
+    i = result.info
+    print(f"swift-i2v plan (an ESTIMATE on fake tensors, not a measurement): {i['stage1']} + {i['stage2']}, "
+          f"{i['frames']} frames at {i['width']}x{i['height']}, memory profile {result.profile}")
+    print(f"{'phase':<14} {'peak GiB':>9} {'TFLOP':>10} {'to device GiB':>14}")
+    for name, p in result.phases.items():
+        print(f"{name:<14} {_gib(p['peak_bytes']):>9} {p['flops'] / 1e12:>10.1f} {_gib(p['h2d_bytes']):>14}")
+    print(f"{'whole run':<14} {_gib(result.peak_bytes):>9} {result.flops / 1e12:>10.1f}")
+    print("not counted: the CUDA context, library workspaces, allocator fragmentation")
+    return 0
+
+
 def _run(args) -> int:
     from .distributed import check_pipeline, distribute, processes
 
@@ -149,9 +217,11 @@ def _run(args) -> int:
 def _prepare(args, device):
     """Check the arguments and build the pipeline on ``device``: ``(pipeline, image, output path)``."""
     from .distributed import env_rank
-    from .pipeline import SwiftI2VPipeline
+    from .pipeline import SwiftI2VPipeline, check_request
     from .video import check_output_path, read_image
 
+    # every argument that needs no model is checked before any checkpoint file is opened
+    check_request(args.frames, args.width, args.height, segment_blocks=args.segment_blocks, neighbors=args.neighbors)
     out = check_output_path(args.out)
     if args.report is not None:
         folder = os.path.dirname(os.path.abspath(args.report)) or "."
@@ -161,12 +231,14 @@ def _prepare(args, device):
         raise ValueError(f"--guidance must be > 0, got {args.guidance}")
     demo = args.command == "demo"
     image = read_image(args.image) if args.image else _demo_image(args.width, args.height)
+    memory = getattr(args, "memory", None) or ("fast" if getattr(args, "fsdp", False) else "balanced")
 
     if demo or args.tiny:
         if env_rank() == 0:
             print(DEMO_TEXT if demo else "swift-i2v: using the tiny RANDOM-WEIGHT models (--tiny).", file=sys.stderr)
         pipe = SwiftI2VPipeline.tiny(seed=0, stage2_kind=args.stage2_kind, device=device,
-                                     vae_dtype=getattr(args, "vae_dtype", None))
+                                     vae_dtype=getattr(args, "vae_dtype", None),
+                                     memory=memory)
     else:
         if not args.stage1 or not args.stage2:
             raise ValueError("generate needs --stage1 and --stage2 checkpoint folders (or --tiny)")
@@ -175,7 +247,7 @@ def _prepare(args, device):
         pipe = SwiftI2VPipeline.from_pretrained(
             args.stage1, args.stage2, stage1_lora=args.stage1_lora, lora_scale=args.lora_scale,
             stage2_kind=args.stage2_kind, text_encoder=args.text_encoder,
-            load_text_encoder=args.prompt_embeds is None, device=device, offload=args.offload,
+            load_text_encoder=args.prompt_embeds is None, device=device, memory=memory,
             vae_dtype=args.vae_dtype)
     pipe.check_inputs(args.frames, args.width, args.height)
     return pipe, image, out
@@ -188,7 +260,9 @@ def main(argv=None) -> int:
     try:
         from .train_cli import TRAINING_COMMANDS, run_training_command
 
-        return run_training_command(args) if args.command in TRAINING_COMMANDS else _run(args)
+        if args.command in TRAINING_COMMANDS:
+            return run_training_command(args)
+        return _plan(args) if args.command == "plan" else _run(args)
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

@@ -280,16 +280,19 @@ def run_csg(
     for unit_index, (win, targets) in enumerate(units):
         if progress is not None:
             progress("segment", unit_index, len(units))
+        # The window's bookkeeping stays in Python lists (no data-dependent tensor ops), so the loop also runs on
+        # fake tensors (swift_model.planner).
         if win is None:
             layout = plan.clip_layout
             blocks = list(range(plan.num_blocks))
-            noisy = torch.zeros(plan.num_blocks, dtype=torch.bool)
-            noisy[plan.anchor_blocks:] = True
+            noisy_list = [b >= plan.anchor_blocks for b in blocks]
             positions = torch.arange(plan.num_blocks)
         else:
-            layout, blocks, noisy, positions = win.layout, list(win.blocks), win.noisy_mask(), win.frame_positions()
+            layout, blocks, noisy_list, positions = win.layout, list(win.blocks), list(win.noisy), win.frame_positions()
+        noisy = torch.tensor(noisy_list, dtype=torch.bool)
         idx = torch.tensor(blocks, dtype=torch.long, device=z_ref.device)
-        own = torch.nonzero(noisy).flatten().tolist()
+        own = [i for i, n in enumerate(noisy_list) if n]
+        own_local = torch.tensor(own, dtype=torch.long, device=z_ref.device)  # window positions of the own blocks
         own_idx = torch.tensor([blocks[i] for i in own], dtype=torch.long, device=z_ref.device)
         positions = positions.to(z_ref.device)
         noisy_dev = noisy.to(z_ref.device)
@@ -304,9 +307,9 @@ def run_csg(
         base_stream = (unit_index + 1) * (len(steps) + 2)
         eps = gaussian(shape, seed, base_stream, z_ref.device, torch.float32)
         if kind == "swift":
-            win_x[:, :, noisy_dev] = eps
+            win_x.index_copy_(2, own_local, eps)
         else:
-            win_x[:, :, noisy_dev] = (1 - start_sigma) * z_ref.index_select(2, own_idx).float() + start_sigma * eps
+            win_x.index_copy_(2, own_local, (1 - start_sigma) * z_ref.index_select(2, own_idx).float() + start_sigma * eps)
         model_input = None
         if fuse_ref:
             # The first model input is built once with a plain cat; every later one comes out of the step.
@@ -342,7 +345,7 @@ def run_csg(
             else:
                 win_x = flow_update(win_x, v.float(), sigma, sigma_next, mode=step_mode, seed=seed, offset=offset,
                                     cond_mask=cond, **g)
-        x = win_x[:, :, noisy_dev].to(z_ref.dtype)
+        x = win_x.index_select(2, own_local).to(z_ref.dtype)
         buffer[:, :, own_idx] = x
         if on_write is not None:
             on_write(-1 if win is None else win.segment, tuple(int(b) for b in own_idx.tolist()))

@@ -375,10 +375,13 @@ def processes(device: str | None = None, *, ulysses: int | None = None, cfg_para
 
 def check_pipeline(pipe, par: Parallelism) -> None:
     """``ValueError`` when ``pipe`` cannot run with ``par``: Ulysses must divide both DiTs' heads; FSDP needs
-    the models resident on the device (no offloading)."""
+    the models resident on the device in every phase (the ``fast`` memory profile: each rank then holds its
+    shards, not whole models; the other profiles move whole models in and out per phase)."""
     check_heads_of({"Stage I": pipe.stage1, "Stage II": pipe.stage2}, par.ulysses)
-    if par.fsdp and getattr(pipe, "offload", False):
-        raise ValueError("--fsdp shards the resident weights over the ranks: it cannot be combined with --offload")
+    memory = getattr(getattr(pipe, "memory", None), "profile", "fast")
+    if par.fsdp and memory != "fast":
+        raise ValueError(f"--fsdp keeps every rank's weight shards on the GPU in every phase: use it with --memory "
+                         f"fast (the default with --fsdp), not --memory {memory}")
 
 
 def check_sizes(pipe, par: Parallelism, frames: int, width: int, height: int, segment_blocks, neighbors,

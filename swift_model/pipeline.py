@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import resource
@@ -23,6 +22,7 @@ from .bridge import hybrid_reference, reference_video
 from .csg import CSGPlan, STAGE2_KINDS, flow_steps, flow_update, gaussian, parse_neighbors, run_csg
 from .distributed import Parallelism, check_sizes
 from .encoders import ImageEncoder, TextEncoder, load_prompt_embeds
+from .memory import MemoryPlan, Residency
 from .transition import stage1_conditioning, stage1_model_input
 from .vae import WanVAE
 from .vae import default_dtype as default_vae_dtype
@@ -59,6 +59,32 @@ def _peak_memory(device: torch.device) -> int:
     return int(kib * (1 if sys.platform == "darwin" else 1024))
 
 
+# The smallest size multiple of any Wan pipeline: a Wan2.1 (8x) Stage I VAE under a 2x2 patch at a quarter of
+# the output size per side (a Wan2.2 Stage I VAE needs 128; the pipeline checks the exact value).
+MIN_SIZE_MULTIPLE = 64
+
+
+def check_request(frames, width, height, *, segment_blocks=2, neighbors=(1, 0),
+                  size_multiple: int = MIN_SIZE_MULTIPLE) -> tuple[int, int]:
+    """Check what a generation request can be checked for without any model: ``frames`` (``4k + 1 >= 5``),
+    ``width``/``height`` (positive multiples of ``size_multiple``), ``segment_blocks`` (an int >= 1) and
+    ``neighbors`` (see :func:`~swift_model.csg.parse_neighbors`). Returns the parsed ``neighbors``; raises
+    ``TypeError``/``ValueError`` naming the argument. The command line calls it before opening any checkpoint.
+    """
+    for name, v in (("frames", frames), ("width", width), ("height", height), ("segment_blocks", segment_blocks)):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if frames < 5 or (frames - 1) % 4:
+        raise ValueError(f"frames must be 4k+1 and at least 5 (e.g. 81), got {frames}")
+    m = size_multiple
+    if width < m or height < m or width % m or height % m:
+        raise ValueError(f"width and height must be positive multiples of {m} (Stage I runs at a quarter per "
+                         f"side), got {width}x{height}")
+    if segment_blocks < 1:
+        raise ValueError(f"segment_blocks must be >= 1, got {segment_blocks}")
+    return parse_neighbors(neighbors)
+
+
 def _tqdm(enabled: bool, **kw):
     from tqdm.auto import tqdm
 
@@ -78,7 +104,9 @@ class SwiftI2VPipeline:
         image_encoder: a CLIP :class:`~swift_model.encoders.ImageEncoder` for Stage I DiTs with image tokens.
         stage2_kind: ``"swift"`` or ``"refine"``.
         device: where the models run (default: CUDA when available, else CPU).
-        offload: keep the stage not in use (and the encoders) on the CPU.
+        memory: the memory profile, ``"fast"``, ``"balanced"`` (default) or ``"24gb"``, or a
+            :class:`~swift_model.memory.MemoryPlan`: what each phase keeps on the device (see
+            :mod:`swift_model.memory`).
         random_weights: a flag carried into reports (the tiny demo models).
 
     Several processes (``torchrun``): :func:`swift_model.distributed.distribute` sets ``parallel`` (a
@@ -90,7 +118,7 @@ class SwiftI2VPipeline:
 
     def __init__(self, stage1, stage2, vae1: WanVAE, vae2: WanVAE, text_encoder: TextEncoder | None = None,
                  image_encoder: ImageEncoder | None = None, *, stage2_kind: str = "swift", device=None,
-                 offload: bool = False, random_weights: bool = False) -> None:
+                 memory="balanced", random_weights: bool = False) -> None:
         if stage2_kind not in STAGE2_KINDS:
             raise ValueError(f"stage2_kind must be one of {STAGE2_KINDS}, got {stage2_kind!r}")
         self.stage1, self.stage2 = stage1.eval(), stage2.eval()
@@ -98,22 +126,19 @@ class SwiftI2VPipeline:
         self.text_encoder, self.image_encoder = text_encoder, image_encoder
         self.stage2_kind = stage2_kind
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.offload = offload
+        self.memory = MemoryPlan.of(memory)
+        self.residency = Residency(self.memory, self.device)
         self.random_weights = random_weights
         self._check_models()
-        if not offload:
-            for m in self._modules():
-                m.to(self.device)
+        self.residency.place_initial(self._components())
 
     # -- construction ---------------------------------------------------------------------------------
 
-    def _modules(self):
-        mods = [self.stage1, self.stage2, self.vae1.model, self.vae2.model]
-        if self.text_encoder is not None:
-            mods.append(self.text_encoder.model)
-        if self.image_encoder is not None:
-            mods.append(self.image_encoder.model)
-        return mods
+    def _components(self) -> dict:
+        """The modules the memory plan places, by component name (``None`` when absent)."""
+        return dict(text_encoder=None if self.text_encoder is None else self.text_encoder.model,
+                    image_encoder=None if self.image_encoder is None else self.image_encoder.model,
+                    stage1=self.stage1, stage2=self.stage2, vae1=self.vae1.model, vae2=self.vae2.model)
 
     def _check_models(self) -> None:
         c1, c2 = self.stage1.config, self.stage2.config
@@ -127,10 +152,11 @@ class SwiftI2VPipeline:
                              f"{c2.in_channels}/{c2.out_channels}, expected {want}/{z2} for a {z2}-channel VAE")
 
     @classmethod
-    def tiny(cls, *, seed: int = 0, stage2_kind: str = "swift", device=None, offload: bool = False,
+    def tiny(cls, *, seed: int = 0, stage2_kind: str = "swift", device=None, memory="balanced",
              vae_dtype=None) -> "SwiftI2VPipeline":
         """The whole pipeline on tiny random-weight models (for demos and tests; the output is noise-like).
-        ``vae_dtype``: ``"bf16"``/``"fp32"`` (default: bf16 on a GPU, fp32 on the CPU)."""
+        ``memory``: the memory profile (see the class); ``vae_dtype``: ``"bf16"``/``"fp32"`` (default: bf16 on a
+        GPU, fp32 on the CPU)."""
         from .config import WanDiTConfig
         from .dit import WanDiT
 
@@ -150,13 +176,13 @@ class SwiftI2VPipeline:
             raise ValueError("tiny presets must share the text width")
         image_dim = getattr(c1, "image_dim", None)
         image = ImageEncoder.tiny(dim=image_dim, seed=seed) if image_dim else None
-        return cls(stage1, stage2, vae1, vae2, text, image, stage2_kind=stage2_kind, device=device, offload=offload,
+        return cls(stage1, stage2, vae1, vae2, text, image, stage2_kind=stage2_kind, device=device, memory=memory,
                    random_weights=True)
 
     @classmethod
     def from_pretrained(cls, stage1: str, stage2: str, *, stage1_lora: str | None = None, lora_scale: float = 1.0,
                         stage2_kind: str = "refine", text_encoder: str | None = None, load_text_encoder: bool = True,
-                        device=None, dtype=None, offload: bool = False, vae_dtype=None) -> "SwiftI2VPipeline":
+                        device=None, dtype=None, memory="balanced", vae_dtype=None) -> "SwiftI2VPipeline":
         """Load both stages from diffusers-format or original Wan folders.
 
         Args:
@@ -166,67 +192,51 @@ class SwiftI2VPipeline:
             stage2_kind: ``"refine"`` (public 5B, training-free) or ``"swift"`` (widened input).
             text_encoder: folder of the UMT5 encoder + tokenizer (default: ``stage1``'s).
             load_text_encoder: False to run from precomputed prompt embeddings only.
-            offload: keep the stage not in use on the CPU.
+            memory: the memory profile (see the class); it also decides where each model is loaded to.
             vae_dtype: dtype of both VAEs, ``"bf16"``/``"fp32"`` (default: bf16 on a GPU, fp32 on the CPU).
         """
-        from .dit import WanDiT
+        from .checkpoint import inspect_dit, load_dit
 
         for name, p in (("stage1", stage1), ("stage2", stage2)):
             if not isinstance(p, (str, os.PathLike)) or not os.path.exists(p):
                 raise ValueError(f"{name} checkpoint not found: {p}")
+        plan = MemoryPlan.of(memory)
         dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
             dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         vae_dtype = parse_vae_dtype(vae_dtype) or default_vae_dtype(dev)
-        load_dev = "cpu" if offload else dev
-        s1 = WanDiT.from_pretrained(stage1, device=load_dev, dtype=dtype, lora=stage1_lora, lora_scale=lora_scale)
-        s2 = WanDiT.from_pretrained(stage2, device=load_dev, dtype=dtype,
-                                    extra_in_channels=0)
-        if stage2_kind == "swift" and s2.config.in_channels == s2.config.out_channels:
-            # A public checkpoint used as the method's network: widen the input, extra channels start at zero.
-            s2 = WanDiT.from_pretrained(stage2, device=load_dev, dtype=dtype, extra_in_channels=s2.config.in_channels)
-        vae1 = WanVAE.from_pretrained(stage1, device=load_dev, dtype=vae_dtype)
-        vae2 = WanVAE.from_pretrained(stage2, device=load_dev, dtype=vae_dtype)
+
+        def load_dev(component):
+            return dev if plan.initial(component) == "device" else torch.device("cpu")
+
+        s1 = load_dit(stage1, device=load_dev("stage1"), dtype=dtype, lora=stage1_lora, lora_scale=lora_scale,
+                      stage="stage1")
+        info2 = inspect_dit(stage2, stage="stage2")
+        # A public checkpoint used as the method's network: widen the input (the extra channels start at
+        # zero), decided from the headers so that the weights are read once.
+        extra = info2.config.in_channels if stage2_kind == "swift" and info2.config.in_channels == info2.config.out_channels else 0
+        s2 = load_dit(info2, device=load_dev("stage2"), dtype=dtype, extra_in_channels=extra)
+        vae1 = WanVAE.from_pretrained(stage1, device=load_dev("vae1"), dtype=vae_dtype)
+        vae2 = WanVAE.from_pretrained(stage2, device=load_dev("vae2"), dtype=vae_dtype)
         text = None
         if load_text_encoder:
             text = TextEncoder.from_pretrained(text_encoder or stage1, device="cpu", dtype=dtype)
         image = None
         if getattr(s1.config, "image_dim", None):
             image = ImageEncoder.from_pretrained(stage1, device="cpu", dtype=dtype)
-        return cls(s1, s2, vae1, vae2, text, image, stage2_kind=stage2_kind, device=dev, offload=offload)
+        return cls(s1, s2, vae1, vae2, text, image, stage2_kind=stage2_kind, device=dev, memory=plan)
 
     # -- helpers --------------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _on_device(self, *modules):
-        """Move ``modules`` to the device for the block (and back to the CPU afterwards when offloading)."""
-        if self.offload:
-            for m in modules:
-                m.to(self.device)
-        try:
-            yield
-        finally:
-            if self.offload:
-                for m in modules:
-                    m.to("cpu")
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+    def _phase(self, name: str):
+        """The body runs as phase ``name`` of the memory plan (what it does not keep is evicted first)."""
+        return self.residency.phase(name, self._components())
 
     def check_inputs(self, frames: int, width: int, height: int) -> None:
         """Raise when the pipeline cannot produce a ``frames`` x ``width`` x ``height`` video: ``TypeError`` for a
         non-int, ``ValueError`` for a value it cannot make (frames not ``4k + 1 >= 5``, sizes not multiples of
         what the VAEs need)."""
-        for name, v in (("frames", frames), ("width", width), ("height", height)):
-            if isinstance(v, bool) or not isinstance(v, int):
-                raise TypeError(f"{name} must be an int, got {type(v).__name__}")
-        if frames < 5 or (frames - 1) % 4:
-            raise ValueError(f"frames must be 4k+1 and at least 5 (e.g. 81), got {frames}")
-        m2 = self.vae2.size_multiple
-        m1 = self.vae1.size_multiple * 4
-        m = max(m1, m2)
-        if width < m or height < m or width % m or height % m:
-            raise ValueError(f"width and height must be positive multiples of {m} (Stage I runs at a quarter per "
-                             f"side, multiples of {self.vae1.size_multiple}), got {width}x{height}")
+        check_request(frames, width, height, size_multiple=max(self.vae1.size_multiple * 4, self.vae2.size_multiple))
 
     # -- generation -----------------------------------------------------------------------------------
 
@@ -322,6 +332,7 @@ class SwiftI2VPipeline:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         seconds: dict[str, float] = {}
+        self.residency.h2d_bytes.clear()
         t_start = time.perf_counter()
         w1, h1 = width // 4, height // 4
         img_full = image_to_tensor(image, width, height)
@@ -329,49 +340,47 @@ class SwiftI2VPipeline:
 
         # -- conditioning --
         t0 = time.perf_counter()
-        if prompt_embeds is None:
-            if self.text_encoder is None:
-                raise ValueError("no text encoder loaded: pass prompt_embeds (a tensor or a safetensors file)")
-            with self._on_device(self.text_encoder.model):
+        with self._phase("text_encoding"):
+            if prompt_embeds is None:
+                if self.text_encoder is None:
+                    raise ValueError("no text encoder loaded: pass prompt_embeds (a tensor or a safetensors file)")
                 context = self.text_encoder.encode(prompt)
-        elif isinstance(prompt_embeds, (str, os.PathLike)):
-            context = load_prompt_embeds(prompt_embeds)
-        else:
-            context = prompt_embeds.float()
-        if context.dim() != 3 or context.shape[-1] != self.stage1.config.text_dim:
-            raise ValueError(f"prompt embeddings must be [1, L, {self.stage1.config.text_dim}], got {tuple(context.shape)}")
-        neg_context = None
-        if guidance_scale is not None:
-            if negative_prompt_embeds is not None:
-                neg_context = (load_prompt_embeds(negative_prompt_embeds)
-                               if isinstance(negative_prompt_embeds, (str, os.PathLike)) else negative_prompt_embeds.float())
-            elif self.text_encoder is not None:
-                with self._on_device(self.text_encoder.model):
-                    neg_context = self.text_encoder.encode(negative_prompt)
+            elif isinstance(prompt_embeds, (str, os.PathLike)):
+                context = load_prompt_embeds(prompt_embeds)
             else:
-                raise ValueError("guidance needs a negative prompt: load a text encoder or pass negative_prompt_embeds")
-            if neg_context.dim() != 3 or neg_context.shape[-1] != context.shape[-1]:
-                raise ValueError(f"negative prompt embeddings must be [1, L, {context.shape[-1]}], got {tuple(neg_context.shape)}")
-        if free_text_encoder:
-            self.text_encoder = None
-        clip_fea = None
-        image_dim = getattr(self.stage1.config, "image_dim", None)
-        if image_embeds is not None:
-            if not isinstance(image_embeds, torch.Tensor) or image_embeds.dim() != 3 or image_embeds.shape[-1] != image_dim:
-                raise ValueError(f"image_embeds must be a [1, N, {image_dim}] tensor for this Stage I DiT, got "
-                                 f"{getattr(image_embeds, 'shape', type(image_embeds).__name__)}")
-            clip_fea = image_embeds
-        elif self.image_encoder is not None:
-            with self._on_device(self.image_encoder.model):
+                context = prompt_embeds.float()
+            if context.dim() != 3 or context.shape[-1] != self.stage1.config.text_dim:
+                raise ValueError(f"prompt embeddings must be [1, L, {self.stage1.config.text_dim}], got {tuple(context.shape)}")
+            neg_context = None
+            if guidance_scale is not None:
+                if negative_prompt_embeds is not None:
+                    neg_context = (load_prompt_embeds(negative_prompt_embeds)
+                                   if isinstance(negative_prompt_embeds, (str, os.PathLike)) else negative_prompt_embeds.float())
+                elif self.text_encoder is not None:
+                    neg_context = self.text_encoder.encode(negative_prompt)
+                else:
+                    raise ValueError("guidance needs a negative prompt: load a text encoder or pass negative_prompt_embeds")
+                if neg_context.dim() != 3 or neg_context.shape[-1] != context.shape[-1]:
+                    raise ValueError(f"negative prompt embeddings must be [1, L, {context.shape[-1]}], got {tuple(neg_context.shape)}")
+            if free_text_encoder:
+                self.text_encoder = None
+            clip_fea = None
+            image_dim = getattr(self.stage1.config, "image_dim", None)
+            if image_embeds is not None:
+                if not isinstance(image_embeds, torch.Tensor) or image_embeds.dim() != 3 or image_embeds.shape[-1] != image_dim:
+                    raise ValueError(f"image_embeds must be a [1, N, {image_dim}] tensor for this Stage I DiT, got "
+                                     f"{getattr(image_embeds, 'shape', type(image_embeds).__name__)}")
+                clip_fea = image_embeds
+            elif self.image_encoder is not None:
                 clip_fea = self.image_encoder.encode(img_low)
-        elif image_dim:
-            raise ValueError("this Stage I DiT takes CLIP image tokens: load a CLIP image encoder or pass image_embeds")
+            elif image_dim:
+                raise ValueError("this Stage I DiT takes CLIP image tokens: load a CLIP image encoder or pass image_embeds")
         seconds["encode_prompt"] = time.perf_counter() - t0
 
         # -- Stage I --
         t0 = time.perf_counter()
         sched = flow_steps(steps, shift)
-        with self._on_device(self.stage1, self.vae1.model):
+        with self._phase("stage1"):
             z1 = self._stage1(img_low, context, clip_fea, frames, h1, w1, sched, seed, step_mode, progress,
                               neg_context, guidance_scale)
             _sync(dev)
@@ -379,7 +388,7 @@ class SwiftI2VPipeline:
 
         # -- bridge --
         t0 = time.perf_counter()
-        with self._on_device(self.vae1.model, self.vae2.model):
+        with self._phase("bridge"):
             if par.distributed:  # the 2K encode's tiles over the ranks (bitwise the one-process encode)
                 z_ref = vae_parallel.encode(self.vae2, reference_video(z1, self.vae1, img_full, height, width),
                                             par.group)
@@ -394,7 +403,7 @@ class SwiftI2VPipeline:
         plan = CSGPlan(T, segment_blocks, neighbors, block_tokens=(hh // 2) * (ww // 2),
                        anchor_attends="anchor" if shared_anchor else "all")
         sched2 = flow_steps(steps, shift, start_sigma=start_sigma if kind == "refine" else 1.0)
-        with self._on_device(self.stage2):
+        with self._phase("stage2"):
             z2 = self._stage2(z_ref.to(dev), context, plan, sched2, kind, joint, start_sigma, seed, step_mode, progress,
                               neg_context, guidance_scale)
             _sync(dev)
@@ -402,7 +411,7 @@ class SwiftI2VPipeline:
 
         # -- decode + write --
         t0 = time.perf_counter()
-        with self._on_device(self.vae2.model):
+        with self._phase("decode"):
             if par.distributed:
                 # each rank decodes its share of the tiles; rank 0 blends them (bitwise the one-process decode)
                 frames_ = vae_parallel.decode_uint8(self.vae2, z2[:1], par.group, progress=progress)
@@ -424,8 +433,8 @@ class SwiftI2VPipeline:
                     segment_blocks=segment_blocks, neighbors=list(neighbors), segments=plan.num_segments,
                     stage1_size=[w1, h1], latent_frames=T, max_window_tokens=plan.max_window_tokens,
                     guidance_scale=guidance_scale, shared_anchor=shared_anchor, device=str(dev),
-                    random_weights=self.random_weights,
-                    **par.report())
+                    random_weights=self.random_weights, memory=self.memory.profile,
+                    h2d_bytes=dict(self.residency.h2d_bytes), **par.report())
         return GenerationResult(video, output, z2.cpu(), seconds, _peak_memory(dev), info)
 
     __call__ = generate

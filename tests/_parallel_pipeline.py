@@ -29,7 +29,7 @@ def _pipe():
     if "pipe" not in _PIPE:
         from swift_model.pipeline import SwiftI2VPipeline
 
-        pipe = SwiftI2VPipeline.tiny(seed=0, device="cpu")
+        pipe = SwiftI2VPipeline.tiny(seed=0, device="cpu", memory="fast")  # fast: what --fsdp needs
         # Stage II VAE tiles small enough that the 128 x 64 clip (a latent of 4 x 8) has 3 of them, encode
         # tiled too: the bridge's encode and the final decode really split over the ranks
         vae = pipe.vae2

@@ -23,10 +23,11 @@ LAYERS: dict[str, int] = {
     "parallel": 3,                                          # sequence parallelism, FSDP2 (under the DiT)
     "checkpoint": 4, "lora": 4, "preflight": 4,             # loading
     "csg": 5, "bridge": 5,                                  # the stages
+    "memory": 5,                                            # what each phase keeps on the device
     "packing": 5, "transition": 5, "dataset": 5,            # training sequences, references, prepared data
     "train_config": 5,
     "distributed": 5, "vae_parallel": 5,                    # torchrun, process groups, CFG parallel, VAE tiles
-    "pipeline": 6,
+    "pipeline": 6, "planner": 6,                            # the pipeline, and its estimate on fake tensors
     "prepare": 6, "train": 6, "export": 6,                  # the training runs, beside the pipeline
     "lora_train": 6,                                        # Stage I's low-resolution LoRA
     "cli": 7, "train_cli": 7,

@@ -446,3 +446,17 @@ def test_torchrun_generate_equals_one_process(tmp_path):
     report = json.loads((tmp_path / "two.json").read_text())
     assert (report["world_size"], report["ulysses"], report["cfg_parallel"], report["fsdp"]) == (2, 2, False, False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.png", "one.mp4", "two.json", "two.mp4"]
+
+
+def test_fsdp_needs_the_fast_memory_profile():
+    """--fsdp keeps each rank's shards resident in every phase: a profile that moves whole models per phase is
+    refused with a message naming the flags; fast is accepted."""
+    import types
+
+    from swift_model.distributed import check_pipeline
+    from swift_model.pipeline import SwiftI2VPipeline
+
+    par = types.SimpleNamespace(ulysses=1, fsdp=True)
+    with pytest.raises(ValueError, match="--fsdp.*--memory fast.*--memory balanced"):
+        check_pipeline(SwiftI2VPipeline.tiny(seed=0, device="cpu"), par)
+    check_pipeline(SwiftI2VPipeline.tiny(seed=0, device="cpu", memory="fast"), par)
