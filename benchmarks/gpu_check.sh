@@ -40,6 +40,7 @@
 #   b-bwd       forward+backward, the same implementations                                   150  ~80
 #   t-gpu       pytest -m gpu: extension edge cases, sync-free plans, > 2^31-element tensors  150  ~60
 #   vae         2K Wan2.2 VAE decode, 3 latent frames, bf16, random weights (needs diffusers) 120  ~40
+#   t-mem       pytest -m gpu: the memory estimate vs max_memory_allocated, VAE encode       150  untimed
 #   summary     results.json and the short table printed last                                60   ~5
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -149,6 +150,13 @@ else
     skip t-gpu "dry run: no GPU"
 fi
 step vae 120 "${CHECK[@]}" vae
+if [ "$DRY" = 0 ]; then
+    # the memory plan against the device: measured peak vs swift-i2v plan's estimate; VAE encode of a CPU clip
+    step t-mem 150 "$PY" -m pytest -q -p no:cacheprovider -rfEs -m gpu tests/test_planner.py \
+        tests/test_pipeline.py
+else
+    skip t-mem "dry run: no GPU"
+fi
 step summary 60 "${CHECK[@]}" summary
 
 echo "===== total $(( $(date +%s) - T0 )) s (rc 124: cut by its limit); results in $OUT"

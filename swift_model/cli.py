@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--prompt-embeds", default=None, help="plan without the text encoder (prompt embeddings given)")
     pl.add_argument("--tiny", action="store_true", help="the tiny random-weight models")
     pl.add_argument("--memory", choices=("fast", "balanced", "24gb"), default="balanced")
+    pl.add_argument("--vae-dtype", choices=("bf16", "fp32"), default="bf16",
+                    help="dtype of the VAEs (default bf16, generate's default on a GPU)")
     pl.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     for name, kw in (("--frames", dict(type=int, default=81)), ("--width", dict(type=int, default=2560)),
                      ("--height", dict(type=int, default=1408)), ("--steps", dict(type=int, default=4)),
@@ -168,7 +170,7 @@ def _plan(args) -> int:
     result = plan_generation(spec, memory=args.memory, frames=args.frames, width=args.width, height=args.height,
                              steps=args.steps, shift=args.shift, segment_blocks=args.segment_blocks,
                              neighbors=args.neighbors, joint=args.joint, start_sigma=args.start_sigma,
-                             guidance_scale=args.guidance)
+                             guidance_scale=args.guidance, vae_dtype=args.vae_dtype)
     if args.json:
         print(json.dumps(result.to_json()))
         return 0

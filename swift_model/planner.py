@@ -42,6 +42,8 @@ from .config import WanDiTConfig
 from .csg import CSGPlan, flow_steps
 from .memory import PHASES, MemoryPlan
 from .pipeline import SwiftI2VPipeline, check_request
+from .vae import default_dtype as default_vae_dtype
+from .vae import parse_dtype as parse_vae_dtype
 
 ALLOCATOR_ROUND = 512  # the CUDA caching allocator rounds every block up to 512 bytes
 
@@ -446,7 +448,7 @@ def _rope_any_positions(dit, grid, positions, device):
 def plan_generation(spec: ModelSpec, *, memory="balanced", frames: int = 81, width: int = 2560,
                     height: int = 1408, steps: int = 4, shift: float = 5.0, segment_blocks: int = 2,
                     neighbors=(1, 0), joint: bool = False, start_sigma: float = 0.6, guidance_scale=None,
-                    device: str = "cuda", dtype=None, vae_dtype=torch.float32, decode_frames: int | None = 4,
+                    device: str = "cuda", dtype=None, vae_dtype=None, decode_frames: int | None = 4,
                     replay: bool = True, phases=None) -> PlanResult:
     """Estimate the device memory, FLOPs and host-to-device bytes of each phase of a generation.
 
@@ -457,7 +459,8 @@ def plan_generation(spec: ModelSpec, *, memory="balanced", frames: int = 81, wid
             as :meth:`SwiftI2VPipeline.generate <swift_model.pipeline.SwiftI2VPipeline.generate>`.
         device: the device type to estimate (``"cuda"``; ``"cpu"`` to compare with a real CPU run).
         dtype: the DiTs' and encoders' dtype (default bf16 on ``cuda``, fp32 on ``cpu``, as ``from_pretrained``);
-            vae_dtype: the VAEs'.
+            vae_dtype: the VAEs' (``"bf16"``/``"fp32"`` or a dtype; default as ``generate``: bf16 on ``cuda``,
+            fp32 on ``cpu``).
         decode_frames: decode this many latent frames, then extrapolate once a frame's FLOPs repeat
             (``None``: decode all).
         replay: replay repeated block / VAE calls (:class:`_Replay`) instead of executing them.
@@ -474,6 +477,7 @@ def plan_generation(spec: ModelSpec, *, memory="balanced", frames: int = 81, wid
     plan = MemoryPlan.of(memory)
     neighbors = check_request(frames, width, height, segment_blocks=segment_blocks, neighbors=neighbors)
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
+    vae_dtype = parse_vae_dtype(vae_dtype) or default_vae_dtype(device)
     guidance = None if guidance_scale in (None, 1.0) else float(guidance_scale)
     # host-side bookkeeping is computed on real tensors, before the fake mode
     sched = flow_steps(steps, shift)
@@ -596,7 +600,7 @@ def plan_generation(spec: ModelSpec, *, memory="balanced", frames: int = 81, wid
 
 
 def measure_on_device(spec: ModelSpec, *, memory="balanced", frames: int = 33, width: int = 1280, height: int = 704,
-                      dtype=torch.bfloat16, vae_dtype=torch.float32, **generate_kw) -> int:
+                      dtype=torch.bfloat16, vae_dtype=None, **generate_kw) -> int:
     """Run the generation of ``spec`` for real on the CUDA GPU with uninitialised (random) weights and return
     ``torch.cuda.max_memory_allocated`` over the run: the measurement :func:`plan_generation` estimates."""
     from PIL import Image
@@ -605,6 +609,7 @@ def measure_on_device(spec: ModelSpec, *, memory="balanced", frames: int = 33, w
 
     if not torch.cuda.is_available():
         raise RuntimeError("measure_on_device needs a CUDA GPU")
+    vae_dtype = parse_vae_dtype(vae_dtype) or default_vae_dtype("cuda")
     with torch.random.fork_rng(devices=[]):
         pipe = _real_pipeline(spec, MemoryPlan.of(memory), dtype, vae_dtype)
     image = Image.new("RGB", (width, height), (120, 90, 60))
