@@ -18,8 +18,7 @@ Repetition is not re-run: a transformer block, the VAE encoder or decoder called
 shapes (and caches of the same shapes) runs the same operations on tensors of the same sizes, so its FLOPs,
 its transient peak above what was alive when it was called, and the shapes of what it returns and leaves in its
 caches are those of the first such call (:class:`_Replay`); only the first call per signature executes. The
-decode stops after a few latent frames once a frame's FLOPs repeat exactly (the causal caches are full), and
-the remaining frames add those FLOPs. Both shortcuts are tested against full runs.
+shortcut is tested against full runs.
 
 Everything here is an **estimate**: the caching allocator's fragmentation, the CUDA context, library
 workspaces (cuBLAS, cuDNN) and the CPU side are not counted.
@@ -327,12 +326,24 @@ def checkpoint_spec(stage1, stage2, *, stage2_kind: str = "refine", text_encoder
     return ModelSpec(c1, c2, vae(stage1, c1.out_channels), vae(stage2, c2.out_channels), text, image, stage2_kind)
 
 
-def _meta_pipeline(spec: ModelSpec, device, plan: MemoryPlan, dtype, vae_dtype) -> SwiftI2VPipeline:
-    """The pipeline of ``spec`` with every weight a fake CPU tensor (call inside the fake mode)."""
+def _meta_models(spec: ModelSpec):
+    """The networks of ``spec`` on the meta device (no storage): both DiTs, both VAEs' diffusers models, and
+    the text and image encoders' transformers models (``None`` where ``spec`` has none)."""
     from diffusers import AutoencoderKLWan
     from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
 
     from .dit import WanDiT
+
+    with torch.device("meta"):
+        s1, s2 = WanDiT(spec.stage1), WanDiT(spec.stage2)
+        v1, v2 = AutoencoderKLWan(**spec.vae1), AutoencoderKLWan(**spec.vae2)
+        text = UMT5EncoderModel(UMT5Config(**spec.text_encoder)) if spec.text_encoder else None
+        image = CLIPVisionModel(CLIPVisionConfig(**spec.image_encoder)) if spec.image_encoder else None
+    return s1, s2, v1, v2, text, image
+
+
+def _meta_pipeline(spec: ModelSpec, device, plan: MemoryPlan, dtype, vae_dtype) -> SwiftI2VPipeline:
+    """The pipeline of ``spec`` with every weight a fake CPU tensor (call inside the fake mode)."""
     from .encoders import ByteTokenizer, ImageEncoder, TextEncoder
     from .vae import WanVAE
 
@@ -349,11 +360,7 @@ def _meta_pipeline(spec: ModelSpec, device, plan: MemoryPlan, dtype, vae_dtype) 
                     mod._buffers[name] = torch.empty(b.shape, dtype=b.dtype, device="cpu")
         return module
 
-    with torch.device("meta"):
-        s1, s2 = WanDiT(spec.stage1), WanDiT(spec.stage2)
-        v1, v2 = AutoencoderKLWan(**spec.vae1), AutoencoderKLWan(**spec.vae2)
-        text = UMT5EncoderModel(UMT5Config(**spec.text_encoder)) if spec.text_encoder else None
-        image = CLIPVisionModel(CLIPVisionConfig(**spec.image_encoder)) if spec.image_encoder else None
+    s1, s2, v1, v2, text, image = _meta_models(spec)
     for dit in (s1, s2):
         dit.to_dtype(dtype)
         fake(dit).eval()
@@ -448,7 +455,7 @@ def _rope_any_positions(dit, grid, positions, device):
 def plan_generation(spec: ModelSpec, *, memory="balanced", frames: int = 81, width: int = 2560,
                     height: int = 1408, steps: int = 4, shift: float = 5.0, segment_blocks: int = 2,
                     neighbors=(1, 0), joint: bool = False, start_sigma: float = 0.6, guidance_scale=None,
-                    device: str = "cuda", dtype=None, vae_dtype=None, decode_frames: int | None = 4,
+                    device: str = "cuda", dtype=None, vae_dtype=None,
                     replay: bool = True, phases=None) -> PlanResult:
     """Estimate the device memory, FLOPs and host-to-device bytes of each phase of a generation.
 
@@ -461,8 +468,6 @@ def plan_generation(spec: ModelSpec, *, memory="balanced", frames: int = 81, wid
         dtype: the DiTs' and encoders' dtype (default bf16 on ``cuda``, fp32 on ``cpu``, as ``from_pretrained``);
             vae_dtype: the VAEs' (``"bf16"``/``"fp32"`` or a dtype; default as ``generate``: bf16 on ``cuda``,
             fp32 on ``cpu``).
-        decode_frames: decode this many latent frames, then extrapolate once a frame's FLOPs repeat
-            (``None``: decode all).
         replay: replay repeated block / VAE calls (:class:`_Replay`) instead of executing them.
         phases: run only these phases (default all); the others' results are stand-ins of their shapes. Each
             phase starts by evicting what it does not keep, so a phase's estimate does not depend on the others
@@ -540,7 +545,6 @@ def plan_generation(spec: ModelSpec, *, memory="balanced", frames: int = 81, wid
                 pipe.residency.place_initial(pipe._components())
             pipe.residency.h2d_bytes.clear()
             C1, T1, hl, wl = pipe.vae1.latent_shape(frames, h1, w1)
-            done = T2
             with phase("text_encoding") as run:
                 # without the phase: stand-ins where the encoders would have left their results
                 where = {c: pipe.device if plan.placement("text_encoding", c) == "device" else torch.device("cpu")
@@ -570,21 +574,10 @@ def plan_generation(spec: ModelSpec, *, memory="balanced", frames: int = 81, wid
                                   0, "renoise", False, neg_context, guidance)
             del z_ref
             with phase("decode") as run:
-                # FLOPs per latent frame: the decoder's work for a frame happens before the stream yields it
-                marks = [counters.flops()]
-                stream = pipe.vae2.decode_stream(z2[:1])
-                done = 0 if run else T2
-                for c in (stream if run else ()):
-                    ((c[0].permute(1, 2, 3, 0) + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8).cpu()
+                # what generate runs: the tile-major decode to uint8 frames on the host (each tile's repeated
+                # decoder calls are replayed, so the whole clip is cheap to walk through)
+                for c in (pipe.vae2.decode_uint8_stream(z2[:1]) if run else ()):
                     del c
-                    marks.append(counters.flops())
-                    done += 1
-                    if (decode_frames is not None and done >= max(decode_frames, 3) and done < T2
-                            and marks[-1] - marks[-2] == marks[-2] - marks[-3]):
-                        break  # two frames alike: the causal caches are full, every later frame is the same
-                stream.close()
-        if done < T2:
-            phases["decode"]["flops"] += (T2 - done) * (marks[-1] - marks[-2])
         # the context is computed inside text_encoding; a stand-in of another phase is not counted there
     finally:
         torch.unique = saved_unique
@@ -592,7 +585,7 @@ def plan_generation(spec: ModelSpec, *, memory="balanced", frames: int = 81, wid
     info = dict(frames=frames, width=width, height=height, steps=steps, segment_blocks=segment_blocks,
                 neighbors=list(neighbors), segments=csg.num_segments, stage2_kind=spec.stage2_kind,
                 dtype=str(dtype).replace("torch.", ""), vae_dtype=str(vae_dtype).replace("torch.", ""),
-                device=device, stage1=spec.stage1.name, stage2=spec.stage2.name, decoded_latent_frames=done,
+                device=device, stage1=spec.stage1.name, stage2=spec.stage2.name,
                 latent_frames=T2, replayed_calls=sum(r.hits for r in replays),
                 executed_calls=sum(r.misses for r in replays), timings=timings,
                 misses=sum(r.misses for r in replays), resident=resident)
@@ -624,10 +617,6 @@ def measure_on_device(spec: ModelSpec, *, memory="balanced", frames: int = 33, w
 
 def _real_pipeline(spec: ModelSpec, plan: MemoryPlan, dtype, vae_dtype) -> SwiftI2VPipeline:
     """The pipeline of ``spec`` with uninitialised weights on the CPU (real tensors)."""
-    from diffusers import AutoencoderKLWan
-    from transformers import CLIPVisionConfig, CLIPVisionModel, UMT5Config, UMT5EncoderModel
-
-    from .dit import WanDiT
     from .encoders import ByteTokenizer, ImageEncoder, TextEncoder
     from .vae import WanVAE
 
@@ -639,11 +628,7 @@ def _real_pipeline(spec: ModelSpec, plan: MemoryPlan, dtype, vae_dtype) -> Swift
             b.zero_()
         return module.eval().requires_grad_(False)
 
-    with torch.device("meta"):
-        s1, s2 = WanDiT(spec.stage1), WanDiT(spec.stage2)
-        v1, v2 = AutoencoderKLWan(**spec.vae1), AutoencoderKLWan(**spec.vae2)
-        text = UMT5EncoderModel(UMT5Config(**spec.text_encoder)) if spec.text_encoder else None
-        image = CLIPVisionModel(CLIPVisionConfig(**spec.image_encoder)) if spec.image_encoder else None
+    s1, s2, v1, v2, text, image = _meta_models(spec)
     for dit in (s1, s2):
         dit.to_dtype(dtype)
         real(dit)
