@@ -83,3 +83,30 @@ def gpu_device():
     if not _HAS_GPU:
         pytest.skip("needs a CUDA GPU")
     return torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module's tests: tiny models and VAE decodes are many small ops, and on a shared
+    2-core machine one thread avoids oversubscription (several times faster). Use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def vae16():
+    """The tiny 16-channel (Wan2.1-style) VAE, seed 0."""
+    from swift_model.vae import WanVAE
+
+    return WanVAE.tiny(16, seed=0)
+
+
+@pytest.fixture(scope="module")
+def vae48():
+    """The tiny 48-channel (Wan2.2-style) VAE, seed 1."""
+    from swift_model.vae import WanVAE
+
+    return WanVAE.tiny(48, seed=1)

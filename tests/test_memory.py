@@ -13,13 +13,7 @@ from swift_model.memory import COMPONENTS, PHASES, USES, BlockStreamer, MemoryPl
 from swift_model.pipeline import SwiftI2VPipeline
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one thread avoids oversubscription (several times faster)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def test_profiles_as_the_issue_defines_them():

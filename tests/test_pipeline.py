@@ -13,14 +13,7 @@ from swift_model.vae import WanVAE
 from swift_model.video import read_image, read_mp4, write_mp4
 
 
-@pytest.fixture(scope="module")
-def vae16():
-    return WanVAE.tiny(16, seed=0)
-
-
-@pytest.fixture(scope="module")
-def vae48():
-    return WanVAE.tiny(48, seed=1)
+# vae16, vae48: the tiny VAEs (conftest.py)
 
 
 def test_vae_stream_decode_equals_diffusers(vae16, vae48):

@@ -14,12 +14,7 @@ GiB = 2**30
 SMALL = dict(frames=25, width=128, height=64)  # 7 latent frames: 3 CSG windows, a streamed decode
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.mark.parametrize("memory", ["balanced", "24gb"])

@@ -82,25 +82,12 @@ def _old_uint8(video):
     return ((video[0].permute(1, 2, 3, 0) + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # These decodes are many tiny convolutions: on a busy 2-core machine one thread is ~10x faster than two.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 # -- the decode against the frozen oracle -----------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def vae16():
-    return WanVAE.tiny(16, seed=0)
-
-
-@pytest.fixture(scope="module")
-def vae48():
-    return WanVAE.tiny(48, seed=1)
+# vae16, vae48: the tiny VAEs (conftest.py)
 
 
 # (latent h, latent w, tile, overlap): one tile, a 1x2 strip, 2x2 with sizes that are no multiple of the
