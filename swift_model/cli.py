@@ -16,8 +16,13 @@ DEMO_TEXT = ("swift-i2v demo: the whole two-stage pipeline on TINY RANDOM-WEIGHT
              "The weights are random, so the video is noise-like: this shows the machinery runs, not quality.")
 
 
-def _add_common(p: argparse.ArgumentParser, *, frames: int, width: int, height: int) -> None:
-    p.add_argument("--out", required=True, help="output .mp4 path")
+def _add_common(p: argparse.ArgumentParser, *, frames: int, width: int, height: int, need_out: bool = True,
+                hidden: bool = False) -> None:
+    """The arguments of every generation (``generate``, ``plan``, ``demo``). ``hidden``: accepted without help
+    (``plan`` takes a ``generate`` command line as is; the arguments that do not change its estimate are
+    hidden there)."""
+    hide = dict(help=argparse.SUPPRESS) if hidden else {}
+    p.add_argument("--out", required=need_out, **(hide or dict(help="output .mp4 path")))
     p.add_argument("--frames", type=int, default=frames, help=f"frame count, 4k+1 (default {frames})")
     p.add_argument("--width", type=int, default=width, help=f"output width (default {width})")
     p.add_argument("--height", type=int, default=height, help=f"output height (default {height})")
@@ -27,33 +32,71 @@ def _add_common(p: argparse.ArgumentParser, *, frames: int, width: int, height: 
     p.add_argument("--neighbors", default="1,0", help="NL,NR: clean neighbour blocks left,right (default 1,0)")
     p.add_argument("--joint", action="store_true", help="denoise all segments at once (clip-mode attention)")
     p.add_argument("--start-sigma", type=float, default=0.6, help="start noise level of the refine kind (default 0.6)")
-    p.add_argument("--step-mode", choices=("renoise", "euler"), default="renoise")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fps", type=int, default=16)
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--report", default=None, help="also write the timing/memory summary as JSON to this file")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--step-mode", choices=("renoise", "euler"), default="renoise", **hide)
+    p.add_argument("--seed", type=int, default=0, **hide)
+    p.add_argument("--fps", type=int, default=16, **hide)
+    p.add_argument("--device", default=None, **(hide or dict(help="cuda or cpu (default: cuda when available)")))
+    p.add_argument("--report", default=None,
+                   **(hide or dict(help="also write the timing/memory summary as JSON to this file")))
+    p.add_argument("--quiet", action="store_true", **(hide or dict(help="no progress bars")))
     p.add_argument("--guidance", type=float, default=None,
                    help="classifier-free guidance scale in both stages (default: off; 1 is off; costs a second "
                         "DiT call per step)")
-    p.add_argument("--negative-prompt", default="", help="negative prompt of the guidance (default: empty)")
+    p.add_argument("--negative-prompt", default="", **(hide or dict(help="negative prompt of the guidance "
+                                                                         "(default: empty)")))
     p.add_argument("--shared-anchor", action="store_true",
                    help="Stage II: the anchor frame attends only itself in every window, for Stage II networks "
                         "trained with shared_anchor (a departure from the paper; default off); its keys and "
                         "values are computed once and reused")
 
 
-def _add_parallel(p: argparse.ArgumentParser) -> None:
-    group = p.add_argument_group("several GPUs (under torchrun --nproc-per-node N)")
+def _add_parallel(p: argparse.ArgumentParser, *, plan: bool = False) -> None:
+    """``--ulysses``, ``--cfg-parallel``, ``--fsdp`` (``generate`` under torchrun; ``plan`` with ``--world-size``)."""
+    n = "--world-size N" if plan else "N"
+    group = p.add_argument_group("several GPUs (the estimate of one rank of N)" if plan else
+                                 "several GPUs (under torchrun --nproc-per-node N)")
+    if plan:
+        group.add_argument("--world-size", type=int, default=1,
+                           help="estimate one rank (rank 0) of a torchrun --nproc-per-node N run (default 1)")
     group.add_argument("--ulysses", type=int, default=None,
-                       help="ranks that split each DiT call's tokens and attention heads (default: all N, or N/2 "
-                            "with --cfg-parallel); must divide N and both DiTs' head counts")
+                       help=f"ranks that split each DiT call's tokens and attention heads (default: all {n}, or "
+                            f"half of them with --cfg-parallel); must divide {n} and both DiTs' head counts")
     group.add_argument("--cfg-parallel", action="store_true",
-                       help="run the conditional and unconditional guidance branches on two halves of the ranks "
-                            "(needs --guidance and an even N)")
+                       help=f"run the conditional and unconditional guidance branches on two halves of the ranks "
+                            f"(needs --guidance and an even {n})")
     group.add_argument("--fsdp", action="store_true",
-                       help="shard both DiTs' blocks over the N ranks (FSDP2) for the run; loading still puts each "
-                            "whole DiT on every GPU first")
+                       help=f"shard both DiTs' blocks over the {n} ranks (FSDP2): they are loaded into host memory "
+                            "and each rank moves only its shards to its GPU; needs --memory fast (its default)")
+
+
+def _add_models(p: argparse.ArgumentParser, *, plan: bool = False) -> None:
+    """The models of a generation and where they live (``generate`` and ``plan``: ``plan`` reads the folders'
+    configs only)."""
+    only = " (its configs are read, no weights)" if plan else ""
+    p.add_argument("--stage1", default=None, help=f"Stage I checkpoint folder (Wan2.1-I2V-14B class){only}")
+    p.add_argument("--stage2", default=None, help=f"Stage II checkpoint folder (Wan2.2-TI2V-5B class){only}")
+    p.add_argument("--stage2-kind", choices=("swift", "refine"), default="refine")
+    p.add_argument("--text-encoder", default=None, help="UMT5 folder (default: the Stage I folder)")
+    p.add_argument("--prompt-embeds", default=None,
+                   help="precomputed prompt embeddings (.safetensors, tensor 'prompt_embeds'), instead of running "
+                        "the text encoder")
+    p.add_argument("--memory", choices=("fast", "balanced", "24gb"), default=None,
+                   help="what stays on the GPU: fast (everything; the default with --fsdp, where each rank holds "
+                        "its weight shards), balanced (one DiT at a time, encoders only while they run; the "
+                        "default), 24gb (DiT blocks streamed from CPU memory, text encoder on the CPU)")
+    p.add_argument("--tiny", action="store_true", help="use the tiny random-weight models (no checkpoints)")
+    p.add_argument("--vae-dtype", choices=("bf16", "fp32"), default=None,
+                   help="dtype of the VAEs (default: bf16 on a GPU, fp32 on the CPU)")
+    hide = dict(help=argparse.SUPPRESS) if plan else {}
+    p.add_argument("--image", required=not plan, **(hide or dict(help="input image (any format Pillow reads)")))
+    p.add_argument("--prompt", default=None, **(hide or dict(help="text prompt (needs the text encoder)")))
+    p.add_argument("--negative-prompt-embeds", default=None,
+                   **(hide or dict(help="precomputed negative prompt embeddings (.safetensors) for --guidance "
+                                        "without the text encoder")))
+    p.add_argument("--stage1-lora", default=None,
+                   **(hide or dict(help="LoRA merged into Stage I (e.g. 4-step distillation)")))
+    p.add_argument("--lora-scale", type=float, default=1.0, **hide)
+    _add_parallel(p, plan=plan)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,63 +104,25 @@ def build_parser() -> argparse.ArgumentParser:
                                      "(two stages, Conditional Segment-wise Generation).")
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="generate a video from an image and a prompt with real checkpoints")
-    g.add_argument("--image", required=True, help="input image (any format Pillow reads)")
-    g.add_argument("--prompt", default=None, help="text prompt (needs the text encoder)")
-    g.add_argument("--prompt-embeds", default=None, help="precomputed prompt embeddings (.safetensors, tensor "
-                   "'prompt_embeds'), instead of running the text encoder")
-    g.add_argument("--negative-prompt-embeds", default=None,
-                   help="precomputed negative prompt embeddings (.safetensors) for --guidance without the text encoder")
-    g.add_argument("--stage1", default=None, help="Stage I checkpoint folder (Wan2.1-I2V-14B class)")
-    g.add_argument("--stage1-lora", default=None, help="LoRA merged into Stage I (e.g. 4-step distillation)")
-    g.add_argument("--lora-scale", type=float, default=1.0)
-    g.add_argument("--stage2", default=None, help="Stage II checkpoint folder (Wan2.2-TI2V-5B class)")
-    g.add_argument("--stage2-kind", choices=("swift", "refine"), default="refine")
-    g.add_argument("--text-encoder", default=None, help="UMT5 folder (default: the Stage I folder)")
-    g.add_argument("--memory", choices=("fast", "balanced", "24gb"), default=None,
-                   help="what stays on the GPU: fast (everything; the default with --fsdp, where each rank holds "
-                        "its weight shards), balanced (one DiT at a time, encoders only while they run; the "
-                        "default), 24gb (DiT blocks streamed from CPU memory, text encoder on the CPU)")
-    g.add_argument("--tiny", action="store_true", help="use the tiny random-weight models (no checkpoints)")
-    g.add_argument("--vae-dtype", choices=("bf16", "fp32"), default=None,
-                   help="dtype of the VAEs (default: bf16 on a GPU, fp32 on the CPU)")
-    _add_parallel(g)
+    _add_models(g)
     _add_common(g, frames=81, width=2560, height=1408)
     pl = sub.add_parser("plan", help="estimate device memory, FLOPs and host-to-device bytes per phase of a "
-                        "generate run, on fake tensors (no GPU, no weights read)")
-    pl.add_argument("--stage1", default=None, help="Stage I checkpoint folder (its configs are read, no weights)")
-    pl.add_argument("--stage2", default=None, help="Stage II checkpoint folder (its configs are read, no weights)")
+                        "generate run, on fake tensors (no GPU, no weights read); takes generate's arguments")
+    _add_models(pl, plan=True)
+    # generate's arguments that do not change the estimate are accepted (hidden), so a command line plans as is
+    _add_common(pl, frames=81, width=2560, height=1408, need_out=False, hidden=True)
     pl.add_argument("--stage1-preset", default=None, help="a built-in Stage I architecture instead of a folder "
                     "(e.g. wan2.1-i2v-14b)")
     pl.add_argument("--stage2-preset", default=None, help="a built-in Stage II architecture (e.g. wan2.2-ti2v-5b)")
-    pl.add_argument("--stage2-kind", choices=("swift", "refine"), default="refine")
-    pl.add_argument("--text-encoder", default=None, help="UMT5 folder (default: the Stage I folder)")
-    pl.add_argument("--prompt-embeds", default=None, help="plan without the text encoder (prompt embeddings given)")
-    pl.add_argument("--tiny", action="store_true", help="the tiny random-weight models")
-    pl.add_argument("--memory", choices=("fast", "balanced", "24gb"), default="balanced")
-    pl.add_argument("--vae-dtype", choices=("bf16", "fp32"), default="bf16",
-                    help="dtype of the VAEs (default bf16, generate's default on a GPU)")
     pl.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    for name, kw in (("--frames", dict(type=int, default=81)), ("--width", dict(type=int, default=2560)),
-                     ("--height", dict(type=int, default=1408)), ("--steps", dict(type=int, default=4)),
-                     ("--shift", dict(type=float, default=5.0)), ("--segment-blocks", dict(type=int, default=2)),
-                     ("--neighbors", dict(default="1,0")), ("--start-sigma", dict(type=float, default=0.6)),
-                     ("--guidance", dict(type=float, default=None))):
-        pl.add_argument(name, **kw)
-    pl.add_argument("--joint", action="store_true")
-    # generate's arguments that do not change the estimate are accepted, so a generate command line plans as is
-    for name in ("--image", "--prompt", "--out", "--stage1-lora", "--lora-scale", "--seed", "--fps", "--device",
-                 "--report", "--negative-prompt", "--negative-prompt-embeds", "--step-mode"):
-        pl.add_argument(name, default=None, help=argparse.SUPPRESS)
-    pl.add_argument("--quiet", action="store_true", help=argparse.SUPPRESS)
     d = sub.add_parser("demo", help="run the whole pipeline on tiny random-weight models on the CPU")
     d.add_argument("--image", default=None, help="input image (default: a generated test pattern)")
     d.add_argument("--prompt", default="a red fox running through fresh snow, cinematic")
     d.add_argument("--stage2-kind", choices=("swift", "refine"), default="swift")
-    _add_common(d, frames=17, width=256, height=128)
+    _add_common(d, frames=17, width=256, height=128, need_out=False)
     d.set_defaults(out="swift-i2v-demo.mp4")
     for action in d._actions:
         if action.dest == "out":
-            action.required = False
             action.help = "output .mp4 path (default swift-i2v-demo.mp4)"
     from .train_cli import add_training_commands
 
@@ -151,12 +156,17 @@ def _gib(n: int) -> str:
 
 
 def _plan(args) -> int:
+    from .distributed import check_fsdp_memory, resolve_degrees
     from .pipeline import check_request
     from .planner import checkpoint_spec, plan_generation, preset_spec, tiny_spec
 
     if args.guidance is not None and not args.guidance > 0:
         raise ValueError(f"--guidance must be > 0, got {args.guidance}")
     check_request(args.frames, args.width, args.height, segment_blocks=args.segment_blocks, neighbors=args.neighbors)
+    # the layout, as generate checks it, before any config is read
+    resolve_degrees(args.world_size, ulysses=args.ulysses, cfg_parallel=args.cfg_parallel, fsdp=args.fsdp,
+                    guidance=args.guidance is not None and args.guidance != 1.0)
+    check_fsdp_memory(args.fsdp, args.memory)
     if args.tiny:
         spec = tiny_spec(args.stage2_kind)
     elif args.stage1 or args.stage2:
@@ -170,14 +180,22 @@ def _plan(args) -> int:
     result = plan_generation(spec, memory=args.memory, frames=args.frames, width=args.width, height=args.height,
                              steps=args.steps, shift=args.shift, segment_blocks=args.segment_blocks,
                              neighbors=args.neighbors, joint=args.joint, start_sigma=args.start_sigma,
-                             guidance_scale=args.guidance, vae_dtype=args.vae_dtype)
+                             guidance_scale=args.guidance, vae_dtype=args.vae_dtype, world_size=args.world_size,
+                             ulysses=args.ulysses, cfg_parallel=args.cfg_parallel, fsdp=args.fsdp,
+                             shared_anchor=args.shared_anchor)
     if args.json:
         print(json.dumps(result.to_json()))
         return 0
-    i = result.info
+    i, par = result.info, result.parallel
     print(f"swift-i2v plan (an ESTIMATE on fake tensors, not a measurement): {i['stage1']} + {i['stage2']}, "
           f"{i['frames']} frames at {i['width']}x{i['height']}, memory profile {result.profile}")
-    print(f"{'phase':<14} {'peak GiB':>9} {'TFLOP':>10} {'to device GiB':>14}")
+    peak = "peak GiB"
+    if par["world_size"] > 1:
+        peak = "rank GiB"
+        print(f"per rank (rank 0 of {par['world_size']}: ulysses {par['ulysses']}, cfg-parallel "
+              f"{'on' if par['cfg_parallel'] else 'off'}, fsdp {'on' if par['fsdp'] else 'off'}); every figure is "
+              f"an ESTIMATE of one rank, FLOPs are that rank's")
+    print(f"{'phase':<14} {peak:>9} {'TFLOP':>10} {'to device GiB':>14}")
     for name, p in result.phases.items():
         print(f"{name:<14} {_gib(p['peak_bytes']):>9} {p['flops'] / 1e12:>10.1f} {_gib(p['h2d_bytes']):>14}")
     print(f"{'whole run':<14} {_gib(result.peak_bytes):>9} {result.flops / 1e12:>10.1f}")
@@ -218,7 +236,7 @@ def _run(args) -> int:
 
 def _prepare(args, device):
     """Check the arguments and build the pipeline on ``device``: ``(pipeline, image, output path)``."""
-    from .distributed import env_rank
+    from .distributed import env_rank, memory_plan
     from .pipeline import SwiftI2VPipeline, check_request
     from .video import check_output_path, read_image
 
@@ -232,8 +250,9 @@ def _prepare(args, device):
     if args.guidance is not None and not args.guidance > 0:
         raise ValueError(f"--guidance must be > 0, got {args.guidance}")
     demo = args.command == "demo"
+    # --fsdp: the DiTs are loaded into host memory and distribute() moves each rank's shards to its GPU
+    memory = memory_plan(getattr(args, "memory", None), getattr(args, "fsdp", False))
     image = read_image(args.image) if args.image else _demo_image(args.width, args.height)
-    memory = getattr(args, "memory", None) or ("fast" if getattr(args, "fsdp", False) else "balanced")
 
     if demo or args.tiny:
         if env_rank() == 0:

@@ -41,12 +41,14 @@ __all__ = [
     "AgreedError",
     "COLLECTIVE_TIMEOUT",
     "Parallelism",
+    "check_fsdp_memory",
     "check_pipeline",
     "check_sizes",
     "check_tokens",
     "distribute",
     "env_rank",
     "init_process_group",
+    "memory_plan",
     "processes",
     "resolve_device",
     "resolve_degrees",
@@ -378,10 +380,25 @@ def check_pipeline(pipe, par: Parallelism) -> None:
     the models resident on the device in every phase (the ``fast`` memory profile: each rank then holds its
     shards, not whole models; the other profiles move whole models in and out per phase)."""
     check_heads_of({"Stage I": pipe.stage1, "Stage II": pipe.stage2}, par.ulysses)
-    memory = getattr(getattr(pipe, "memory", None), "profile", "fast")
-    if par.fsdp and memory != "fast":
+    check_fsdp_memory(par.fsdp, getattr(getattr(pipe, "memory", None), "profile", "fast"))
+
+
+def check_fsdp_memory(fsdp: bool, memory: str | None) -> None:
+    """``ValueError`` when ``--fsdp`` comes with a memory profile other than ``fast`` (``None``: the default,
+    which is ``fast`` with ``--fsdp``): checked before any weight is read."""
+    if fsdp and memory not in (None, "fast"):
         raise ValueError(f"--fsdp keeps every rank's weight shards on the GPU in every phase: use it with --memory "
                          f"fast (the default with --fsdp), not --memory {memory}")
+
+
+def memory_plan(memory: str | None, fsdp: bool = False):
+    """The :class:`~swift_model.memory.MemoryPlan` of ``--memory`` and ``--fsdp`` (``generate`` and ``plan``
+    alike): ``fast`` by default with ``--fsdp`` (its DiTs loaded into host memory, to be sharded onto the
+    device), ``balanced`` without."""
+    from .memory import MemoryPlan
+
+    check_fsdp_memory(fsdp, memory)
+    return MemoryPlan("fast", sharded_dits=True) if fsdp else MemoryPlan(memory or "balanced")
 
 
 def check_sizes(pipe, par: Parallelism, frames: int, width: int, height: int, segment_blocks, neighbors,

@@ -55,15 +55,23 @@ class MemoryPlan:
         profile: ``"fast"``, ``"balanced"`` or ``"24gb"`` (see the module docstring).
         stream_blocks: under ``24gb``, the most transformer blocks whose weights are on the device at once
             (the block running and the one being copied in; at least 1).
+        sharded_dits: the DiTs will be sharded over several ranks (FSDP2, ``--fsdp``), which needs ``fast``:
+            they are loaded into, and built in, host memory (:meth:`initial` says ``"cpu"`` for them), and the
+            sharding moves only each rank's shards and their small unsharded parameters to the device, so no
+            rank ever holds a whole DiT there. From then on they are resident as under ``fast``.
     """
 
-    def __init__(self, profile: str = "balanced", *, stream_blocks: int = 2) -> None:
+    def __init__(self, profile: str = "balanced", *, stream_blocks: int = 2, sharded_dits: bool = False) -> None:
         if profile not in PROFILES:
             raise ValueError(f"memory must be one of {', '.join(PROFILES)}, got {profile!r}")
         if isinstance(stream_blocks, bool) or not isinstance(stream_blocks, int) or stream_blocks < 1:
             raise ValueError(f"stream_blocks must be an int >= 1, got {stream_blocks!r}")
+        if sharded_dits and profile != "fast":
+            raise ValueError(f"sharded DiTs (FSDP) stay resident in every phase: the memory profile must be fast, "
+                             f"got {profile!r}")
         self.profile = profile
         self.stream_blocks = stream_blocks
+        self.sharded_dits = bool(sharded_dits)
 
     @classmethod
     def of(cls, memory) -> "MemoryPlan":
@@ -96,9 +104,12 @@ class MemoryPlan:
 
     def initial(self, component: str) -> str:
         """Where a component is put when the pipeline is built (and where a loader should read it to):
-        ``"device"`` under ``fast``, else ``"cpu"`` (each phase brings what it needs)."""
+        ``"device"`` under ``fast``, else ``"cpu"`` (each phase brings what it needs); the DiTs of a plan with
+        ``sharded_dits`` in host memory (``"cpu"``), where the sharding finds them."""
         if component not in COMPONENTS:
             raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
+        if self.sharded_dits and component in DITS:
+            return "cpu"
         return "device" if self.profile == "fast" else "cpu"
 
     def runs_on_cpu(self, phase: str, component: str) -> bool:
@@ -110,7 +121,8 @@ class MemoryPlan:
         return {p: {c: self.placement(p, c) for c in COMPONENTS} for p in PHASES}
 
     def __repr__(self) -> str:
-        return f"MemoryPlan({self.profile!r}, stream_blocks={self.stream_blocks})"
+        extra = ", sharded_dits=True" if self.sharded_dits else ""
+        return f"MemoryPlan({self.profile!r}, stream_blocks={self.stream_blocks}{extra})"
 
 
 # -------------------------------------------------------------------------------------------------------------

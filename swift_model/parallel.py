@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 __all__ = [
     "check_heads",
+    "fsdp_ignored_params",
     "fsdp_shard_blocks",
     "gather_tokens",
     "group_rank",
@@ -332,6 +333,22 @@ def gather_tokens(t: torch.Tensor, group: dist.ProcessGroup | None, sizes: Seque
 # -------------------------------------------------------------------------------------------------------------
 
 
+def fsdp_ignored_params(block: torch.nn.Module, index: int,
+                        keep_whole: Callable[[str], bool] | None = None) -> set[torch.nn.Parameter]:
+    """The parameters of ``block`` (the model's ``blocks[index]``) that :func:`fsdp_shard_blocks` leaves whole:
+    those ``keep_whole("blocks.{index}.{name}")`` names, or by default those in a dtype other than the block's
+    most common one (FSDP2 gathers one dtype per group). The planner's model of FSDP uses the same rule."""
+    if keep_whole is not None:
+        return {p for n, p in block.named_parameters() if keep_whole(f"blocks.{index}.{n}")}
+    numel: dict[torch.dtype, int] = {}
+    for p in block.parameters():
+        numel[p.dtype] = numel.get(p.dtype, 0) + p.numel()
+    if not numel:
+        return set()
+    main = max(numel, key=numel.get)
+    return {p for p in block.parameters() if p.dtype != main}
+
+
 def fsdp_shard_blocks(model: torch.nn.Module, group: dist.ProcessGroup | None = None, *,
                       reshard_after_forward: bool = True, mp_policy=None,
                       keep_whole: Callable[[str], bool] | None = None, device=None) -> torch.nn.Module:
@@ -388,14 +405,7 @@ def fsdp_shard_blocks(model: torch.nn.Module, group: dist.ProcessGroup | None = 
     mesh = DeviceMesh.from_group(group, device_type=device.type)
     policy = MixedPrecisionPolicy(cast_forward_inputs=False) if mp_policy is None else mp_policy
     for i, blk in enumerate(blocks):
-        if keep_whole is not None:
-            ignored = {p for n, p in blk.named_parameters() if keep_whole(f"blocks.{i}.{n}")}
-        else:
-            numel: dict[torch.dtype, int] = {}
-            for p in blk.parameters():
-                numel[p.dtype] = numel.get(p.dtype, 0) + p.numel()
-            main = max(numel, key=numel.get)
-            ignored = {p for p in blk.parameters() if p.dtype != main}
+        ignored = fsdp_ignored_params(blk, i, keep_whole)
         fully_shard(blk, mesh=mesh, reshard_after_forward=reshard_after_forward, mp_policy=policy,
                     ignored_params=ignored or None)
         if hasattr(blk, "context_kv"):

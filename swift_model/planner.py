@@ -382,6 +382,9 @@ class PlanResult:
     profile: str
     phases: dict  # phase -> {"peak_bytes", "flops", "h2d_bytes"}
     info: dict
+    # the layout of the ranks; with several, every figure is rank 0's (see plan_ranks)
+    parallel: dict = dataclasses.field(default_factory=lambda: dict(world_size=1, ulysses=1, cfg_parallel=False,
+                                                                    fsdp=False))
 
     @property
     def peak_bytes(self) -> int:
@@ -392,9 +395,12 @@ class PlanResult:
         return sum(p["flops"] for p in self.phases.values())
 
     def to_json(self) -> dict:
-        """``{"profile", "phases": {name: {"peak_bytes", "flops", "h2d_bytes"}}, "peak_bytes", "flops"}``."""
+        """``{"profile", "phases": {name: {"peak_bytes", "flops", "h2d_bytes"}}, "peak_bytes", "flops",
+        "world_size", "parallel": {"ulysses", "cfg_parallel", "fsdp"}}`` (figures per rank: rank 0's)."""
+        par = self.parallel
         return dict(profile=self.profile, phases={k: dict(v) for k, v in self.phases.items()},
-                    peak_bytes=self.peak_bytes, flops=self.flops)
+                    peak_bytes=self.peak_bytes, flops=self.flops, world_size=par["world_size"],
+                    parallel=dict(ulysses=par["ulysses"], cfg_parallel=par["cfg_parallel"], fsdp=par["fsdp"]))
 
 
 def _unique_two(orig):
@@ -451,12 +457,25 @@ def _rope_any_positions(dit, grid, positions, device):
     return type(dit)._rope(dit, grid, None, device)
 
 
+def _anchor_any_positions(dit, latents, context_cache, frame_positions=None):
+    # the shared anchor's cache records its positions as numbers (data of a fake tensor): the first ones stand
+    # in; what the cache holds (per-block keys and values, the anchor's output) does not depend on them
+    return type(dit).precompute_anchor(dit, latents, context_cache, list(range(latents.shape[2])))
+
+
+def _anchor_cache_unchecked(cache, layout, latents, timestep, positions, context_cache, sp_group, P) -> int:
+    # the real run checks that a call's anchor blocks, positions and timesteps are the cache's: data that fake
+    # tensors do not have; the anchor's token count is all the call needs
+    return cache.blocks * P
+
+
 @torch.no_grad()
-def plan_generation(spec: ModelSpec, *, memory="balanced", frames: int = 81, width: int = 2560,
+def plan_generation(spec: ModelSpec, *, memory=None, frames: int = 81, width: int = 2560,
                     height: int = 1408, steps: int = 4, shift: float = 5.0, segment_blocks: int = 2,
                     neighbors=(1, 0), joint: bool = False, start_sigma: float = 0.6, guidance_scale=None,
                     device: str = "cuda", dtype=None, vae_dtype=None,
-                    replay: bool = True, phases=None) -> PlanResult:
+                    replay: bool = True, phases=None, world_size: int = 1, ulysses: int | None = None,
+                    cfg_parallel: bool = False, fsdp: bool = False, shared_anchor: bool = False) -> PlanResult:
     """Estimate the device memory, FLOPs and host-to-device bytes of each phase of a generation.
 
     Args:
@@ -472,18 +491,37 @@ def plan_generation(spec: ModelSpec, *, memory="balanced", frames: int = 81, wid
         phases: run only these phases (default all); the others' results are stand-ins of their shapes. Each
             phase starts by evicting what it does not keep, so a phase's estimate does not depend on the others
             (tested), except under ``fast``, where everything is resident anyway.
+        world_size, ulysses, cfg_parallel, fsdp: a ``torchrun --nproc-per-node world_size`` generation with
+            ``generate``'s ``--ulysses``/``--cfg-parallel``/``--fsdp``, validated as ``generate`` validates
+            them; the figures are then **rank 0's**: its code path runs here with a fake process group
+            (:mod:`swift_model.plan_ranks`; FSDP2 is modelled there). ``memory=None`` is ``fast`` with ``fsdp``.
+        shared_anchor: as ``generate(shared_anchor=True)``: the Stage II windows' anchor attends only itself and
+            its per-block keys and values are cached (resident during ``stage2``).
 
     Returns a :class:`PlanResult`.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from .bridge import hybrid_reference
+    from . import vae_parallel
+    from .bridge import hybrid_reference, reference_video
+    from .distributed import Parallelism, check_pipeline, check_sizes, memory_plan, resolve_degrees
+    from .plan_ranks import ShardedBlocksModel, fake_process_group
 
-    plan = MemoryPlan.of(memory)
+    guidance = None if guidance_scale in (None, 1.0) else float(guidance_scale)
+    # the layout, checked as generate checks it (the same functions, the same messages)
+    degrees = resolve_degrees(world_size, ulysses=ulysses, cfg_parallel=cfg_parallel, fsdp=fsdp,
+                              guidance=guidance is not None)
+    if isinstance(memory, MemoryPlan):
+        plan = memory
+        if fsdp and not plan.sharded_dits:
+            plan = memory_plan(plan.profile, fsdp=True)
+    else:
+        plan = memory_plan(memory, fsdp=fsdp)
+    if not isinstance(shared_anchor, bool):
+        raise TypeError(f"shared_anchor must be a bool, got {type(shared_anchor).__name__}")
     neighbors = check_request(frames, width, height, segment_blocks=segment_blocks, neighbors=neighbors)
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     vae_dtype = parse_vae_dtype(vae_dtype) or default_vae_dtype(device)
-    guidance = None if guidance_scale in (None, 1.0) else float(guidance_scale)
     # host-side bookkeeping is computed on real tensors, before the fake mode
     sched = flow_steps(steps, shift)
     sched2 = flow_steps(steps, shift, start_sigma=start_sigma if spec.stage2_kind == "refine" else 1.0)
@@ -503,14 +541,33 @@ def plan_generation(spec: ModelSpec, *, memory="balanced", frames: int = 81, wid
     torch.unique = _unique_two(saved_unique)
     own_cache = _own_plan_cache()
     own_cache.__enter__()
+    ranks = contextlib.ExitStack()
     try:
         with fake_mode:
             pipe = _meta_pipeline(spec, "cpu" if device == "cpu" else device, plan, dtype, vae_dtype)
         pipe.check_inputs(frames, width, height)
+        layout = Parallelism(world_size=degrees["world_size"], ulysses=degrees["ulysses"],
+                             cfg_parallel=degrees["cfg_parallel"], fsdp=degrees["fsdp"])
+        check_pipeline(pipe, layout)
+        check_sizes(pipe, layout, frames, width, height, segment_blocks, neighbors, joint)
         C2, T2, hh, ww = pipe.vae2.latent_shape(frames, height, width)
-        csg = CSGPlan(T2, segment_blocks, neighbors, block_tokens=(hh // 2) * (ww // 2))
+        csg = CSGPlan(T2, segment_blocks, neighbors, block_tokens=(hh // 2) * (ww // 2),
+                      anchor_attends="anchor" if shared_anchor else "all")
+        shards = []
+        if degrees["world_size"] > 1:
+            # rank 0 of the layout: the same groups as a real run, collectives that move no data
+            ranks.enter_context(fake_process_group(degrees["world_size"]))
+            pipe.parallel = Parallelism.build(ulysses=degrees["ulysses"], cfg_parallel=degrees["cfg_parallel"],
+                                              fsdp=degrees["fsdp"], guidance=guidance is not None)
+            if degrees["fsdp"]:
+                with fake_mode:
+                    for dit in (pipe.stage1, pipe.stage2):
+                        shards += ShardedBlocksModel(dit, degrees["world_size"], pipe.device).shards
+        par = pipe.parallel
         for dit in (pipe.stage1, pipe.stage2):
             dit._rope = functools.partial(_rope_any_positions, dit)
+            dit.precompute_anchor = functools.partial(_anchor_any_positions, dit)
+            dit._check_anchor_cache = _anchor_cache_unchecked
         if replay:
             for dit in (pipe.stage1, pipe.stage2):
                 shared: dict = {}
@@ -520,7 +577,7 @@ def plan_generation(spec: ModelSpec, *, memory="balanced", frames: int = 81, wid
         # the weights already on the device (all of them under "fast", placed when the pipeline is built; on a
         # CPU plan, every weight, as a real CPU run has them) count from the start
         tracker.track(*[t for m in pipe._components().values() if m is not None
-                        for t in (*m.parameters(), *m.buffers())])
+                        for t in (*m.parameters(), *m.buffers())], *shards)
         img_low, img_full = torch.zeros(3, h1, w1), torch.zeros(3, height, width)
 
         def phase(name):
@@ -542,7 +599,9 @@ def plan_generation(spec: ModelSpec, *, memory="balanced", frames: int = 81, wid
 
         with fake_mode, tracker, counters.flop_counter:
             if device != "cpu":
-                pipe.residency.place_initial(pipe._components())
+                # the sharded DiTs are where the sharding put them (as after distribute() in a real run)
+                pipe.residency.place_initial({c: m for c, m in pipe._components().items()
+                                              if not (degrees["fsdp"] and c in ("stage1", "stage2"))})
             pipe.residency.h2d_bytes.clear()
             C1, T1, hl, wl = pipe.vae1.latent_shape(frames, h1, w1)
             with phase("text_encoding") as run:
@@ -567,7 +626,13 @@ def plan_generation(spec: ModelSpec, *, memory="balanced", frames: int = 81, wid
                 z1 = torch.zeros(1, C1, T1, hl, wl, device=pipe.device) if not run else pipe._stage1(img_low, context, clip_fea, frames, h1, w1, sched, 0, "renoise", False,
                                   neg_context, guidance)
             with phase("bridge") as run:
-                z_ref = torch.zeros(1, C2, T2, hh, ww, device=pipe.device) if not run else hybrid_reference(z1, pipe.vae1, pipe.vae2, img_full, height, width)
+                if not run:
+                    z_ref = torch.zeros(1, C2, T2, hh, ww, device=pipe.device)
+                elif par.distributed:  # as generate: the encode's tiles over the ranks
+                    z_ref = vae_parallel.encode(pipe.vae2, reference_video(z1, pipe.vae1, img_full, height, width),
+                                                par.group)
+                else:
+                    z_ref = hybrid_reference(z1, pipe.vae1, pipe.vae2, img_full, height, width)
             del z1
             with phase("stage2") as run:
                 z2 = torch.zeros(1, C2, T2, hh, ww, device=pipe.device) if not run else pipe._stage2(z_ref.to(pipe.device), context, csg, sched2, spec.stage2_kind, joint, start_sigma,
@@ -576,10 +641,13 @@ def plan_generation(spec: ModelSpec, *, memory="balanced", frames: int = 81, wid
             with phase("decode") as run:
                 # what generate runs: the tile-major decode to uint8 frames on the host (each tile's repeated
                 # decoder calls are replayed, so the whole clip is cheap to walk through)
-                for c in (pipe.vae2.decode_uint8_stream(z2[:1]) if run else ()):
+                if run and par.distributed:  # as generate: this rank's share of the tiles
+                    vae_parallel.decode_uint8(pipe.vae2, z2[:1], par.group)
+                for c in (pipe.vae2.decode_uint8_stream(z2[:1]) if run and not par.distributed else ()):
                     del c
         # the context is computed inside text_encoding; a stand-in of another phase is not counted there
     finally:
+        ranks.close()
         torch.unique = saved_unique
         own_cache.__exit__(None, None, None)
     info = dict(frames=frames, width=width, height=height, steps=steps, segment_blocks=segment_blocks,
@@ -588,8 +656,9 @@ def plan_generation(spec: ModelSpec, *, memory="balanced", frames: int = 81, wid
                 device=device, stage1=spec.stage1.name, stage2=spec.stage2.name,
                 latent_frames=T2, replayed_calls=sum(r.hits for r in replays),
                 executed_calls=sum(r.misses for r in replays), timings=timings,
-                misses=sum(r.misses for r in replays), resident=resident)
-    return PlanResult(plan.profile, {p: phases[p] for p in PHASES if p in phases}, info)
+                misses=sum(r.misses for r in replays), resident=resident, shared_anchor=shared_anchor)
+    layout = {k: degrees[k] for k in ("world_size", "ulysses", "cfg_parallel", "fsdp")}
+    return PlanResult(plan.profile, {p: phases[p] for p in PHASES if p in phases}, info, layout)
 
 
 def measure_on_device(spec: ModelSpec, *, memory="balanced", frames: int = 33, width: int = 1280, height: int = 704,

@@ -28,6 +28,7 @@ LAYERS: dict[str, int] = {
     "train_config": 5,
     "distributed": 5, "vae_parallel": 5,                    # torchrun, process groups, CFG parallel, VAE tiles
     "pipeline": 6, "planner": 6,                            # the pipeline, and its estimate on fake tensors
+    "plan_ranks": 6,                                        # the estimate of one rank: fake group, FSDP model
     "prepare": 6, "train": 6, "export": 6,                  # the training runs, beside the pipeline
     "lora_train": 6,                                        # Stage I's low-resolution LoRA
     "cli": 7, "train_cli": 7,
