@@ -24,12 +24,15 @@ FP32_RTOL = 1e-5
 _PIPE = {}
 
 
-def _pipe():
-    """The tiny pipeline of this rank (built once per process: the first build imports diffusers)."""
-    if "pipe" not in _PIPE:
+def _pipe(fsdp: bool = False):
+    """The tiny pipeline of this rank (built once per process: the first build imports diffusers). ``fsdp``: with
+    generate --fsdp's memory plan (the DiTs built in host memory, for distribute() to shard onto the device)."""
+    if fsdp not in _PIPE:
+        from swift_model.distributed import memory_plan
         from swift_model.pipeline import SwiftI2VPipeline
 
-        pipe = SwiftI2VPipeline.tiny(seed=0, device="cpu", memory="fast")  # fast: what --fsdp needs
+        # fast: what --fsdp needs
+        pipe = SwiftI2VPipeline.tiny(seed=0, device="cpu", memory=memory_plan("fast" if not fsdp else None, fsdp))
         # Stage II VAE tiles small enough that the 128 x 64 clip (a latent of 4 x 8) has 3 of them, encode
         # tiled too: the bridge's encode and the final decode really split over the ranks
         vae = pipe.vae2
@@ -37,8 +40,8 @@ def _pipe():
         vae.tile_overlap = vae.encode_tile_overlap = 1
         vae.encode_tile_min_pixels = 0
         assert len(vae.spatial_tiles(4, 8)) == 3 and vae.encode_is_tiled(SIZE["height"], SIZE["width"])
-        _PIPE["pipe"] = pipe
-    return copy.deepcopy(_PIPE["pipe"])  # distribute() shards and sets attributes: every case its own copy
+        _PIPE[fsdp] = pipe
+    return copy.deepcopy(_PIPE[fsdp])  # distribute() shards and sets attributes: every case its own copy
 
 
 def _image():
@@ -92,7 +95,8 @@ def pipeline_cases(check) -> dict:
         fsdp = W == 4  # FSDP over every rank, under CFG halves of Ulysses pairs (each composition once)
         # with the shared anchor too: one process reuses the anchor's keys and values, the ranks recompute them
         want = _reference(guidance_scale=3.0, shared_anchor=True)
-        pipe = _pipe()
+        pipe = _pipe(fsdp)
+        assert pipe.memory.sharded_dits == fsdp and pipe.memory.initial("stage1") == ("cpu" if fsdp else "device")
         par = Parallelism.build(cfg_parallel=True, guidance=True, fsdp=fsdp)
         assert par.ulysses == W // 2 and par.branch == int(dist.get_rank() >= W // 2)
         distribute(pipe, par)

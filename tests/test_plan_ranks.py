@@ -219,3 +219,38 @@ def test_plan_json_and_table_name_the_layout(capsys):
     assert main(["plan", "--tiny", "--world-size", "2"] + size) == 0
     table = capsys.readouterr().out
     assert "ESTIMATE of one rank" in table and "rank 0 of 2" in table and "rank GiB" in table
+
+
+def test_fsdp_loads_the_dits_into_host_memory(tmp_path, monkeypatch):
+    """generate --fsdp (memory_plan(None, fsdp=True)): the loader is asked for host memory for both DiTs, and
+    the pipeline leaves them there for distribute() to shard onto the device; without --fsdp, ``fast`` loads
+    them onto the device. The device here is ``meta`` (no GPU needed to tell the two apart); the weights
+    themselves are read on the CPU."""
+    from swift_model import checkpoint
+    from swift_model.checkpoint import save_dit
+    from swift_model.config import WanDiTConfig
+    from swift_model.distributed import memory_plan
+    from swift_model.dit import WanDiT
+    from swift_model.pipeline import SwiftI2VPipeline
+    from swift_model.vae import WanVAE
+
+    for name, seed in (("s1", 1), ("s2", 2)):
+        torch.manual_seed(seed)
+        save_dit(WanDiT(WanDiTConfig.preset("tiny-ti2v", num_layers=2)), tmp_path / name)
+        WanVAE.tiny(48, seed=seed).model.save_pretrained(tmp_path / name / "vae")
+    asked = []
+    real = checkpoint.load_dit
+
+    def load_dit(*args, device=None, **kw):
+        asked.append(torch.device(device).type)
+        return real(*args, device="cpu", **kw).to(device)
+
+    monkeypatch.setattr(checkpoint, "load_dit", load_dit)
+    for fsdp, where in ((False, "meta"), (True, "cpu")):
+        asked.clear()
+        pipe = SwiftI2VPipeline.from_pretrained(tmp_path / "s1", tmp_path / "s2", load_text_encoder=False,
+                                                device="meta", memory=memory_plan(None if fsdp else "fast", fsdp))
+        assert asked == [where, where] and pipe.memory.profile == "fast"
+        for dit in (pipe.stage1, pipe.stage2):
+            assert {p.device.type for p in dit.parameters()} == {where}
+        assert {p.device.type for p in pipe.vae2.model.parameters()} == {"meta"}  # the rest as fast places it

@@ -82,7 +82,9 @@ def test_plan_json_schema(capsys):
     assert main(["plan", "--tiny", "--json", "--frames", "9", "--width", "128", "--height", "64",
                  "--memory", "24gb"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert set(out) == {"profile", "phases", "peak_bytes", "flops"} and out["profile"] == "24gb"
+    assert set(out) == {"profile", "phases", "peak_bytes", "flops", "world_size", "parallel"}
+    assert out["profile"] == "24gb" and out["world_size"] == 1
+    assert out["parallel"] == {"ulysses": 1, "cfg_parallel": False, "fsdp": False}
     assert list(out["phases"]) == list(PHASES)
     for p in out["phases"].values():
         assert set(p) == {"peak_bytes", "flops", "h2d_bytes"} and all(type(v) is int and v >= 0 for v in p.values())
