@@ -49,6 +49,17 @@ def test_ulysses_rank_peaks_are_below_one_process():
         assert two[phase] < one[phase], (phase, one, two)
 
 
+def test_replay_equals_the_full_run_per_rank():
+    """The planner's replay of repeated block calls stays exact on a rank of 4 with FSDP (the gather hooks run
+    around replayed calls) and Ulysses: the same FLOPs, peaks at or up to 10% above the full run's."""
+    short = _plan(world_size=4, fsdp=True)
+    full = _plan(world_size=4, fsdp=True, replay=False)
+    assert short.info["replayed_calls"] > 0
+    for name in ("stage1", "stage2"):
+        s, f = short.phases[name], full.phases[name]
+        assert s["flops"] == f["flops"] and f["peak_bytes"] <= s["peak_bytes"] <= 1.1 * f["peak_bytes"], name
+
+
 def test_fsdp_shards_match_fully_shard():
     """The planner's model of FSDP2 keeps, per rank, the bytes ``fully_shard`` itself keeps (each parameter's
     padded dim-0 chunk; run here on a CPU mesh of a fake process group), at 3 ranks (padding) and 4."""
