@@ -227,8 +227,13 @@ class WanBlock(nn.Module):
 
         Returns:
             ``(x, pending)``: with ``defer_residual`` the stream without this block's FFN residual and that
-            residual as ``(y, gate)``; otherwise the completed stream and ``None``.
+            residual as ``(y, gate)``; otherwise the completed stream and ``None``. A chunked call
+            (``inputs.token_chunk``, see :meth:`_forward_chunked`) always returns the completed stream.
         """
+        chunk = inputs.token_chunk
+        if chunk is not None and x.shape[1] > chunk and not torch.is_grad_enabled():
+            return self._forward_chunked(x, inputs, pending, chunk, context_kv=context_kv, anchor_kv=anchor_kv,
+                                         record_kv=record_kv)
         H, D, eps = self.num_heads, self.head_dim, self.eps
         mod = inputs.modulation
         mi = mod.index  # None unless the modulation comes as tables + a per-token row index
@@ -289,6 +294,83 @@ class WanBlock(nn.Module):
         if defer_residual:
             return x, (y, gate)
         return gated_residual(x, y, gate, mod_index=mi), None
+
+
+    def _forward_chunked(self, x: torch.Tensor, inputs: "BlockInputs", pending, chunk: int, *,
+                         context_kv: tuple | None, anchor_kv: tuple | None,
+                         record_kv: list | None) -> tuple[torch.Tensor, None]:
+        """:meth:`forward` without autograd, with the per-token work done ``chunk`` tokens at a time.
+
+        Everything but the self-attention acts on each token alone (AdaLN, the projections, q/k norm and RoPE,
+        the cross-attention queries, the FFN), so it runs on slices of the sequence; only the self-attention
+        sees all tokens at once. What is alive at the peak is then the stream, q, k, v and the attention output
+        (five ``[B, L, dim]`` tensors) plus one chunk's intermediates (the FFN's ``[chunk, ffn_dim]`` hidden
+        pair being the largest), instead of about a dozen ``[B, L, dim]`` tensors and two ``[B, L, ffn_dim]``
+        ones: the working set of a long clip (Stage I at 241 frames) then grows by 5 stream-sized tensors per
+        token instead of ~20. The same numbers as :meth:`forward` up to the matmuls' rounding on row slices.
+
+        The block completes its own residual here (the unfused boundary): inside a chunk the FFN output is
+        added while it is fresh, which is what the fused boundary buys when the sequence is not chunked. A
+        ``pending`` residual from an unchunked previous block is completed first.
+        """
+        H, D, eps = self.num_heads, self.head_dim, self.eps
+        mod, table = inputs.modulation, self.scale_shift_table
+        if pending is not None:
+            x = gated_residual(x, *pending, mod_index=mod.index)
+        B, L, C = x.shape
+        spans = [(s, min(s + chunk, L)) for s in range(0, L, chunk)]
+        a1, a2 = self.attn1, self.attn2
+        # self-attention inputs, chunk by chunk into whole-sequence q, k, v
+        q, k, v = (x.new_empty(B, L, H, D) for _ in range(3))
+        for s, e in spans:
+            mc = mod.shard(s, e)
+            xm = adaln_modulate(x[:, s:e], mc.get(table, 0), mc.get(table, 1), eps, mod_index=mc.index)
+            qc, kc = qk_norm_rope(a1.to_q(xm).view(B, e - s, H, D), a1.to_k(xm).view(B, e - s, H, D),
+                                  a1.norm_q.weight, a1.norm_k.weight, inputs.rope[s:e], eps)
+            q[:, s:e], k[:, s:e] = qc, kc
+            v[:, s:e] = a1.to_v(xm).view(B, e - s, H, D)
+            del xm, qc, kc
+        if record_kv is not None:
+            record_kv.append((k, v))
+        if anchor_kv is None:
+            o = self.attention(q, k, v, inputs.attention)
+        else:  # as in forward: zero queries for the cached anchor's rows
+            ka, va = anchor_kv
+            n = ka.shape[1]
+            q = torch.cat([q.new_zeros(B, n, H, D), q], 1)
+            k = torch.cat([ka.expand(B, -1, -1, -1), k], 1)
+            v = torch.cat([va.expand(B, -1, -1, -1), v], 1)
+            o = self.attention(q, k, v, inputs.attention)[:, n:]
+        del q, k, v
+        kc, vc, ki, vi = context_kv if context_kv is not None else self._cross_kv(inputs.context, inputs.image_context)
+        kc, vc = kc.transpose(1, 2).expand(B, -1, -1, -1), vc.transpose(1, 2).expand(B, -1, -1, -1)
+        if ki is not None:
+            ki, vi = ki.transpose(1, 2).expand(B, -1, -1, -1), vi.transpose(1, 2).expand(B, -1, -1, -1)
+        out = torch.empty_like(x)
+        for s, e in spans:
+            mc, n = mod.shard(s, e), e - s
+            mi = mc.index
+            y = a1.to_out[0](o[:, s:e].reshape(B, n, C))
+            if self.norm2 is not None:
+                w, b = mc.const(self.norm2.weight.float() - 1.0), mc.const(self.norm2.bias)
+                xs, xn = gated_residual(x[:, s:e], y, mc.get(table, 2), shift=b, scale=w, eps=self.norm2.eps,
+                                        mod_index=mi)
+            else:
+                xs = xn = gated_residual(x[:, s:e], y, mc.get(table, 2), mod_index=mi)
+            qc = a2.norm_q(a2.to_q(xn)).view(B, n, H, D).transpose(1, 2)
+            oc = F.scaled_dot_product_attention(qc, kc, vc)
+            if ki is not None:
+                oc = oc + F.scaled_dot_product_attention(qc, ki, vi)
+            y = a2.to_out[0](oc.transpose(1, 2).reshape(B, n, C))
+            del qc, oc, xn
+            ones = mc.const(torch.ones(C, device=x.device))
+            xs, xm = gated_residual(xs, y, ones, shift=mc.get(table, 3), scale=mc.get(table, 4), eps=eps,
+                                    mod_index=mi)
+            y = self.ffn(xm)
+            del xm
+            out[:, s:e] = gated_residual(xs, y, mc.get(table, 5), mod_index=mi)
+            del xs, y
+        return out, None
 
 
 class _TimeEmbedder(nn.Module):
@@ -423,6 +505,8 @@ class BlockInputs:
         context: the embedded text ``[B or 1, text_len, dim]`` from which a block computes its cross-attention
             keys/values (``None`` when they come from a :class:`ContextCache`).
         image_context: the embedded CLIP image tokens ``[B or 1, 257, dim]`` (Wan2.1 I2V), or ``None``.
+        token_chunk: run the per-token work of each block in chunks of this many tokens (inference only, for
+            sequences longer than that: :meth:`WanBlock.forward`), or ``None``.
     """
 
     modulation: Modulation
@@ -430,6 +514,7 @@ class BlockInputs:
     attention: AttentionSpec
     context: torch.Tensor | None = None
     image_context: torch.Tensor | None = None
+    token_chunk: int | None = None
 
 
 @dataclass
@@ -513,6 +598,10 @@ class WanDiT(nn.Module):
         # Activation checkpointing per block (torch.utils.checkpoint, non-reentrant) while grad is enabled:
         # a block's activations are recomputed in the backward instead of kept.
         self.checkpoint_blocks = False
+        # Inference on sequences longer than this runs each block's per-token work in chunks of this many
+        # tokens (WanBlock._forward_chunked): the working set of a long clip grows by a few stream-sized tensors
+        # per token, not by the FFN's width. None: never chunk. The pipeline sets it from its memory plan.
+        self.inference_chunk_tokens: int | None = 16384
 
     # -- bookkeeping ----------------------------------------------------------------------------------
 
@@ -863,10 +952,18 @@ class WanDiT(nn.Module):
             freqs = freqs[start:end]
             mod = mod.shard(start, end)
 
+        chunk = self.inference_chunk_tokens
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+            raise ValueError(f"inference_chunk_tokens must be a positive int or None, got {chunk!r}")
         inputs = BlockInputs(modulation=mod, rope=freqs, context=ctx, image_context=img,
                              attention=AttentionSpec(plan, attention_backend, sp_group,
-                                                     None if sp_sizes is None else tuple(sp_sizes)))
-        out = self._head(*self._run_blocks(x, inputs, context_cache, anchor_cache, _record_kv), mod)
+                                                     None if sp_sizes is None else tuple(sp_sizes)),
+                             token_chunk=None if torch.is_grad_enabled() else chunk)
+        # the stream is handed over in a list that _run_blocks empties: a reference left in this frame would keep
+        # the embedded tokens alive through every block (one [B, L, dim] tensor more at each block's peak)
+        stream = [x]
+        del x
+        out = self._head(*self._run_blocks(stream, inputs, context_cache, anchor_cache, _record_kv), mod)
         if sp_group is not None:
             out = gather_tokens(out, sp_group, sp_sizes)  # the full velocity, identical on every rank
         # unpatchify: features are ordered (pt, ph, pw, c)
@@ -906,9 +1003,11 @@ class WanDiT(nn.Module):
             raise ValueError("with anchor_cache the anchor's timestep must be 0 (it is clean)")
         return A * P
 
-    def _run_blocks(self, x: torch.Tensor, inputs: BlockInputs, context_cache: ContextCache | None,
+    def _run_blocks(self, stream: list, inputs: BlockInputs, context_cache: ContextCache | None,
                     anchor_cache: AnchorCache | None = None, record_kv: list | None = None):
-        """Every block in order, at the chosen boundary, checkpointed or not; returns ``(x, pending)``."""
+        """Every block in order, at the chosen boundary, checkpointed or not; returns ``(x, pending)``.
+        ``stream``: ``[x]``, the embedded tokens, taken out of the list (so that only this frame holds them)."""
+        x = stream.pop()
         if self.block_boundary not in BLOCK_BOUNDARIES:
             raise ValueError(f"block_boundary must be one of {BLOCK_BOUNDARIES}, got {self.block_boundary!r}")
         defer = self.block_boundary == "fused"

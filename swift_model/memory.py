@@ -47,6 +47,14 @@ USES: dict[str, tuple[str, ...]] = {
 # The DiTs: the components that can stream their blocks.
 DITS = ("stage1", "stage2")
 
+# Per profile: a DiT's inference on a sequence longer than this many tokens runs each block's per-token work
+# (projections, FFN, cross-attention) in chunks of that size (WanDiT.inference_chunk_tokens), so the working set
+# grows with the clip by a few stream-sized tensors per token instead of by the FFN's width. Stage I holds the
+# whole clip (18480 tokens at 640x352x81, 53680 at 241 frames); Stage II windows at 2560x1408 hold 14080. The
+# smaller the chunk, the smaller the FFN's transient ([chunk, ffn_dim] twice) and the smaller the matmuls:
+# 4096 rows still keep a GPU's matmul units busy on 5120-wide weights.
+TOKEN_CHUNK = {"fast": 32768, "balanced": 16384, "24gb": 4096}
+
 
 class MemoryPlan:
     """What is resident on the device in each phase of a generation, for one profile.
@@ -55,22 +63,28 @@ class MemoryPlan:
         profile: ``"fast"``, ``"balanced"`` or ``"24gb"`` (see the module docstring).
         stream_blocks: under ``24gb``, the most transformer blocks whose weights are on the device at once
             (the block running and the one being copied in; at least 1).
+        token_chunk: the DiTs' inference chunk in tokens (default: the profile's, :data:`TOKEN_CHUNK`).
         sharded_dits: the DiTs will be sharded over several ranks (FSDP2, ``--fsdp``), which needs ``fast``:
             they are loaded into, and built in, host memory (:meth:`initial` says ``"cpu"`` for them), and the
             sharding moves only each rank's shards and their small unsharded parameters to the device, so no
             rank ever holds a whole DiT there. From then on they are resident as under ``fast``.
     """
 
-    def __init__(self, profile: str = "balanced", *, stream_blocks: int = 2, sharded_dits: bool = False) -> None:
+    def __init__(self, profile: str = "balanced", *, stream_blocks: int = 2, token_chunk: int | None = None,
+                 sharded_dits: bool = False) -> None:
         if profile not in PROFILES:
             raise ValueError(f"memory must be one of {', '.join(PROFILES)}, got {profile!r}")
         if isinstance(stream_blocks, bool) or not isinstance(stream_blocks, int) or stream_blocks < 1:
             raise ValueError(f"stream_blocks must be an int >= 1, got {stream_blocks!r}")
+        if token_chunk is not None and (isinstance(token_chunk, bool) or not isinstance(token_chunk, int)
+                                        or token_chunk < 1):
+            raise ValueError(f"token_chunk must be an int >= 1 or None, got {token_chunk!r}")
         if sharded_dits and profile != "fast":
             raise ValueError(f"sharded DiTs (FSDP) stay resident in every phase: the memory profile must be fast, "
                              f"got {profile!r}")
         self.profile = profile
         self.stream_blocks = stream_blocks
+        self._token_chunk = token_chunk
         self.sharded_dits = bool(sharded_dits)
 
     @classmethod
@@ -84,6 +98,11 @@ class MemoryPlan:
             raise TypeError(f"memory must be a profile name ({', '.join(PROFILES)}) or a MemoryPlan, got "
                             f"{type(memory).__name__}")
         return cls(memory)
+
+    @property
+    def token_chunk(self) -> int:
+        """The DiTs' inference chunk in tokens (the profile's, :data:`TOKEN_CHUNK`, unless given)."""
+        return TOKEN_CHUNK[self.profile] if self._token_chunk is None else self._token_chunk
 
     def placement(self, phase: str, component: str) -> str:
         """Where ``component``'s weights are during ``phase``: ``"device"``, ``"cpu"`` or ``"stream"``."""
@@ -397,11 +416,7 @@ class Residency:
         cpu = torch.device("cpu")
         present = {n: m for n, m in components.items() if m is not None}
         # evict first, so the phase's own weights never meet the previous phase's on the device
-        for name, m in present.items():
-            if self.plan.placement(phase, name) == "cpu":
-                _move(m, cpu)
-        if self.device.type == "cuda" and torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        self.evict(phase, present)
         moved = 0
         for name, m in present.items():
             where = self.plan.placement(phase, name)
@@ -426,6 +441,17 @@ class Residency:
                 s.suspend()
             self.h2d_bytes[phase] = self.h2d_bytes.get(phase, 0) + moved
             self.current = None
+
+    def evict(self, phase: str, components: Mapping[str, nn.Module | None]) -> None:
+        """Move to the CPU every component that ``phase`` keeps there (the first step of :meth:`phase`; the
+        planner calls it alone to start a phase's count after the previous phase's weights have left)."""
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        for name, m in components.items():
+            if m is not None and self.plan.placement(phase, name) == "cpu":
+                _move(m, torch.device("cpu"))
+        if self.device.type == "cuda" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def close(self) -> None:
         """Remove every streamer's hooks (the streamed blocks stay in their host buffers on the CPU)."""

@@ -127,6 +127,8 @@ class SwiftI2VPipeline:
         self.stage2_kind = stage2_kind
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.memory = MemoryPlan.of(memory)
+        for dit in (self.stage1, self.stage2):
+            dit.inference_chunk_tokens = self.memory.token_chunk
         self.residency = Residency(self.memory, self.device)
         self.random_weights = random_weights
         self._check_models()
@@ -195,12 +197,17 @@ class SwiftI2VPipeline:
             memory: the memory profile (see the class); it also decides where each model is loaded to.
             vae_dtype: dtype of both VAEs, ``"bf16"``/``"fp32"`` (default: bf16 on a GPU, fp32 on the CPU).
         """
-        from .checkpoint import inspect_dit, load_dit
+        from .checkpoint import load_dit
+        from .preflight import check_checkpoints
 
         for name, p in (("stage1", stage1), ("stage2", stage2)):
             if not isinstance(p, (str, os.PathLike)) or not os.path.exists(p):
                 raise ValueError(f"{name} checkpoint not found: {p}")
         plan = MemoryPlan.of(memory)
+        # Every component is located, every config parsed and every weight header (names, shapes, dtypes, the
+        # LoRA's keys) checked before the first weight is read: a broken file costs milliseconds, not a 14B load.
+        checked = check_checkpoints(stage1, stage2, stage1_lora=stage1_lora, text_encoder=text_encoder,
+                                    need_text_encoder=load_text_encoder)
         dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
             dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
@@ -209,9 +216,9 @@ class SwiftI2VPipeline:
         def load_dev(component):
             return dev if plan.initial(component) == "device" else torch.device("cpu")
 
-        s1 = load_dit(stage1, device=load_dev("stage1"), dtype=dtype, lora=stage1_lora, lora_scale=lora_scale,
-                      stage="stage1")
-        info2 = inspect_dit(stage2, stage="stage2")
+        s1 = load_dit(checked.stage1, device=load_dev("stage1"), dtype=dtype, lora=stage1_lora,
+                      lora_scale=lora_scale, stage="stage1")
+        info2 = checked.stage2
         # A public checkpoint used as the method's network: widen the input (the extra channels start at
         # zero), decided from the headers so that the weights are read once.
         extra = info2.config.in_channels if stage2_kind == "swift" and info2.config.in_channels == info2.config.out_channels else 0

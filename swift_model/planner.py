@@ -441,6 +441,35 @@ def _own_plan_cache():
             plans.PLANS_BY_ID.update(saved_ids)
 
 
+def _fused_sdpa(orig):
+    """``F.scaled_dot_product_attention`` as a GPU runs it, for a fake ``cuda`` run.
+
+    On fake tensors SDPA cannot ask the device which fused kernel it supports and falls back to the math path,
+    which materialises the ``[B, H, Lq, Lk]`` fp32 scores (1.4 GiB per call for Stage I's cross-attention at
+    81 frames): memory a GPU never allocates. A GPU runs FlashAttention (fp16/bf16, head dim <= 256) or the
+    memory-efficient kernel (otherwise), each allocating the output and a log-sum-exp; the fake run calls the
+    same aten kernels, whose meta functions give those allocations and which FlopCounterMode counts.
+    """
+
+    @functools.wraps(orig)
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        from torch._subclasses.fake_tensor import FakeTensor
+
+        fused = (isinstance(query, FakeTensor) and query.device.type == "cuda" and attn_mask is None
+                 and dropout_p == 0.0 and not enable_gqa and query.dim() == 4
+                 and query.shape[-1] == key.shape[-1] == value.shape[-1])
+        if not fused:
+            return orig(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                        scale=scale, enable_gqa=enable_gqa)
+        if query.dtype in (torch.float16, torch.bfloat16) and query.shape[-1] <= 256:
+            return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, 0.0, is_causal, False,
+                                                                       scale=scale)[0]
+        return torch.ops.aten._scaled_dot_product_efficient_attention(query, key, value, None, False, 0.0,
+                                                                       is_causal, scale=scale)[0]
+
+    return sdpa
+
+
 def _encode_text(text, spec: ModelSpec) -> torch.Tensor:
     """What ``TextEncoder.encode`` computes, from token ids (the token values do not change the estimate)."""
     if text is None:
@@ -537,8 +566,9 @@ def plan_generation(spec: ModelSpec, *, memory=None, frames: int = 81, width: in
     timings: dict[str, tuple] = {}
     resident: dict[str, list] = {}
     replays = []
-    saved_unique = torch.unique
+    saved_unique, saved_sdpa = torch.unique, torch.nn.functional.scaled_dot_product_attention
     torch.unique = _unique_two(saved_unique)
+    torch.nn.functional.scaled_dot_product_attention = _fused_sdpa(saved_sdpa)
     own_cache = _own_plan_cache()
     own_cache.__enter__()
     ranks = contextlib.ExitStack()
@@ -588,6 +618,8 @@ def plan_generation(spec: ModelSpec, *, memory=None, frames: int = 81, width: in
                     return
                 flops0 = counters.flops()
                 ops0, t0 = tracker.ops, time.perf_counter()
+                # the phase's count starts once the previous phase's weights have left, as on the device
+                pipe.residency.evict(name, pipe._components())
                 with tracker.section() as sec, pipe._phase(name):
                     resident[name] = [c for c, m in pipe._components().items() if m is not None and any(
                         (getattr(t, "fake_device", None) or t.device).type == device for t in m.parameters())]
@@ -649,6 +681,7 @@ def plan_generation(spec: ModelSpec, *, memory=None, frames: int = 81, width: in
     finally:
         ranks.close()
         torch.unique = saved_unique
+        torch.nn.functional.scaled_dot_product_attention = saved_sdpa
         own_cache.__exit__(None, None, None)
     info = dict(frames=frames, width=width, height=height, steps=steps, segment_blocks=segment_blocks,
                 neighbors=list(neighbors), segments=csg.num_segments, stage2_kind=spec.stage2_kind,

@@ -329,3 +329,81 @@ def test_gpu_bf16_block_boundaries(gpu_device, layout_kind):
             for name, g in want[1].items():
                 err = (grads[name].float() - g.float()).abs().max().item()
                 assert err <= 1e-2 * g.float().abs().max().item() + 1e-6, (boundary, ckpt, name, err)
+
+
+# -------------------------------------------------------------------------------------------------------------
+# inference in token chunks
+# -------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset,layout_kind", [
+    ("tiny-ti2v", "dense"), ("tiny-ti2v", "window"), ("tiny-ti2v", "packed"),
+    ("tiny-i2v", "dense"), ("tiny-i2v", "clip"),
+])
+@pytest.mark.parametrize("chunk", [1, 5, 12])
+def test_chunked_inference_equals_frozen_forward(preset, layout_kind, chunk):
+    """Chunks that split frames and batch rows anywhere (1 token, 5, two frames' worth) give the frozen forward's
+    numbers, from either boundary, with the per-token (indexed) modulation and per-sample timesteps. In fp64:
+    the matmuls on row slices round differently from whole ones (~1e-5 in fp32), so fp64 makes the check sharp."""
+    model, x, t, ctx, clip, layout = _case(preset, layout_kind, seed=hash((preset, layout_kind, chunk)) % 1000)
+    model, x, ctx = model.double(), x.double(), ctx.double()
+    clip = clip.double() if clip is not None else None
+    with torch.no_grad():
+        want = frozen_forward(model, x, t, ctx, clip, layout=layout)
+        model.inference_chunk_tokens = chunk
+        for boundary in ("fused", "unfused"):
+            model.block_boundary = boundary
+            out = torch.full_like(want, float("nan"))
+            out.copy_(model(x, t, ctx, clip, layout=layout))
+            torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12,
+                                       msg=lambda m: f"{preset}/{layout_kind}/chunk={chunk}/{boundary}: {m}")
+
+
+def test_chunked_inference_runs_only_without_grad_and_on_long_sequences(monkeypatch):
+    """Chunking is an inference path: with grad enabled (training) or when the sequence fits in one chunk, the
+    block runs its ordinary forward; a bad chunk size is a ValueError naming the attribute."""
+    from swift_model.dit import WanBlock
+
+    model, x, t, ctx, clip, layout = _case("tiny-ti2v", "window", seed=41)
+    calls = []
+    real = WanBlock._forward_chunked
+    monkeypatch.setattr(WanBlock, "_forward_chunked", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    L = layout.num_seq_blocks * P
+    model.inference_chunk_tokens = L
+    with torch.no_grad():
+        model(x, t, ctx, layout=layout)
+    assert calls == []
+    model.inference_chunk_tokens = L - 1
+    model(x, t, ctx, layout=layout)  # grad enabled
+    assert calls == []
+    with torch.no_grad():
+        model(x, t, ctx, layout=layout)
+    assert len(calls) == len(model.blocks)
+    for bad in (0, -3, 2.5, True):
+        model.inference_chunk_tokens = bad
+        with pytest.raises(ValueError, match="inference_chunk_tokens"), torch.no_grad():
+            model(x, t, ctx, layout=layout)
+
+
+def test_chunked_blocks_read_only_their_own_parameters():
+    """The chunked path keeps the per-block contract (FSDP2, weight streaming)."""
+    model, x, t, ctx, clip, layout = _case("tiny-i2v", "window", seed=42)
+    model.inference_chunk_tokens = 7
+    seen = []
+
+    def pre(module, args, kwargs):
+        seen.append((module, _ParameterSpy()))
+        seen[-1][1].__enter__()
+
+    def post(module, args, kwargs, out):
+        seen[-1][1].__exit__(None, None, None)
+
+    hooks = [h for blk in model.blocks for h in (blk.register_forward_pre_hook(pre, with_kwargs=True),
+                                                  blk.register_forward_hook(post, with_kwargs=True))]
+    with torch.no_grad():
+        model(x, t, ctx, clip, layout=layout)
+    for h in hooks:
+        h.remove()
+    assert len(seen) == len(model.blocks)
+    for blk, spy in seen:
+        assert spy.seen and spy.seen <= {id(p) for p in blk.parameters()}

@@ -296,3 +296,27 @@ def _meta_only(real_init):
         assert kw.get("meta"), "a weight file was opened for reading data"
         real_init(self, files, **kw)
     return init
+
+
+def test_from_pretrained_checks_every_component_before_reading_a_weight(tmp_path, monkeypatch):
+    """The pipeline runs the preflight first: a Stage II folder without a VAE, a text encoder of the wrong kind
+    or a LoRA that does not fit fails, naming stage and file, before the 14B-sized Stage I is read."""
+    from swift_model.pipeline import SwiftI2VPipeline
+
+    s1 = _fake_component_folder(tmp_path / "s1", _model("tiny-i2v", seed=3), image=True)
+    s2 = _fake_component_folder(tmp_path / "s2", _model("tiny-ti2v", seed=4), text=False, vae=False)
+    monkeypatch.setattr(TensorFiles, "__init__", _meta_only(TensorFiles.__init__))  # headers, never data
+    load = lambda **kw: SwiftI2VPipeline.from_pretrained(s1, s2, device="cpu", **kw)  # noqa: E731
+    assert "VAE" in _raises(ValueError, load, file=s2, stage="stage2")
+    (s2 / "vae").mkdir()
+    (s2 / "vae" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKLWan", "z_dim": 48}))
+    (s1 / "text_encoder" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    _raises(ValueError, load, file=s1, stage="stage1")
+    save_file({"diffusion_model.blocks.0.self_attn.q.lora_down.weight": torch.randn(2, 10),
+               "diffusion_model.blocks.0.self_attn.q.lora_up.weight": torch.randn(64, 2)},
+              str(tmp_path / "bad.safetensors"))
+    _raises(ValueError, lambda: load(load_text_encoder=False, stage1_lora=str(tmp_path / "bad.safetensors")),
+            file=tmp_path / "bad.safetensors", stage="stage1")
+    # with every check passed, the weights are read (and the meta-only guard trips on the first one)
+    with pytest.raises(AssertionError, match="weight file was opened"):
+        load(load_text_encoder=False)
