@@ -42,9 +42,17 @@ def _with_layers(spec, **layers):
 
 def test_ulysses_rank_peaks_are_below_one_process():
     """Each of 2 Ulysses ranks holds half of every DiT call's tokens: its Stage I and Stage II peaks are below
-    the one-process ones (same weights, smaller activations)."""
-    one = _peaks()
-    two = _peaks(world_size=2)
+    the one-process ones (same weights, smaller activations). The Stage I DiT here takes the first frame's
+    latent as its condition (as Wan2.2's TI2V): with the I2V kind, the Stage I peak of the tiny models is the
+    Stage I VAE's encode of the conditioning clip (the image and zeros), which every rank runs whole, not a
+    DiT call. 81 frames, so that Stage I's 672 tokens outnumber the 512 text tokens."""
+    from swift_model.config import WanDiTConfig
+
+    spec = dataclasses.replace(tiny_spec(), image_encoder=None,
+                               stage1=WanDiTConfig.preset("tiny-t2v", kind="ti2v", per_token_timestep=True))
+    size = dict(frames=81, width=512, height=256)
+    one, two = ({k: v["peak_bytes"] for k, v in plan_generation(spec, phases=("stage1", "stage2"), world_size=w,
+                                                                 **size).phases.items()} for w in (1, 2))
     for phase in ("stage1", "stage2"):
         assert two[phase] < one[phase], (phase, one, two)
 
