@@ -7,17 +7,20 @@
   ``"fake"`` backend with its ``FakeStore``), so :meth:`Parallelism.build
   <swift_model.distributed.Parallelism.build>` makes the same Ulysses and CFG groups as a real run, and the
   DiT's all-to-alls (uneven splits included), the token gathers, the CFG velocity exchange and the parallel VAE
-  tiles run as rank 0 runs them, allocating the buffers rank 0 allocates. The group is destroyed on leaving, so
-  nothing of it reaches a later real run.
+  tiles run as rank 0 runs them, allocating the buffers rank 0 allocates. One difference: the parallel VAE
+  keeps its tile send/receive buffers where the backend communicates, the GPU under NCCL but the host under
+  the fake backend, so one tile's output buffer is missing from the decode's estimate (small against its
+  working set). The group is destroyed on leaving, so nothing of it reaches a later real run.
 - :class:`ShardedBlocksModel`: FSDP2 on one rank, modelled. ``fully_shard`` on a CUDA mesh asks the CUDA
   driver for the current device and creates CUDA streams, which a machine without a GPU does not have, so the
   planner does not call it; it reproduces what FSDP2 keeps on each rank instead, with the same rules as
   :func:`~swift_model.parallel.fsdp_shard_blocks`: each sharded block parameter's dim-0 chunk, padded as FSDP2
   pads it (``ceil(rows / N)`` rows), stays resident; the parameters left whole and the DiT's root stay whole on
   the device; a block's forward (and its ``context_kv``) first all-gathers the block (one flat buffer of ``N``
-  padded shards, copied out into the unsharded parameters, then freed) and frees the gathered weights after
-  the next block's gather (FSDP2 prefetches the next block's all-gather while a block computes: two gathered
-  blocks at a time). Tested against ``fully_shard``'s own shards on a CPU mesh.
+  padded shards, copied out into the unsharded parameters, then freed) and keeps its gathered weights until
+  the next block has run (FSDP2 prefetches the next block's all-gather while a block computes: two gathered
+  blocks at a time); the model's forward ends with none. Tested against ``fully_shard``'s own shards on a CPU
+  mesh.
 
 Everything here is for an **estimate**; the communication itself (time, NCCL's buffers) is not modelled.
 """

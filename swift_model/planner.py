@@ -488,8 +488,17 @@ def _rope_any_positions(dit, grid, positions, device):
 
 def _anchor_any_positions(dit, latents, context_cache, frame_positions=None):
     # the shared anchor's cache records its positions as numbers (data of a fake tensor): the first ones stand
-    # in; what the cache holds (per-block keys and values, the anchor's output) does not depend on them
-    return type(dit).precompute_anchor(dit, latents, context_cache, list(range(latents.shape[2])))
+    # in; what the cache holds (per-block keys and values, the anchor's output) does not depend on them.
+    # Its blocks run unreplayed: each call appends to a longer list of keys/values (no two calls alike), and a
+    # replay record would keep the (k, v) it saw alive after the phase, unlike the run.
+    replayed = [(b, b.__dict__["forward"]) for b in dit.blocks if isinstance(b.__dict__.get("forward"), _Replay)]
+    for b, r in replayed:
+        b.forward = r.inner
+    try:
+        return type(dit).precompute_anchor(dit, latents, context_cache, list(range(latents.shape[2])))
+    finally:
+        for b, r in replayed:
+            b.forward = r
 
 
 def _anchor_cache_unchecked(cache, layout, latents, timestep, positions, context_cache, sp_group, P) -> int:

@@ -158,16 +158,21 @@ def test_shared_anchor_keeps_its_keys_and_values_resident():
     as the growth with the depth: 4 more blocks add exactly 4 blocks' keys and values to the difference."""
     spec = tiny_spec("refine")
     size = dict(frames=25, width=256, height=128)
-    diff = {}
+    diff, after = {}, {}
     for layers in (2, 6):
         s = _with_layers(spec, stage2=layers)
-        with_anchor, without = (plan_generation(s, phases=("stage2",), shared_anchor=a, **size)
-                                .phases["stage2"]["peak_bytes"] for a in (True, False))
-        diff[layers] = with_anchor - without
+        phases = ("stage2",) if layers == 2 else ("stage2", "decode")
+        with_anchor, without = (plan_generation(s, phases=phases, shared_anchor=a, **size).phases
+                                for a in (True, False))
+        diff[layers] = with_anchor["stage2"]["peak_bytes"] - without["stage2"]["peak_bytes"]
+        if "decode" in phases:
+            after[layers] = with_anchor["decode"]["peak_bytes"] - without["decode"]["peak_bytes"]
     c = spec.stage2
     anchor_tokens = (size["height"] // 16 // c.patch_size[1]) * (size["width"] // 16 // c.patch_size[2])
     kv_per_block = 2 * _rounded(anchor_tokens * c.dim * 2)  # bf16
     assert diff[6] - diff[2] == 4 * kv_per_block, (diff, kv_per_block)
+    # and they are gone after Stage II: the decode does not hold them (6 blocks' worth would be 6 * kv)
+    assert 0 <= after[6] < kv_per_block, (after, kv_per_block)
 
 
 def test_plan_leaves_no_process_group(monkeypatch):
