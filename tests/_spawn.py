@@ -1,7 +1,7 @@
 """Running test cases on several CPU processes with torch.distributed (gloo), once per world size.
 
 A test module defines ``CASES`` (name -> ``case(group)``), and optionally a module-level ``RECORD`` list that
-its cases append notes to. :func:`launch` spawns ``world_size`` processes; each imports that module, joins a
+its cases append notes to. :func:`launch` starts ``world_size`` processes (forked from a fork server that has imported the heavy modules once per session); each imports that module, joins a
 gloo group (with a collective timeout, so a mismatch fails instead of hanging), runs every case in the same
 order (so the collectives line up) and writes its verdicts to a JSON file after each case. The parent joins
 the children until a deadline and then kills them. :func:`problems` turns the verdicts of one case into the
