@@ -198,6 +198,24 @@ class WanBlock(nn.Module):
             return attend(q, k, v)
         return ulysses_attention(q, k, v, attend, spec.sp_sizes, spec.sp_group)
 
+    def _self_attention(self, qkv: list, spec: "AttentionSpec", anchor_kv) -> torch.Tensor:
+        """The self-attention of ``qkv = [q, k, v]``, taken out of the list (so that no caller's reference keeps
+        them alive beside the anchor-extended copies), after the cached anchor's keys and values if any."""
+        q, k, v = qkv
+        qkv.clear()
+        if anchor_kv is None:
+            return self.attention(q, k, v, spec)
+        # The anchor's keys and values come from the cache. Its own query rows are not needed (its output is
+        # cached as well): zero queries keep the attention's square shape at the cost of n rows attending the
+        # anchor block alone.
+        ka, va = anchor_kv
+        B, _, H, D = q.shape
+        n = ka.shape[1]
+        q = torch.cat([q.new_zeros(B, n, H, D), q], 1)
+        k = torch.cat([ka.expand(B, -1, -1, -1), k], 1)
+        v = torch.cat([va.expand(B, -1, -1, -1), v], 1)
+        return self.attention(q, k, v, spec)[:, n:]
+
     def forward(
         self,
         x: torch.Tensor,
@@ -254,18 +272,9 @@ class WanBlock(nn.Module):
         q, k = qk_norm_rope(q, k, a1.norm_q.weight, a1.norm_k.weight, inputs.rope, eps)
         if record_kv is not None:
             record_kv.append((k, v))
-        if anchor_kv is None:
-            o = self.attention(q, k, v, inputs.attention)
-        else:
-            # The anchor's keys and values come from the cache. Its own query rows are not needed (its output
-            # is cached as well): zero queries keep the attention's square shape at the cost of n rows
-            # attending the anchor block alone.
-            ka, va = anchor_kv
-            n = ka.shape[1]
-            q = torch.cat([q.new_zeros(B, n, H, D), q], 1)
-            k = torch.cat([ka.expand(B, -1, -1, -1), k], 1)
-            v = torch.cat([va.expand(B, -1, -1, -1), v], 1)
-            o = self.attention(q, k, v, inputs.attention)[:, n:]
+        qkv = [q, k, v]
+        del q, k, v
+        o = self._self_attention(qkv, inputs.attention, anchor_kv)
         y = a1.to_out[0](o.reshape(B, L, C))
         gate = mod.get(table, 2)
         if self.norm2 is not None:
@@ -332,16 +341,9 @@ class WanBlock(nn.Module):
             del xm, qc, kc
         if record_kv is not None:
             record_kv.append((k, v))
-        if anchor_kv is None:
-            o = self.attention(q, k, v, inputs.attention)
-        else:  # as in forward: zero queries for the cached anchor's rows
-            ka, va = anchor_kv
-            n = ka.shape[1]
-            q = torch.cat([q.new_zeros(B, n, H, D), q], 1)
-            k = torch.cat([ka.expand(B, -1, -1, -1), k], 1)
-            v = torch.cat([va.expand(B, -1, -1, -1), v], 1)
-            o = self.attention(q, k, v, inputs.attention)[:, n:]
+        qkv = [q, k, v]
         del q, k, v
+        o = self._self_attention(qkv, inputs.attention, anchor_kv)
         kc, vc, ki, vi = context_kv if context_kv is not None else self._cross_kv(inputs.context, inputs.image_context)
         kc, vc = kc.transpose(1, 2).expand(B, -1, -1, -1), vc.transpose(1, 2).expand(B, -1, -1, -1)
         if ki is not None:

@@ -17,6 +17,10 @@ Profiles (:data:`PROFILES`):
   use it; whatever a phase does not use is evicted before the phase starts;
 - ``24gb``: as ``balanced``, but both DiTs stream their blocks and the text encoder runs on the CPU.
 
+Each profile also sets the DiTs' inference chunk (:data:`TOKEN_CHUNK`): long sequences (Stage I's whole clip)
+run each block's per-token work in chunks of that many tokens, so the working set does not grow with the clip
+by the FFN's width.
+
 :class:`Residency` applies a plan to the pipeline's modules phase by phase; the real run and the planner
 (:mod:`swift_model.planner`, which runs the same phases on fake tensors) both go through it, so the estimate
 and the run cannot disagree about what is resident.

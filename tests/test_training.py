@@ -118,12 +118,15 @@ def _time_per_value(model):
     return model
 
 
+@pytest.mark.parametrize("chunk", [None, 5])
 @pytest.mark.parametrize("joint", [False, True])
-def test_cached_shared_anchor_is_the_packed_training_forward(joint):
+def test_cached_shared_anchor_is_the_packed_training_forward(joint, chunk):
     """``generate --shared-anchor`` computes the anchor's keys and values once (``precompute_anchor``) and every
     window call reuses them: each window's output equals the packed shared-anchor training forward on that
     window's tokens, and the window forward without the cache (fp32 rounding; fp64 rounding with the fp32
-    timestep MLP run per value). Joint mode (the whole clip, ``anchor_attends="anchor"``) likewise."""
+    timestep MLP run per value). Joint mode (the whole clip, ``anchor_attends="anchor"``) likewise. With
+    ``chunk``, the inference calls run their blocks in token chunks of 5 (the packed training forward is the
+    same reference)."""
     T = 7
     plan = CSGPlan(T, 2, (1, 1), block_tokens=P, anchor_attends="anchor")
     segments = (0, 1, 2)
@@ -133,6 +136,7 @@ def test_cached_shared_anchor_is_the_packed_training_forward(joint):
             _time_per_value(model)
         z, z_ref, noise, ctx = _clip(T, dtype=dtype)
         cache = model.precompute_context(ctx)
+        model.inference_chunk_tokens = chunk
         sig = torch.rand(2, 1).expand(2, 3).contiguous()  # one timestep, as in one sampler step
         layout = TrainingWindows(T, P, 2, (1, 1), segments, shared_anchor=True).layout
         packed = window_inputs(z, z_ref, layout, sig, noise)
