@@ -304,7 +304,6 @@ class WanBlock(nn.Module):
             return x, (y, gate)
         return gated_residual(x, y, gate, mod_index=mi), None
 
-
     def _forward_chunked(self, x: torch.Tensor, inputs: "BlockInputs", pending, chunk: int, *,
                          context_kv: tuple | None, anchor_kv: tuple | None,
                          record_kv: list | None) -> tuple[torch.Tensor, None]:
@@ -315,8 +314,8 @@ class WanBlock(nn.Module):
         sees all tokens at once. What is alive at the peak is then the stream, q, k, v and the attention output
         (five ``[B, L, dim]`` tensors) plus one chunk's intermediates (the FFN's ``[chunk, ffn_dim]`` hidden
         pair being the largest), instead of about a dozen ``[B, L, dim]`` tensors and two ``[B, L, ffn_dim]``
-        ones: the working set of a long clip (Stage I at 241 frames) then grows by 5 stream-sized tensors per
-        token instead of ~20. The same numbers as :meth:`forward` up to the matmuls' rounding on row slices.
+        ones: the working set of a long clip (Stage I at 241 frames) then grows with the clip by five
+        stream-sized tensors, not by about twenty. The same numbers as :meth:`forward` up to the matmuls' rounding on row slices.
 
         The block completes its own residual here (the unfused boundary): inside a chunk the FFN output is
         added while it is fresh, which is what the fused boundary buys when the sequence is not chunked. A
