@@ -155,14 +155,21 @@ def _gib(n: int) -> str:
     return f"{n / 2**30:.2f}"
 
 
-def _plan(args) -> int:
-    from .distributed import check_fsdp_memory, resolve_degrees
+def _check_request(args) -> None:
+    """The generation arguments that need no model (``generate``, ``demo`` and ``plan`` alike): frames, size,
+    ``--segment-blocks``, ``--neighbors`` and ``--guidance``."""
     from .pipeline import check_request
-    from .planner import checkpoint_spec, plan_generation, preset_spec, tiny_spec
 
+    check_request(args.frames, args.width, args.height, segment_blocks=args.segment_blocks, neighbors=args.neighbors)
     if args.guidance is not None and not args.guidance > 0:
         raise ValueError(f"--guidance must be > 0, got {args.guidance}")
-    check_request(args.frames, args.width, args.height, segment_blocks=args.segment_blocks, neighbors=args.neighbors)
+
+
+def _plan(args) -> int:
+    from .distributed import check_fsdp_memory, resolve_degrees
+    from .planner import checkpoint_spec, plan_generation, preset_spec, tiny_spec
+
+    _check_request(args)
     # the layout, as generate checks it, before any config is read
     resolve_degrees(args.world_size, ulysses=args.ulysses, cfg_parallel=args.cfg_parallel, fsdp=args.fsdp,
                     guidance=args.guidance is not None and args.guidance != 1.0)
@@ -237,18 +244,16 @@ def _run(args) -> int:
 def _prepare(args, device):
     """Check the arguments and build the pipeline on ``device``: ``(pipeline, image, output path)``."""
     from .distributed import env_rank, memory_plan
-    from .pipeline import SwiftI2VPipeline, check_request
+    from .pipeline import SwiftI2VPipeline
     from .video import check_output_path, read_image
 
     # every argument that needs no model is checked before any checkpoint file is opened
-    check_request(args.frames, args.width, args.height, segment_blocks=args.segment_blocks, neighbors=args.neighbors)
+    _check_request(args)
     out = check_output_path(args.out)
     if args.report is not None:
         folder = os.path.dirname(os.path.abspath(args.report)) or "."
         if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
             raise ValueError(f"cannot write the report to {args.report}")
-    if args.guidance is not None and not args.guidance > 0:
-        raise ValueError(f"--guidance must be > 0, got {args.guidance}")
     demo = args.command == "demo"
     # --fsdp: the DiTs are loaded into host memory and distribute() moves each rank's shards to its GPU
     memory = memory_plan(getattr(args, "memory", None), getattr(args, "fsdp", False))

@@ -335,8 +335,7 @@ class BlockStreamer:
         s = min(range(self.num_slots), key=lambda k: self._slot_used[k])
         old = self._slot_block[s]
         if old is not None:
-            for (t, _o), v in zip(self._layouts[old], self._host_views[old]):
-                _set_data(t, v)
+            self._point_home(old)
             del self._where[old]
             self._events.pop(old, None)
         nbytes = self.block_bytes[i]
@@ -362,14 +361,18 @@ class BlockStreamer:
         self.loads += 1
         self.max_resident = max(self.max_resident, self.resident)
 
+    def _point_home(self, i: int) -> None:
+        """Block ``i``'s tensors point back at its host buffer."""
+        for (t, _o), v in zip(self._layouts[i], self._host_views[i]):
+            _set_data(t, v)
+
     def release(self) -> None:
         """Point every block back at its host buffer (the slots stay allocated until :meth:`close`)."""
         if self._cuda:
             torch.cuda.current_stream(self.device).wait_stream(self._stream)
         for s, i in enumerate(self._slot_block):
             if i is not None:
-                for (t, _o), v in zip(self._layouts[i], self._host_views[i]):
-                    _set_data(t, v)
+                self._point_home(i)
                 self._slot_block[s] = None
         self._where.clear()
         self._events.clear()

@@ -28,6 +28,7 @@ Everything here is for an **estimate**; the communication itself (time, NCCL's b
 from __future__ import annotations
 
 import contextlib
+import math
 
 import torch
 import torch.distributed as dist
@@ -58,8 +59,11 @@ def fake_process_group(world_size: int, rank: int = 0):
         dist.destroy_process_group()
 
 
-def _padded_rows(rows: int, world_size: int) -> int:
-    return -(-rows // world_size)
+def _shard_shape(p: torch.Tensor, world_size: int) -> tuple[int, ...]:
+    """The shape of one rank's FSDP2 shard of ``p``: its dim-0 chunk padded to ``ceil(rows / N)`` rows (a
+    0-dim parameter counts as one row)."""
+    rows = p.shape[0] if p.dim() else 1
+    return (-(-rows // world_size),) + tuple(p.shape[1:])
 
 
 def fsdp_shard_bytes(block: torch.nn.Module, index: int, world_size: int) -> tuple[int, int]:
@@ -72,8 +76,7 @@ def fsdp_shard_bytes(block: torch.nn.Module, index: int, world_size: int) -> tup
         if p in ignored:
             whole += p.numel() * p.element_size()
         else:
-            rows = p.shape[0] if p.dim() else 1
-            sharded += _padded_rows(rows, world_size) * (p.numel() // max(rows, 1)) * p.element_size()
+            sharded += math.prod(_shard_shape(p, world_size)) * p.element_size()
     return sharded, whole
 
 
@@ -104,9 +107,7 @@ class ShardedBlocksModel:
             ignored = fsdp_ignored_params(blk, i)
             sharded = [p for p in blk.parameters() if p not in ignored]
             for p in sharded:
-                rows = p.shape[0] if p.dim() else 1
-                self.shards.append(torch.empty((_padded_rows(rows, world_size),) + tuple(p.shape[1:]),
-                                               dtype=p.dtype, device=self.device))
+                self.shards.append(torch.empty(_shard_shape(p, world_size), dtype=p.dtype, device=self.device))
             self._params.append(sharded)
             self._point_away(i)
             blk.register_forward_pre_hook(lambda module, args, i=i: self._gather(i))
@@ -130,8 +131,7 @@ class ShardedBlocksModel:
         if not params:
             return
         self.gathers += 1
-        n = sum(_padded_rows(p.shape[0] if p.dim() else 1, self.world_size) * (p[0].numel() if p.dim() else 1)
-                for p in params)
+        n = sum(math.prod(_shard_shape(p, self.world_size)) for p in params)
         # the all-gather output: N padded shards in one flat buffer, copied out into the unsharded parameters
         flat = torch.empty(n * self.world_size, dtype=params[0].dtype, device=self.device)
         unsharded = [torch.empty(p.shape, dtype=p.dtype, device=self.device) for p in params]

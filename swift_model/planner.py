@@ -292,38 +292,36 @@ def preset_spec(stage1: str = "wan2.1-i2v-14b", stage2: str = "wan2.2-ti2v-5b", 
 
 def checkpoint_spec(stage1, stage2, *, stage2_kind: str = "refine", text_encoder=None,
                     load_text_encoder: bool = True) -> ModelSpec:
-    """The architectures in checkpoint folders, from their configs and headers only (no weight is read)."""
-    from .checkpoint import inspect_dit
-    from .encoders import locate_image_encoder, locate_text_encoder
+    """The architectures in checkpoint folders, from their configs and headers only (no weight is read). The
+    components are found as ``generate`` finds them (:func:`~swift_model.preflight.check_checkpoints`: the same
+    errors, naming stage and file)."""
     from .files import read_json
-    from .vae import locate_vae
+    from .preflight import check_checkpoints
 
-    c1 = inspect_dit(stage1, stage="stage1").config
-    c2 = _stage2_config(inspect_dit(stage2, stage="stage2").config, stage2_kind)
+    found = check_checkpoints(stage1, stage2, text_encoder=text_encoder, need_text_encoder=load_text_encoder)
+    c1 = found.stage1.config
+    c2 = _stage2_config(found.stage2.config, stage2_kind)
 
-    def vae(path, z_dim):
-        layout, where = locate_vae(os.fspath(path))
-        if layout == "diffusers":
-            cfg = {k: v for k, v in read_json(os.path.join(where, "config.json")).items() if not k.startswith("_")}
-            return cfg
-        return _public_vae(z_dim)
-
-    def hf_config(where, defaults):
+    def fields(where):
+        # a diffusers/transformers folder's config.json without its "_" bookkeeping fields, or None
         cfg_file = os.path.join(where, "config.json")
-        if os.path.isfile(cfg_file):
-            cfg = read_json(cfg_file)
-            return {k: v for k, v in cfg.items() if not k.startswith("_")}
-        return dict(defaults)
+        if not os.path.isfile(cfg_file):
+            return None
+        return {k: v for k, v in read_json(cfg_file).items() if not k.startswith("_")}
 
-    text = None
-    if load_text_encoder:
-        layout, model_path, _tok = locate_text_encoder(os.fspath(text_encoder or stage1))
-        text = hf_config(model_path, UMT5_XXL) if layout != "original" else dict(UMT5_XXL)
-    image = None
-    if c1.image_dim:
-        layout, model_path = locate_image_encoder(os.fspath(stage1))
-        image = hf_config(model_path, CLIP_VIT_H) if layout != "original" else dict(CLIP_VIT_H)
-    return ModelSpec(c1, c2, vae(stage1, c1.out_channels), vae(stage2, c2.out_channels), text, image, stage2_kind)
+    def vae(located, z_dim):
+        layout, where = located
+        return fields(where) if layout == "diffusers" else _public_vae(z_dim)
+
+    def hf_config(located, defaults):
+        layout, model_path = located[:2]
+        cfg = fields(model_path) if layout != "original" else None
+        return dict(defaults) if cfg is None else cfg
+
+    text = hf_config(found.text_encoder, UMT5_XXL) if found.text_encoder is not None else None
+    image = hf_config(found.image_encoder, CLIP_VIT_H) if found.image_encoder is not None else None
+    return ModelSpec(c1, c2, vae(found.vae1, c1.out_channels), vae(found.vae2, c2.out_channels), text, image,
+                     stage2_kind)
 
 
 def _meta_models(spec: ModelSpec):

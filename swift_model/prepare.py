@@ -113,7 +113,8 @@ def load_prepare_models(*, stage1=None, stage2=None, stage1_lora=None, lora_scal
     if need_stage2:
         locate_vae(os.fspath(stage2))  # the Stage II VAE must be there (its DiT is not needed here)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    dit = WanDiT.from_pretrained(stage1, device=device, dtype=dtype, lora=stage1_lora, lora_scale=lora_scale,
+    # the inspected checkpoint: its headers are not read a second time
+    dit = WanDiT.from_pretrained(checked.stage1, device=device, dtype=dtype, lora=stage1_lora, lora_scale=lora_scale,
                                  stage="stage1")
     vae1 = WanVAE.from_pretrained(os.fspath(stage1), device=device)
     vae2 = WanVAE.from_pretrained(os.fspath(stage2), device=device) if need_stage2 else None
