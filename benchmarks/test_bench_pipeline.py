@@ -64,7 +64,7 @@ def _image(w, h, seed=0):
 
 
 def test_pipeline_tiny_cpu(benchmark):
-    from swift_model.pipeline import SwiftI2VPipeline
+    from swift_model.generation.pipeline import SwiftI2VPipeline
 
     pipe = SwiftI2VPipeline.tiny(seed=0, device="cpu")
     img = _image(64, 64)
@@ -95,7 +95,7 @@ def _build_dit(config, device, dtype, seed):
     """A full-size DiT with random weights straight on the GPU: built on the meta device (no memory, no CPU
     init), cast there to bf16 (so no fp32 copy of the weights ever exists: the 14B is 28 GB in bf16, 56 GB in fp32), then
     storage on the GPU and an in-place random fill."""
-    from swift_model.dit import WanDiT
+    from swift_model.nets.dit import WanDiT
 
     with torch.device("meta"):
         model = WanDiT(config)
@@ -125,9 +125,9 @@ def full_pipe():
         pytest.skip("needs a CUDA GPU (full-size presets)")
     from diffusers import AutoencoderKLWan
 
-    from swift_model.config import WanDiTConfig
-    from swift_model.pipeline import SwiftI2VPipeline
-    from swift_model.vae import WAN21_CONFIG, WAN22_CONFIG, WanVAE
+    from swift_model.nets.config import WanDiTConfig
+    from swift_model.generation.pipeline import SwiftI2VPipeline
+    from swift_model.nets.vae import WAN21_CONFIG, WAN22_CONFIG, WanVAE
 
     dev, dt = torch.device("cuda"), torch.bfloat16
     t0 = time.perf_counter()
@@ -184,7 +184,7 @@ def _dense_vs_csg_step(pipe, context, T: int, hh: int, ww: int, segment_blocks=2
     t_window * steps * segments (every segment runs its own steps on its window). Their ratio is what CSG buys
     on the Stage II DiT (attention is quadratic in the tokens per call; the rest is linear, so CSG also pays for
     the conditioning blocks it re-reads in every window: the ratio is their net)."""
-    from swift_model.csg import CSGPlan
+    from swift_model.generation.csg import CSGPlan
 
     dit, dev = pipe.stage2, pipe.device
     dtype = next(dit.parameters()).dtype

@@ -19,29 +19,29 @@ loader behind ``WanDiT.from_pretrained``.
 
 import importlib
 
-from .checkpoint import DiTCheckpoint, inspect_dit, load_dit, load_state_dict, read_dit_config, save_dit
-from .config import WanDiTConfig
-from .dit import ContextCache, WanDiT
-from .files import CheckpointError, CheckpointNotFoundError
-from .keys import to_diffusers_keys, to_wan_keys
-from .lora import load_lora, merge_lora
+from .loading.checkpoint import DiTCheckpoint, inspect_dit, load_dit, load_state_dict, read_dit_config, save_dit
+from .nets.config import WanDiTConfig
+from .nets.dit import ContextCache, WanDiT
+from .io.files import CheckpointError, CheckpointNotFoundError
+from .io.keys import to_diffusers_keys, to_wan_keys
+from .loading.lora import load_lora, merge_lora
 
 # name -> submodule that defines it (imported lazily, see __getattr__)
 _LAZY = {
-    "SwiftI2VPipeline": "pipeline",
-    "GenerationResult": "pipeline",
-    "CSGPlan": "csg",
-    "CSGWindow": "csg",
-    "run_csg": "csg",
-    "flow_steps": "csg",
-    "WanVAE": "vae",
-    "TextEncoder": "encoders",
-    "ImageEncoder": "encoders",
-    "load_prompt_embeds": "encoders",
-    "save_prompt_embeds": "encoders",
-    "hybrid_reference": "bridge",
-    "read_image": "video",
-    "write_mp4": "video",
+    "SwiftI2VPipeline": "generation.pipeline",
+    "GenerationResult": "generation.pipeline",
+    "CSGPlan": "generation.csg",
+    "CSGWindow": "generation.csg",
+    "run_csg": "generation.csg",
+    "flow_steps": "generation.csg",
+    "WanVAE": "nets.vae",
+    "TextEncoder": "nets.encoders",
+    "ImageEncoder": "nets.encoders",
+    "load_prompt_embeds": "nets.encoders",
+    "save_prompt_embeds": "nets.encoders",
+    "hybrid_reference": "generation.bridge",
+    "read_image": "io.video",
+    "write_mp4": "io.video",
 }
 
 

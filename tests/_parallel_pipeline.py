@@ -2,7 +2,7 @@
 world size for the whole distributed set).
 
 Every rank computes the one-process reference itself (the same pipeline with the default, single-process
-:class:`~swift_model.distributed.Parallelism`), then the same generation split over the ranks, and compares.
+:class:`~swift_model.generation.distributed.Parallelism`), then the same generation split over the ranks, and compares.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ def _pipe(fsdp: bool = False):
     """The tiny pipeline of this rank (built once per process: the first build imports diffusers). ``fsdp``: with
     generate --fsdp's memory plan (the DiTs built in host memory, for distribute() to shard onto the device)."""
     if fsdp not in _PIPE:
-        from swift_model.distributed import memory_plan
-        from swift_model.pipeline import SwiftI2VPipeline
+        from swift_model.generation.distributed import memory_plan
+        from swift_model.generation.pipeline import SwiftI2VPipeline
 
         # fast: what --fsdp needs
         pipe = SwiftI2VPipeline.tiny(seed=0, device="cpu", memory=memory_plan("fast" if not fsdp else None, fsdp))
@@ -67,7 +67,7 @@ def _reference(**kw):
 
 def pipeline_cases(check) -> dict:
     """``name -> case(group)``; ``check(got, want, rtol, what)`` asserts and records (test_parallel's)."""
-    from swift_model.distributed import Parallelism, distribute
+    from swift_model.generation.distributed import Parallelism, distribute
 
     def compare(got, want, what: str) -> None:
         result, latents = want
@@ -153,8 +153,8 @@ def pipeline_cases(check) -> dict:
     def vae_tiles(group):
         """The 2K VAE passes over the ranks, on a tiny VAE with tiles small enough to give 6 tiles: the decode
         (uint8 and float) on rank 0 and the tiled encode on every rank are bitwise the one-process ones."""
-        from swift_model import vae_parallel
-        from swift_model.vae import WanVAE
+        from swift_model.nets import vae_parallel
+        from swift_model.nets.vae import WanVAE
 
         rank = dist.get_rank()
         vae = WanVAE.tiny(48, seed=1, tile_latent=3, tile_overlap=1, encode_tile_min_pixels=0,

@@ -54,7 +54,7 @@ def _worker(rank: int, world_size: int, store: str, out_dir: str, module_name: s
 # What every rank imports, imported once per test session by the fork server rather than once per rank: torch
 # and diffusers' VAE take ~10 s of CPU per process, which 4 ranks on 2 cores pay twice over in wall time.
 PRELOAD = ("torch", "torch.distributed", "diffusers.models.autoencoders.autoencoder_kl_wan", "transformers",
-           "swift_model.pipeline", "swift_model.distributed")
+           "swift_model.generation.pipeline", "swift_model.generation.distributed")
 
 
 def _context():

@@ -51,7 +51,7 @@ def synthetic_video(seed: int, frames: int = 17, size: int = 80) -> np.ndarray:
 
 def write_videos(folder: Path, seeds, frames: int = 17, size: int = 80) -> list[str]:
     """One mp4 per seed in ``folder`` (``clip{seed}.mp4``) and a JSON-lines captions file; returns the names."""
-    from swift_model.video import write_mp4
+    from swift_model.io.video import write_mp4
 
     folder.mkdir(parents=True, exist_ok=True)
     names = []
@@ -69,7 +69,7 @@ def fake_prepared_data(folder: Path, clips: int = 4, latent=(48, 5, 4, 4), text_
     exact frame 0 (as the bridge makes it), prompt embeddings of a few random tokens."""
     import torch
 
-    from swift_model.dataset import CLIPS, MANIFEST, atomic_write_json, manifest, save_clip
+    from swift_model.training.dataset import CLIPS, MANIFEST, atomic_write_json, manifest, save_clip
 
     folder = Path(folder)
     (folder / CLIPS).mkdir(parents=True, exist_ok=True)
@@ -93,9 +93,9 @@ def tiny_checkpoints(root: Path) -> tuple[Path, Path, Path]:
     tiny byte tokenizer cannot be saved as a tokenizer folder, so the commands run on prompt embeddings)."""
     import torch
 
-    from swift_model.checkpoint import save_dit
-    from swift_model.encoders import save_prompt_embeds
-    from swift_model.pipeline import SwiftI2VPipeline
+    from swift_model.loading.checkpoint import save_dit
+    from swift_model.nets.encoders import save_prompt_embeds
+    from swift_model.generation.pipeline import SwiftI2VPipeline
 
     pipe = SwiftI2VPipeline.tiny(seed=0, stage2_kind="refine", device="cpu")
     s1, s2 = root / "stage1", root / "stage2"

@@ -99,7 +99,7 @@ def one_thread():
 @pytest.fixture(scope="module")
 def vae16():
     """The tiny 16-channel (Wan2.1-style) VAE, seed 0."""
-    from swift_model.vae import WanVAE
+    from swift_model.nets.vae import WanVAE
 
     return WanVAE.tiny(16, seed=0)
 
@@ -107,6 +107,6 @@ def vae16():
 @pytest.fixture(scope="module")
 def vae48():
     """The tiny 48-channel (Wan2.2-style) VAE, seed 1."""
-    from swift_model.vae import WanVAE
+    from swift_model.nets.vae import WanVAE
 
     return WanVAE.tiny(48, seed=1)

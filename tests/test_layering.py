@@ -1,8 +1,9 @@
-"""The layering of ``swift_model``: every module's imports (top-level and inside functions) point to its own
-layer or an earlier one, and the import graph has no cycle.
+"""The layering of ``swift_model``: one folder per layer, imports (top-level and inside functions) point into the
+module's own folder or a folder of an earlier layer, and the import graph has no cycle.
 
-Layers, first to last: key naming -> file reading -> the DiT and the other networks -> loading (weights,
-LoRA) -> the stages -> the pipeline -> the CLI -> the package's ``__init__`` (the facade).
+Layers, first to last (``FOLDERS``): ``io`` (key naming, files, video) -> ``nets`` (the networks) -> ``loading``
+(weights, LoRA, the checks before a weight is read) -> ``generation`` (one generation) -> ``planning`` and
+``training`` (siblings: neither imports the other) -> ``cli`` -> the package's ``__init__`` (the facade).
 """
 
 from __future__ import annotations
@@ -12,64 +13,80 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 ROOT = Path(__file__).resolve().parents[1]
 
-LAYERS: dict[str, int] = {
-    "keys": 1,                                              # key naming
-    "files": 2, "video": 2,                                 # reading (and writing) files
-    "config": 3, "dit": 3, "vae": 3, "encoders": 3,         # the networks
-    "vae_tiling": 3,                                        # tiles and blending of the VAE passes
-    "parallel": 3,                                          # sequence parallelism, FSDP2 (under the DiT)
-    "checkpoint": 4, "lora": 4, "preflight": 4,             # loading
-    "csg": 5, "bridge": 5,                                  # the stages
-    "memory": 5,                                            # what each phase keeps on the device
-    "packing": 5, "transition": 5, "dataset": 5,            # training sequences, references, prepared data
-    "train_config": 5,
-    "distributed": 5, "vae_parallel": 5,                    # torchrun, process groups, CFG parallel, VAE tiles
-    "pipeline": 6, "planner": 6,                            # the pipeline, and its estimate on fake tensors
-    "plan_ranks": 6,                                        # the estimate of one rank: fake group, FSDP model
-    "prepare": 6, "train": 6, "export": 6,                  # the training runs, beside the pipeline
-    "lora_train": 6,                                        # Stage I's low-resolution LoRA
-    "cli": 7, "train_cli": 7,
-    "__init__": 8,
+FOLDERS: dict[str, int] = {
+    "io": 1,
+    "nets": 2,
+    "loading": 3,
+    "generation": 4,
+    "planning": 5,
+    "training": 5,
+    "cli": 6,
 }
+FACADE = "__init__"  # the package's own __init__: the top layer
+FACADE_LAYER = 7
+
+
+def _modules(package: Path) -> dict[str, Path]:
+    """``{dotted name relative to the package: file}``; a folder's ``__init__.py`` is ``folder.__init__``."""
+    found = {}
+    for path in sorted(package.rglob("*.py")):
+        parts = list(path.relative_to(package).with_suffix("").parts)
+        found[".".join(parts)] = path
+    return found
 
 
 def import_graph(package: Path) -> dict[str, set[str]]:
-    """``{module: modules of the same package it imports}`` for every ``*.py`` of ``package`` (top level only),
-    counting imports anywhere in the file: at the top, inside functions, inside ``if``/``try``. A name
-    imported from the package itself (``from . import X`` where X is no module) counts as ``__init__``."""
+    """``{module: modules of the same package it imports}`` for every ``*.py`` under ``package``, counting imports
+    anywhere in a file: at the top, inside functions, inside ``if``/``try``. Names imported from a package (a
+    folder's ``__init__``, or the facade) count as imports of that ``__init__`` unless they are its modules."""
     name = package.name
-    modules = {p.stem for p in package.glob("*.py")}
+    modules = _modules(package)
 
-    def target(mod: str | None, level: int, alias: str | None) -> str | None:
-        if level == 0:
-            if mod is None or not (mod == name or mod.startswith(name + ".")):
-                return None
-            parts = mod.split(".")[1:]
-        elif level == 1:
-            parts = mod.split(".") if mod else []
-        else:  # beyond the package: not ours
-            return None
-        if parts:
-            return parts[0] if parts[0] in modules else None
-        return alias if alias in modules else "__init__"
+    def resolve(parts: list[str], alias: str | None) -> str | None:
+        dotted = ".".join(parts)
+        if alias is not None and ".".join(parts + [alias]) in modules:
+            return ".".join(parts + [alias])
+        if dotted in modules:
+            return dotted
+        init = ".".join(parts + ["__init__"]) if parts else FACADE
+        return init if init in modules else None
 
     graph: dict[str, set[str]] = {}
-    for path in sorted(package.glob("*.py")):
-        edges = set()
+    for mod, path in modules.items():
+        own = mod.split(".")[:-1]  # the folders of the module (for a folder's __init__: the folder)
+        edges: set[str | None] = set()
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
             if isinstance(node, ast.Import):
                 for a in node.names:
-                    edges.add(target(a.name, 0, None))
+                    if a.name == name or a.name.startswith(name + "."):
+                        edges.add(resolve(a.name.split(".")[1:], None))
             elif isinstance(node, ast.ImportFrom):
+                if node.level == 0:
+                    if node.module is None or not (node.module == name or node.module.startswith(name + ".")):
+                        continue
+                    base = node.module.split(".")[1:]
+                else:
+                    if node.level - 1 > len(own):
+                        continue  # beyond the package: not ours
+                    base = own[: len(own) - (node.level - 1)] + (node.module.split(".") if node.module else [])
                 for a in node.names:
-                    edges.add(target(node.module, node.level, a.name))
+                    edges.add(resolve(base, a.name))
         edges.discard(None)
-        edges.discard(path.stem)
-        graph[path.stem] = edges
+        edges.discard(mod)
+        graph[mod] = edges
     return graph
+
+
+def layer_of(module: str, folders: dict[str, int]) -> tuple[str, int] | None:
+    """``(folder, layer)`` of a module; the facade is ``(FACADE, FACADE_LAYER)``; ``None`` outside any folder."""
+    if module == FACADE:
+        return FACADE, FACADE_LAYER
+    top = module.split(".")[0]
+    if "." in module and top in folders:
+        return top, folders[top]
+    return None
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -93,24 +110,35 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def layering_problems(graph: dict[str, set[str]], layers: dict[str, int]) -> list[str]:
-    """Human-readable violations: modules with no layer, imports of a later layer, import cycles."""
-    problems = [f"{m} has no layer" for m in sorted(graph) if m not in layers]
+def layering_problems(graph: dict[str, set[str]], folders: dict[str, int]) -> list[str]:
+    """Human-readable violations: modules in no layer's folder, imports of a later layer or of a sibling folder
+    of the same layer, import cycles."""
+    problems = [f"{m} is in no layer's folder" for m in sorted(graph) if layer_of(m, folders) is None]
     for m, deps in sorted(graph.items()):
+        here = layer_of(m, folders)
         for d in sorted(deps):
-            if m in layers and d in layers and layers[d] > layers[m]:
-                problems.append(f"{m} (layer {layers[m]}) imports {d} (layer {layers[d]})")
+            there = layer_of(d, folders)
+            if here is None or there is None or here[0] == there[0]:
+                continue
+            if there[1] > here[1]:
+                problems.append(f"{m} (layer {here[1]}) imports {d} (layer {there[1]})")
+            elif there[1] == here[1]:
+                problems.append(f"{m} imports {d}: {here[0]} and {there[0]} are siblings of layer {here[1]}")
     problems += ["import cycle: " + " -> ".join(c) for c in cycles(graph)]
     return problems
 
 
 def test_swift_model_layers_one_way():
     graph = import_graph(ROOT / "swift_model")
-    assert set(graph) == set(LAYERS), "new modules need a place in LAYERS (and in the README's architecture)"
-    assert layering_problems(graph, LAYERS) == []
+    assert layering_problems(graph, FOLDERS) == []
+    # every folder of the package is a layer, and every layer has its folder
+    folders = {p.name for p in (ROOT / "swift_model").iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert folders == set(FOLDERS), "a new folder needs a place in FOLDERS (and in the README's architecture)"
     # the edges that the layering is about exist (the check is not vacuous)
-    assert {"keys", "files"} <= graph["checkpoint"] and "dit" in graph["checkpoint"] and "lora" in graph["checkpoint"]
-    assert "files" in graph["lora"] and "files" in graph["vae"] and "files" in graph["encoders"]
+    assert {"io.keys", "io.files"} <= graph["loading.checkpoint"]
+    assert any(d.startswith("nets.dit") for d in graph["loading.checkpoint"]) and "loading.lora" in graph["loading.checkpoint"]
+    assert "io.files" in graph["loading.lora"] and "io.files" in graph["nets.vae"] and "io.files" in graph["nets.encoders"]
+    assert "generation.pipeline" in graph["planning.planner"]
 
 
 def test_swift_kernels_never_imports_swift_model():
@@ -123,43 +151,54 @@ def test_swift_kernels_never_imports_swift_model():
 
 def _package(tmp_path: Path, files: dict[str, str]) -> Path:
     pkg = tmp_path / "pkg"
-    pkg.mkdir()
     for name, text in files.items():
-        (pkg / f"{name}.py").write_text(text)
+        path = pkg / (name.replace(".", "/") + ".py")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
     return pkg
 
 
-def test_the_check_catches_lazy_cycles_and_upward_imports(tmp_path):
-    """The shape of the old cycle: a later layer imports the DiT, and the DiT imports it back inside a
-    function (``WanDiT.from_pretrained`` importing the loader lazily). Both the cycle and the upward import
-    must be reported, as must an import of the package facade from a submodule."""
+def test_the_check_catches_lazy_cycles_upward_and_sideways_imports(tmp_path):
+    """The shape of the old cycle: a later layer imports the DiT, and the DiT imports it back inside a function
+    (``WanDiT.from_pretrained`` importing the loader lazily). The cycle and the upward import must be reported,
+    as must an import of the package facade from a folder, an import between sibling folders, and a module
+    outside every layer's folder."""
     pkg = _package(tmp_path, {
-        "__init__": "from .loader import load\n",
-        "keys": "",
-        "model": "import torch\n\nclass M:\n    @classmethod\n    def load(cls):\n"
-                 "        from .loader import load\n        return load()\n",
-        "loader": "from .model import M\nfrom . import keys\n\ndef load():\n    return M()\n",
-        "helper": "from pkg import load\n",
+        "__init__": "from .loading.loader import load\n",
+        "io.__init__": "", "io.keys": "",
+        "nets.__init__": "",
+        "nets.model": "import torch\n\nclass M:\n    @classmethod\n    def load(cls):\n"
+                      "        from ..loading.loader import load\n        return load()\n",
+        "loading.__init__": "",
+        "loading.loader": "from ..nets.model import M\nfrom ..io import keys\n\ndef load():\n    return M()\n",
+        "loading.helper": "from pkg import load\n",
+        "planning.__init__": "", "planning.a": "from ..training import b\n",
+        "training.__init__": "", "training.b": "",
+        "stray": "",
     })
     graph = import_graph(pkg)
-    assert graph["model"] == {"loader"} and graph["loader"] == {"model", "keys"} and graph["helper"] == {"__init__"}
-    layers = {"keys": 1, "model": 3, "loader": 4, "helper": 4, "__init__": 8}
-    problems = layering_problems(graph, layers)
-    assert "model (layer 3) imports loader (layer 4)" in problems
-    assert "helper (layer 4) imports __init__ (layer 8)" in problems
-    assert any(p.startswith("import cycle:") and "model" in p and "loader" in p for p in problems)
-    assert layering_problems({**graph, "model": set(), "helper": set()}, layers) == []
-    # a module without a layer is reported too
-    assert layering_problems({"new": set()}, layers) == ["new has no layer"]
+    assert graph["nets.model"] == {"loading.loader"} and graph["loading.loader"] == {"nets.model", "io.keys"}
+    assert graph["loading.helper"] == {FACADE} and graph["planning.a"] == {"training.b"}
+    folders = {"io": 1, "nets": 2, "loading": 3, "planning": 4, "training": 4}
+    problems = layering_problems(graph, folders)
+    assert "nets.model (layer 2) imports loading.loader (layer 3)" in problems
+    assert f"loading.helper (layer 3) imports {FACADE} (layer {FACADE_LAYER})" in problems
+    assert "planning.a imports training.b: planning and training are siblings of layer 4" in problems
+    assert "stray is in no layer's folder" in problems
+    assert any(p.startswith("import cycle:") and "nets.model" in p and "loading.loader" in p for p in problems)
+    clean = {**graph, "nets.model": set(), "loading.helper": set(), "planning.a": set()}
+    del clean["stray"]
+    assert layering_problems(clean, folders) == []
 
 
 def test_from_pretrained_works_after_importing_the_dit_module_alone(tmp_path):
     """``WanDiT.from_pretrained`` reaches the loader through the hook the loading layer registers: importing
-    ``swift_model.dit`` runs the package's ``__init__`` first, which imports the loader."""
-    code = ("import sys\nfrom swift_model.dit import WanDiT, _pretrained_loader\n"
-            "from swift_model.config import WanDiTConfig\n"
-            "import swift_model.checkpoint as ck\n"
-            "assert _pretrained_loader is ck.load_dit\n"
+    ``swift_model.nets.dit`` runs the package's ``__init__`` first, which imports the loader."""
+    code = ("import sys\nfrom swift_model.nets.dit import WanDiT\n"
+            "from swift_model.nets.config import WanDiTConfig\n"
+            "import swift_model.loading.checkpoint as ck\n"
+            "import swift_model.nets.dit as dit\n"
+            "assert dit._pretrained_loader is ck.load_dit\n"
             "m = WanDiT(WanDiTConfig.preset('tiny-t2v'))\n"
             "ck.save_dit(m, sys.argv[1])\n"
             "assert type(WanDiT.from_pretrained(sys.argv[1], device='cpu')) is WanDiT\n"
@@ -172,5 +211,5 @@ def test_from_pretrained_works_after_importing_the_dit_module_alone(tmp_path):
 
 if __name__ == "__main__":  # python tests/test_layering.py [package folder]: print the problems of a package
     pkg = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "swift_model"
-    for p in layering_problems(import_graph(pkg), LAYERS):
+    for p in layering_problems(import_graph(pkg), FOLDERS):
         print(p)
