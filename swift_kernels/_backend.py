@@ -1,6 +1,7 @@
 """Choosing an implementation (backend) for an op: one registry for attention, the sampler and the DiT ops.
 
-Every public op takes ``backend=None`` or a name. The names:
+Every public op takes ``backend=None`` or a name. The names are those registered in
+:mod:`swift_kernels._registry`, one record per attention backend (the fused ops have ``"torch"`` and ``"triton"``):
 
 ``"torch"``   the PyTorch reference (any device, any float dtype)
 ``"triton"``  our Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``)
@@ -34,7 +35,9 @@ from typing import Callable
 
 import torch
 
-BACKENDS = ("torch", "triton", "cuda", "sdpa", "flex")
+from . import _registry
+
+BACKENDS = _registry.names()  # the registered attention backends' names; the dispatch reads the registry itself
 ENV_VAR = "SWIFT_KERNELS_BACKEND"
 UNVERIFIED_ENV = "SWIFT_KERNELS_UNVERIFIED"
 
@@ -58,7 +61,28 @@ class OpFamily:
     gpu_fallback: str
 
 
-ATTENTION = OpFamily("frame_block_attention", ("torch", "triton", "cuda", "sdpa", "flex"), ("cuda", "triton"), "flex")
+class RegisteredOp:
+    """An op whose backends are the registered attention backends (:mod:`swift_kernels._registry`): an
+    :class:`OpFamily` whose fields are read from the records at every call, so a backend registered later counts."""
+
+    def __init__(self, name: str):
+        self.name = name
+
+    @property
+    def backends(self) -> tuple[str, ...]:
+        return _registry.names()
+
+    @property
+    def custom(self) -> tuple[str, ...]:
+        return _registry.custom()
+
+    @property
+    def gpu_fallback(self) -> str:
+        return _registry.gpu_fallback()
+
+
+# Attention's backends are the registered records; the fused ops list theirs.
+ATTENTION = RegisteredOp("frame_block_attention")
 FLOW_STEP = OpFamily("flow_step", ("torch", "triton"), ("triton",), "torch")
 ADALN_MODULATE = OpFamily("adaln_modulate", ("torch", "triton"), ("triton",), "torch")
 GATED_RESIDUAL = OpFamily("gated_residual", ("torch", "triton"), ("triton",), "torch")
@@ -159,42 +183,53 @@ def extension_archs() -> tuple[str, ...]:
     return tuple(getattr(extension(), "CUDA_ARCHS", ()))
 
 
-def backend_unavailable_reason(backend: str, device: torch.device) -> str | None:
-    """Why ``backend`` cannot run tensors on ``device`` (``None`` when it can)."""
-    if backend in ("torch", "sdpa", "flex"):
+def triton_unavailable(device: torch.device) -> str | None:
+    """Why our Triton kernels cannot run tensors on ``device`` (``None`` when they can)."""
+    err = _triton_import_error()
+    if err is not None:
+        return f"Triton is not importable ({err})"
+    if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
         return None
-    if backend == "triton":
-        err = _triton_import_error()
-        if err is not None:
-            return f"Triton is not importable ({err})"
-        if device.type == "cuda" or (device.type == "cpu" and triton_interpreting()):
-            return None
-        return (
-            f"Triton kernels need CUDA tensors (got device {device}); on a CPU they run only under "
-            "TRITON_INTERPRET=1"
-        )
-    if backend == "cuda":
-        if device.type != "cuda":
-            return f"the CUDA extension needs CUDA tensors (got device {device})"
-        err = _extension_import_error()
-        if err is not None:
-            return f"the compiled extension swift_kernels._C is not available ({err})"
-        cap = device_capability(device)
-        if cap is None:
-            return "no CUDA device to run the extension on"
-        from .attention.tiles import CUDA_CONSTANTS
+    return (
+        f"Triton kernels need CUDA tensors (got device {device}); on a CPU they run only under "
+        "TRITON_INTERPRET=1"
+    )
 
-        if dict(getattr(extension(), "TILES", {})) != CUDA_CONSTANTS:
-            return "swift_kernels._C was built from other sources (its tile sizes differ from this package's): rebuild it"
-        archs = extension_archs()
-        if not any(arch_serves(a, cap) for a in archs):
-            return (
-                f"swift_kernels._C was compiled for {', '.join(archs) or 'unknown architectures'}, which cannot run "
-                f"on this compute capability {cap[0]}.{cap[1]} device; rebuild with SWIFT_KERNELS_CUDA_ARCHS="
-                f"'{cap[0]}.{cap[1]}'"
-            )
-        return None
-    raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+
+def extension_unavailable(device: torch.device) -> str | None:
+    """Why the CUDA extension cannot run tensors on ``device`` (``None`` when it can): it must import, carry this
+    package's tile sizes and have been compiled for the device's architecture."""
+    if device.type != "cuda":
+        return f"the CUDA extension needs CUDA tensors (got device {device})"
+    err = _extension_import_error()
+    if err is not None:
+        return f"the compiled extension swift_kernels._C is not available ({err})"
+    cap = device_capability(device)
+    if cap is None:
+        return "no CUDA device to run the extension on"
+    from .attention.tiles import CUDA_CONSTANTS
+
+    if dict(getattr(extension(), "TILES", {})) != CUDA_CONSTANTS:
+        return "swift_kernels._C was built from other sources (its tile sizes differ from this package's): rebuild it"
+    archs = extension_archs()
+    if not any(arch_serves(a, cap) for a in archs):
+        return (
+            f"swift_kernels._C was compiled for {', '.join(archs) or 'unknown architectures'}, which cannot run "
+            f"on this compute capability {cap[0]}.{cap[1]} device; rebuild with SWIFT_KERNELS_CUDA_ARCHS="
+            f"'{cap[0]}.{cap[1]}'"
+        )
+    return None
+
+
+def _check_name(name, source: str) -> None:
+    if not isinstance(name, str) or name not in _registry.names():
+        raise ValueError(f"{source} must be one of {_registry.names()} or None, got {name!r}")
+
+
+def backend_unavailable_reason(backend: str, device: torch.device) -> str | None:
+    """Why ``backend`` cannot run tensors on ``device`` (``None`` when it can); its record says."""
+    _check_name(backend, "backend")
+    return _registry.get(backend).unavailable(device)
 
 
 def is_verified_here(op: str, backend: str, device: torch.device) -> bool:
@@ -208,7 +243,7 @@ def is_verified_here(op: str, backend: str, device: torch.device) -> bool:
 
 
 def choose_backend(
-    family: OpFamily,
+    family: OpFamily | RegisteredOp,
     backend: str | None,
     device: torch.device,
     *,
@@ -224,9 +259,7 @@ def choose_backend(
     why_not = why_not or (lambda name: None)
     explicit = backend if backend is not None else (os.environ.get(ENV_VAR) or None)
     if explicit is not None:
-        if not isinstance(explicit, str) or explicit not in BACKENDS:
-            source = "backend" if backend is not None else ENV_VAR
-            raise ValueError(f"{source} must be one of {BACKENDS} or None, got {explicit!r}")
+        _check_name(explicit, "backend" if backend is not None else ENV_VAR)
         if explicit not in family.backends:
             raise BackendUnavailableError(f"{family.name} has no {explicit!r} implementation (it has {family.backends})")
         reason = backend_unavailable_reason(explicit, device)

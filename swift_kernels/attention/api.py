@@ -13,59 +13,34 @@ them; autograd is attached with ``register_autograd``, and ``torch.utils.flop_co
 
 from __future__ import annotations
 
-import importlib
 import math
 
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from .. import _backend
-from .._backend import ATTENTION, choose_backend, constant_under_compile, extension, warn_once
+from .. import _backend, _registry
+from .._backend import ATTENTION, choose_backend, constant_under_compile, warn_once
 from .layout import CSGLayout
 from .plan import PLANS_BY_ID, AttentionPlan, KernelTables, normalize_device, plan_attention, plan_id_of_layout
-
-_KERNEL_MODULES = {
-    "triton": "swift_kernels.attention.triton_backend",
-    "cuda": "swift_kernels.attention.cuda_backend",
-}
-
-
-def _kernel_module(name: str):
-    return importlib.import_module(_KERNEL_MODULES[name])
-
-
-def _why_not(name: str, head_dim: int, dtype: torch.dtype, device: torch.device):
-    """The op's limits per backend for these inputs: None when ``name`` can take them, else (error, why)."""
-    if name in ("torch", "sdpa"):  # any head_dim, any float dtype
-        return None
-    if name == "flex":
-        from . import torch_backends
-
-        return torch_backends.flex_unsupported(head_dim, dtype, device)
-    try:
-        module = _kernel_module(name)
-    except ImportError as exc:  # the backend needs something this install lacks
-        return _backend.BackendUnavailableError, f"this install ({exc})"
-    return module.unsupported(head_dim, dtype, device)
 
 
 # Under torch.compile the choice is made once, eagerly, while tracing (imports and environment lookups
 # cannot be traced) and baked into the graph as a constant.
 @constant_under_compile
 def _choose_backend(backend, device, head_dim, dtype, empty, dense) -> str:
-    """The backend of one call; see :mod:`swift_kernels._backend` for the rules. Dense plans prefer SDPA
-    (when there is a device to ask which SDPA kernel to run: not for fake CUDA tensors on a CPU machine).
-    A cuda choice comes back as ``"cuda-sm90"`` when the Hopper forward is to run."""
+    """The backend of one call, read from the registered records (:mod:`swift_kernels._registry`); see
+    :mod:`swift_kernels._backend` for the rules. Dense plans prefer the record marked ``dense_first`` (SDPA),
+    when there is a device to ask which SDPA kernel to run: not for fake CUDA tensors on a CPU machine. A
+    backend with variants comes back as the one to run here (``"cuda-sm90"`` when the Hopper forward is to)."""
     name = choose_backend(
         ATTENTION, backend, device,
-        why_not=lambda n: _why_not(n, head_dim, dtype, device),
-        prefer="sdpa" if dense and (device.type != "cuda" or _backend.gpu_present()) else None,
+        why_not=lambda n: _registry.get(n).unsupported(head_dim, dtype, device),
+        prefer=_registry.dense_first() if dense and (device.type != "cuda" or _backend.gpu_present()) else None,
     )
-    if empty and name not in ("sdpa", "flex"):
-        return "torch"  # nothing to launch; the reference handles empty batches
-    if name == "cuda":
-        return _kernel_module("cuda").forward_variant(device)
-    return name
+    record = _registry.get(name)
+    if empty and not record.differentiable:
+        return _registry.REFERENCE  # nothing to launch; the reference handles empty batches
+    return record.variant(device) if record.variant is not None else name
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -73,28 +48,17 @@ def _choose_backend(backend, device, head_dim, dtype, empty, dense) -> str:
 
 
 def _run_forward(backend: str, q, k, v, t: KernelTables, scale: float):
-    if backend == "torch":
-        from . import reference
-
-        return reference.forward(q, k, v, t.mask_table.to("cpu", torch.bool), t.block_tokens, scale)
-    if backend == "cuda-sm90":
-        return _kernel_module("cuda").forward(q, k, v, t, scale, hopper=True)
-    return _kernel_module(backend).forward(q, k, v, t, scale)
+    return _registry.get(backend).forward_of(backend)(q, k, v, t, scale)
 
 
 def _run_backward(backend: str, dout, q, k, v, out, lse, t: KernelTables, scale: float):
-    if backend == "cuda-sm90":
-        backend = "cuda"  # the Hopper forward's lse is the mma.sync forward's: its backward serves both
-    if backend == "cuda" and not getattr(extension(), "HAS_BACKWARD", True):
-        # An extension built with SWIFT_KERNELS_NO_BACKWARD=1 has forward kernels only; every backward
-        # consumes the same (out, natural-log lse) contract, so the reference takes over.
-        warn_once("fba-no-cuda-backward", "the CUDA extension has no backward kernels; using the reference")
-        backend = "torch"
-    if backend == "torch":
-        from . import reference
-
-        return reference.backward(dout, q, k, v, out, lse, t.mask_table.to("cpu", torch.bool), t.block_tokens, scale)
-    return _kernel_module(backend).backward(dout, q, k, v, out, lse, t, scale)
+    record = _registry.get(backend)  # a variant's forward (cuda-sm90) shares its backend's backward
+    missing = record.backward_missing()
+    if missing is not None:
+        # Every backward consumes the same (out, natural-log lse) contract, so the reference takes over.
+        warn_once(f"fba-no-{record.name}-backward", f"{missing}; using the reference")
+        record = _registry.get(_registry.REFERENCE)
+    return record.backward(dout, q, k, v, out, lse, t, scale)
 
 
 @torch.library.custom_op("swift_kernels::fba_forward", mutates_args=())
@@ -181,7 +145,8 @@ def _autograd_backward(ctx, dout, _dlse):
 _fba_forward.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-# FLOPs of our op count only the computed (allowed) token pairs (DESIGN.md), not L * L.
+# FLOPs of our op count only the computed (allowed) token pairs, not L * L: the forward is
+# 4 * batch * heads * head_dim * pairs (two matmuls of 2 FLOPs per multiply-add), the backward 2.5 times that.
 @register_flop_formula(torch.ops.swift_kernels.fba_forward)
 def _fba_forward_flops(q_shape, *args, out_shape=None, **kwargs) -> int:
     batch, _, heads, head_dim = q_shape
@@ -258,10 +223,9 @@ def _check_plan(plan: AttentionPlan, q: torch.Tensor) -> None:
 def _attend(q, k, v, plan: AttentionPlan, scale: float, backend) -> torch.Tensor:
     """Run attention with a validated plan: choose the backend, then call it."""
     name = _choose_backend(backend, q.device, q.shape[-1], q.dtype, q.numel() == 0, plan.dense)
-    if name in ("sdpa", "flex"):
-        from . import torch_backends
-
-        return (torch_backends.sdpa if name == "sdpa" else torch_backends.flex)(q, k, v, plan, scale)
+    record = _registry.get(name)
+    if record.differentiable:
+        return record.forward_of(name)(q, k, v, plan, scale)
     # Kernels need a unit stride in head_dim; everything else is passed through as strides.
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     t = plan.tables

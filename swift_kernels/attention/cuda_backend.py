@@ -23,7 +23,9 @@ the anchor block, which every row reads, stays in L2.
 
 Backend contract: ``forward(q, k, v, tables, scale) -> (out, lse)``, ``backward(dout, q, k, v, out, lse,
 tables, scale) -> (dq, dk, dv)``, ``unsupported(head_dim, dtype, device)``; inputs are validated by
-:mod:`swift_kernels.attention.api` (and again, cheaply, by the extension's own checks).
+:mod:`swift_kernels.attention.api` (and again, cheaply, by the extension's own checks). Its record,
+:data:`CUDA`, is at the end: available where :func:`~swift_kernels._backend.extension_unavailable` says so,
+with the Hopper forward as its variant ``"cuda-sm90"``.
 """
 
 from __future__ import annotations
@@ -33,7 +35,10 @@ import os
 
 import torch
 
-from .._backend import BackendUnavailableError, device_capability, extension, is_verified_here, unverified_allowed
+from .._backend import (
+    BackendUnavailableError, device_capability, extension, extension_unavailable, is_verified_here, unverified_allowed,
+)
+from .._registry import AttentionBackend
 from . import tiles
 from .plan import KernelTables
 
@@ -83,6 +88,20 @@ def forward(q, k, v, t: KernelTables, scale, *, hopper: bool = False):
     )
 
 
+def forward_sm90(q, k, v, t: KernelTables, scale):
+    """The Hopper forward (``fwd_sm90``), same contract as :func:`forward`."""
+    return forward(q, k, v, t, scale, hopper=True)
+
+
+def backward_missing() -> str | None:
+    """Why this build has no backward kernels (``None`` when it has them)."""
+    # An extension built with SWIFT_KERNELS_NO_BACKWARD=1 has forward kernels only; every backward consumes the
+    # same (out, natural-log lse) contract, so the reference's takes over.
+    if getattr(extension(), "HAS_BACKWARD", True):
+        return None
+    return "the CUDA extension has no backward kernels"
+
+
 def backward(dout, q, k, v, out, lse, t: KernelTables, scale):
     """Backward: ``(dq, dk, dv)`` in the input dtype; rows with ``lse = -inf`` contribute nothing."""
     check_extension_tiles()
@@ -96,3 +115,10 @@ def backward(dout, q, k, v, out, lse, t: KernelTables, scale):
         dout, q, k, v, out, lse, t.mask_table, int(t.block_tokens), float(scale),
         t.kv_num, t.kv_idx, t.full_kv_num, t.full_kv_idx, t.q_num, t.q_idx, t.full_q_num, t.full_q_idx,
     )
+
+
+CUDA = AttentionBackend(
+    "cuda", unavailable=extension_unavailable, unsupported=unsupported, forward=forward, backward=backward,
+    backward_missing=backward_missing, custom=True, rank=2, variant=forward_variant,
+    variants={"cuda-sm90": forward_sm90},
+)

@@ -4,8 +4,8 @@ Plain and readable, and able to run long sequences on a CPU: it works one query 
 further into chunks of at most ``QUERY_CHUNK`` tokens) against the key blocks that block may see, so no
 ``L x L`` matrix is ever formed. Math is in fp32 (fp64 for fp64 inputs).
 
-This module is also the ``"torch"`` backend: it follows the backend contract (``forward`` returns the
-output and the log-sum-exp; ``backward`` returns dq, dk, dv).
+This module is also the ``"torch"`` backend (its record, ``TORCH``, is in :mod:`.torch_backends`): it follows
+the backend contract (``forward`` returns the output and the log-sum-exp; ``backward`` returns dq, dk, dv).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
-"""PyTorch's own attention kernels as backends: SDPA for dense plans, FlexAttention for block-sparse ones.
+"""The PyTorch backends: the reference (``"torch"``), SDPA for dense plans, FlexAttention for block-sparse ones.
 
-Both are differentiable PyTorch ops, called directly (autograd and ``torch.compile`` handle them); they take
-and return ``[batch, tokens, heads, head_dim]`` like every backend, so outputs are transposed views made
-contiguous (free for SDPA's flash and cuDNN kernels, which write that layout already).
+The reference follows our op's contract (:mod:`.reference`, given the plan's tables). SDPA and FlexAttention are
+differentiable PyTorch ops, called directly (autograd and ``torch.compile`` handle them); they take and return
+``[batch, tokens, heads, head_dim]`` like every backend, so outputs are transposed views made contiguous (free
+for SDPA's flash and cuDNN kernels, which write that layout already). Their records are at the end.
 """
 
 from __future__ import annotations
@@ -12,7 +13,19 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from .plan import AttentionPlan
+from .._registry import AttentionBackend
+from . import reference
+from .plan import AttentionPlan, KernelTables
+
+
+def reference_forward(q, k, v, t: KernelTables, scale: float):
+    """The reference forward on the plan's tables: ``(out, lse)``."""
+    return reference.forward(q, k, v, t.mask_table.to("cpu", torch.bool), t.block_tokens, scale)
+
+
+def reference_backward(dout, q, k, v, out, lse, t: KernelTables, scale: float):
+    """The reference backward on the plan's tables: ``(dq, dk, dv)``."""
+    return reference.backward(dout, q, k, v, out, lse, t.mask_table.to("cpu", torch.bool), t.block_tokens, scale)
 
 
 def sdpa(q, k, v, plan: AttentionPlan, scale: float) -> torch.Tensor:
@@ -63,3 +76,8 @@ def flex(q, k, v, plan: AttentionPlan, scale: float) -> torch.Tensor:
         q, k, v = q.detach(), k.detach(), v.detach()  # FlexAttention on a CPU refuses inputs that require grad
     out = fn(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), block_mask=plan.to_block_mask(), scale=scale)
     return out.transpose(1, 2).contiguous()
+
+
+TORCH = AttentionBackend("torch", forward=reference_forward, backward=reference_backward)
+SDPA = AttentionBackend("sdpa", forward=sdpa, differentiable=True, dense_first=True)
+FLEX = AttentionBackend("flex", unsupported=flex_unsupported, forward=flex, differentiable=True, gpu_fallback=True)

@@ -7,6 +7,9 @@ Backend contract (inputs validated by :mod:`swift_kernels.attention.api`; the pl
 * ``backward(dout, q, k, v, out, lse, tables, scale) -> (dq, dk, dv)``
 * ``unsupported(head_dim, dtype, device)``: why these inputs cannot run here, or None
 
+Its record, :data:`TRITON`, is at the end. Importing this module needs no Triton: the kernels
+(``triton_kernels.py``) are imported at the first launch.
+
 Tile sizes are fixed per (head_dim, pass) rather than autotuned: every tile is a power-of-two part of the
 plan's sparse block (:data:`~swift_kernels.attention.tiles.SPARSE_BLOCK`), and autotuning under the CPU
 interpreter (how CI runs these kernels) would be far too slow. ``forward``/``backward`` accept an explicit
@@ -24,10 +27,9 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import triton
 
-from .._backend import triton_interpreting
-from . import triton_kernels as _k
+from .._backend import triton_interpreting, triton_unavailable
+from .._registry import AttentionBackend
 from .plan import KernelTables
 from .tiles import SPARSE_BLOCK, check_tile
 
@@ -108,6 +110,17 @@ def _two_blocks(block_tokens: int, tile_a: int, tile_b: int) -> bool:
     return int(block_tokens) >= max(tile_a, tile_b)
 
 
+def _kernels():
+    """The Triton kernels (imported at the first launch, with Triton)."""
+    from . import triton_kernels
+
+    return triton_kernels
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _strides(t: torch.Tensor):
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -131,8 +144,9 @@ def forward(q, k, v, tables: KernelTables, scale, *, config: AttnConfig | None =
     lse = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse.fill_(float("-inf"))
+    _k = _kernels()
     table, P = tables.mask_table, tables.block_tokens
-    grid = (triton.cdiv(seq, cfg.fwd_m), batch * heads)
+    grid = (_cdiv(seq, cfg.fwd_m), batch * heads)
     _k.fwd_kernel[grid](
         q, k, v, out, lse, table, *_row_tables(tables, False),
         *_strides(q), *_strides(k), *_strides(v), *_strides(out),
@@ -163,6 +177,7 @@ def backward(dout, q, k, v, out, lse, tables: KernelTables, scale, *, config: At
     dv = torch.empty_like(dq)
     if dq.numel() == 0:
         return dq, dk, dv
+    _k = _kernels()
     table, P = tables.mask_table, tables.block_tokens
     nb = table.shape[0]
     precision = _precision(q.dtype)
@@ -170,11 +185,11 @@ def backward(dout, q, k, v, out, lse, tables: KernelTables, scale, *, config: At
 
     delta = torch.empty((batch, heads, seq), dtype=torch.float32, device=q.device)
     pre_m = 64
-    _k.bwd_preprocess_kernel[(triton.cdiv(seq, pre_m), batch * heads)](
+    _k.bwd_preprocess_kernel[(_cdiv(seq, pre_m), batch * heads)](
         out, dout, delta, *_strides(out), *_strides(dout), heads, seq, HEAD_DIM=head_dim, BLOCK_M=pre_m,
     )
 
-    _k.bwd_dkdv_kernel[(triton.cdiv(seq, cfg.dkdv_n), batch * heads)](
+    _k.bwd_dkdv_kernel[(_cdiv(seq, cfg.dkdv_n), batch * heads)](
         q, k, v, dout, dk, dv, lse, delta, table, *_row_tables(tables, True),
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dk), *_strides(dv),
         heads, seq, int(P), nb, qk_scale, float(scale),
@@ -183,7 +198,7 @@ def backward(dout, q, k, v, out, lse, tables: KernelTables, scale, *, config: At
         num_warps=cfg.dkdv_warps, num_stages=cfg.dkdv_stages,
     )
 
-    _k.bwd_dq_kernel[(triton.cdiv(seq, cfg.dq_m), batch * heads)](
+    _k.bwd_dq_kernel[(_cdiv(seq, cfg.dq_m), batch * heads)](
         q, k, v, dout, dq, lse, delta, table, *_row_tables(tables, False),
         *_strides(q), *_strides(k), *_strides(v), *_strides(dout), *_strides(dq),
         heads, seq, int(P), nb, qk_scale, float(scale),
@@ -192,3 +207,9 @@ def backward(dout, q, k, v, out, lse, tables: KernelTables, scale, *, config: At
         num_warps=cfg.dq_warps, num_stages=cfg.dq_stages,
     )
     return dq, dk, dv
+
+
+TRITON = AttentionBackend(
+    "triton", unavailable=triton_unavailable, unsupported=unsupported, forward=forward, backward=backward,
+    custom=True, rank=1,
+)

@@ -26,6 +26,15 @@ def _as_int(value, name: str) -> int:
         raise TypeError(f"{name} must hold ints, got {type(value).__name__}") from None
 
 
+def _host_values(values) -> list[float]:
+    """The numbers of a (possibly nested) Python sequence or NumPy array, flattened, as floats."""
+    if hasattr(values, "tolist"):  # NumPy arrays and scalars
+        values = values.tolist()
+    if not isinstance(values, Sequence):
+        return [float(values)]
+    return [v for item in values for v in _host_values(item)]
+
+
 def rope_split(head_dim: int) -> tuple[int, int, int]:
     """Dims of the (t, h, w) parts of a head of ``head_dim`` dims."""
     part = 2 * (head_dim // 6)
@@ -53,7 +62,9 @@ def rope_table(
         head_dim: the (even, ``>= 6``) head dim the table rotates.
         frame_positions: the temporal position of each of the F frames (finite numbers); default ``0..F-1``.
             CSG windows pass the clip positions of their blocks (e.g. anchor 0, then 5, 6, 7, 8), so a
-            window sees the same relative positions as the whole clip would.
+            window sees the same relative positions as the whole clip would. A Python sequence is checked on
+            the host (the table can then be built under a ``FakeTensorMode``); a tensor is read for the
+            check (a synchronisation when it lives on a GPU).
         theta: the RoPE base (default 10000, as Wan).
         device: where to put the table (default: the CPU).
 
@@ -87,8 +98,13 @@ def rope_table(
             raise TypeError(f"frame_positions must be numbers (one per frame), got {frame_positions!r}") from exc
         if tpos.numel() != F:
             raise ValueError(f"frame_positions must have {F} entries (one per frame), got {tpos.numel()}")
-        if not torch.isfinite(tpos).all():
-            raise ValueError(f"frame_positions must be finite, got {tpos.tolist()}")
+        if isinstance(frame_positions, torch.Tensor):  # reads the tensor (a synchronisation for a GPU tensor)
+            if not torch.isfinite(tpos).all():
+                raise ValueError(f"frame_positions must be finite, got {tpos.tolist()}")
+        else:  # checked on the host: no tensor is read, so the table can be built on fake tensors too
+            values = _host_values(frame_positions)
+            if not all(math.isfinite(v) for v in values):
+                raise ValueError(f"frame_positions must be finite, got {values}")
     nt, nh, nw = rope_split(head_dim)
     at = _angles(tpos, nt, theta)  # [F, nt/2]
     ah = _angles(torch.arange(Hh), nh, theta)  # [Hh, nh/2]

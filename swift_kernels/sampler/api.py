@@ -109,6 +109,26 @@ def flow_step(
         ``model_input[:, :C]`` when the model input has x's dtype; otherwise it is a separate tensor in
         x.dtype (written in the same pass), so a float32 state can feed a bf16 model input buffer.
     """
+    sigma, sigma_next, guidance, seed = _check_step(x, v, sigma, sigma_next, mode, v_uncond, guidance, offset, seed)
+    _check_buffers(x, v, v_uncond, ref, out)
+    mask2, G = _group_mask(x, cond_mask, ref)
+    state, model_input, state_is_view, x0 = _outputs(x, ref, out, return_x0)
+    chosen = _choose(backend, x, [t for t in (x, v, v_uncond, ref, out) if t is not None])
+
+    # When the state is the view model_input[:, :C], the op writes it through model_input only.
+    state_arg = None if (model_input is not None and state_is_view) else state
+    _flow_step_op(
+        x, v, v_uncond, ref, mask2, state_arg, model_input, x0, G,
+        sigma, sigma_next, guidance if guidance is not None else 1.0, seed, offset, mode, chosen,
+    )
+    if model_input is None and not return_x0:
+        return state
+    return FlowStepResult(state, x0, model_input)
+
+
+def _check_step(x, v, sigma, sigma_next, mode, v_uncond, guidance, offset, seed):
+    """Check x, v (and v_uncond) and the step's numbers; returns ``(sigma, sigma_next, guidance, seed)`` as
+    floats and an int, with a seed drawn from torch's generator when a renoise step needs one and none is given."""
     _check_float_tensor("x", x)
     _check_float_tensor("v", v)
     if v.shape != x.shape:
@@ -143,7 +163,11 @@ def flow_step(
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     if not 0 <= seed < _SEED_LIMIT:
         raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+    return sigma, sigma_next, guidance, seed
 
+
+def _check_buffers(x, v, v_uncond, ref, out) -> None:
+    """``ref`` and ``out`` are float tensors; every tensor is on x's device; the inputs are contiguous."""
     for name, t in (("ref", ref), ("out", out)):
         if t is not None:
             _check_float_tensor(name, t)
@@ -155,7 +179,10 @@ def flow_step(
         if t is not None and not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous")
 
-    # The kernel sees x as [B, R, S] (see _x3_shape) and the mask as one flag per G elements along S.
+
+def _group_mask(x, cond_mask, ref) -> tuple[torch.Tensor | None, int]:
+    """The kernel sees x as [B, R, S] (see _x3_shape) and the mask as one flag per G elements along S:
+    returns ``(mask [B, n_groups] on x's device, or None; G)``."""
     latent = x.dim() == 5
     if latent:
         B, C, F, H, W = x.shape
@@ -180,15 +207,20 @@ def flow_step(
         # the mask is tiny (one flag per frame or token): moving it is cheap, so any device is accepted
         mask2 = cond_mask.to(x.device).expand(B, groups).contiguous()
         G = H * W if latent else C
+    return mask2, G
+
+
+def _outputs(x, ref, out, return_x0):
+    """The buffers the op writes: ``(state, model_input or None, state_is_view, x0 or None)``, ``out`` checked
+    (with ``ref``: the model-input buffer; the state is its view ``[:, :C]`` when the dtypes agree)."""
     if ref is not None:
-        _check_float_tensor("ref", ref)
-        if not latent:
+        if x.dim() != 5:
             raise ValueError(f"ref needs x as a latent [B, C, F, H, W], got shape {tuple(x.shape)}")
+        B, C, F, H, W = x.shape
         if ref.dim() != 5 or ref.shape[0] != B or tuple(ref.shape[2:]) != (F, H, W):
             raise ValueError(f"ref must have shape [{B}, C_ref, {F}, {H}, {W}], got {tuple(ref.shape)}")
         mi_shape = (B, C + ref.shape[1], F, H, W)
         if out is not None:
-            _check_float_tensor("out", out)
             if tuple(out.shape) != mi_shape:
                 raise ValueError(f"with ref, out must be the model-input buffer of shape {list(mi_shape)}, got {tuple(out.shape)}")
             if tuple(out.stride()[1:]) != (F * H * W, H * W, W, 1):
@@ -199,7 +231,6 @@ def flow_step(
     else:
         model_input = None
         if out is not None:
-            _check_float_tensor("out", out)
             if out.shape != x.shape:
                 raise ValueError(f"out must have the shape of x {tuple(x.shape)}, got {tuple(out.shape)}")
             if not out.is_contiguous():
@@ -207,25 +238,18 @@ def flow_step(
         state = out if out is not None else torch.empty_like(x)
         state_is_view = False
     x0 = torch.empty_like(x) if return_x0 else None
+    return state, model_input, state_is_view, x0
 
-    floats = [t for t in (x, v, v_uncond, ref, out) if t is not None]
+
+def _choose(backend, x, floats) -> str:
+    """The backend of the step (Triton takes no float64)."""
 
     def why_not(name):
         if name == "triton" and any(t.dtype not in _TRITON_FLOATS for t in floats):
             return TypeError, "float64 tensors (it takes fp16/bf16/fp32)"
         return None
 
-    chosen = choose_backend(FLOW_STEP, backend, x.device, why_not=why_not)
-
-    # When the state is the view model_input[:, :C], the op writes it through model_input only.
-    state_arg = None if (model_input is not None and state_is_view) else state
-    _flow_step_op(
-        x, v, v_uncond, ref, mask2, state_arg, model_input, x0, G,
-        sigma, sigma_next, guidance if guidance is not None else 1.0, seed, offset, mode, chosen,
-    )
-    if model_input is None and not return_x0:
-        return state
-    return FlowStepResult(state, x0, model_input)
+    return choose_backend(FLOW_STEP, backend, x.device, why_not=why_not)
 
 
 def _x3_shape(x: torch.Tensor) -> tuple[int, int, int]:

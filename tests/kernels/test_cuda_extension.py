@@ -3,14 +3,14 @@
 On a CPU-only machine: the package imports without the extension, and, when the extension was built
 (CI compiles it), it loads, exposes its ops, tile sizes and architectures, and validates arguments before
 touching a GPU. On a GPU (tests marked ``gpu``): forward and backward against the fp32 PyTorch reference with
-DESIGN.md's error rule (2x the error of PyTorch's SDPA in the same dtype, plus one ulp of the largest value),
-for both dtypes and head dims, blocks that straddle tiles, random masks, query rows with no allowed key,
+the error rule of docs/testing.md (2x the error of PyTorch's SDPA in the same dtype, plus one ulp of the largest
+value), for both dtypes and head dims, blocks that straddle tiles, random masks, query rows with no allowed key,
 batch and heads > 1, misaligned inputs, and bad arguments. The Hopper forward (``fwd_sm90``) gets the same
 forward checks on a 9.0 device.
 
 Under the sanitizers, on a GPU:
-    compute-sanitizer --tool memcheck  python -m pytest tests/test_cuda_extension.py -m gpu -x -q
-    compute-sanitizer --tool racecheck python -m pytest tests/test_cuda_extension.py -m gpu -x -q -k "200"
+    compute-sanitizer --tool memcheck  python -m pytest tests/kernels/test_cuda_extension.py -m gpu -x -q
+    compute-sanitizer --tool racecheck python -m pytest tests/kernels/test_cuda_extension.py -m gpu -x -q -k "200"
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pytest
 import torch
 
 import swift_kernels
-from attention_checks import check_rule, sdpa_baseline
+from helpers import check_rule, sdpa_baseline
 from swift_kernels._backend import _extension_import_error, extension, extension_available
 from swift_kernels.attention import reference, tiles
 from swift_kernels.attention.plan import AttentionPlan

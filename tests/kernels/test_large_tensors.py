@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attention_checks import check_rule, sdpa_baseline
+from helpers import check_rule, sdpa_baseline
 from swift_kernels import CSGLayout, flow_step, frame_block_attention, plan_attention
 from swift_kernels._backend import backend_unavailable_reason
 from swift_kernels.attention import reference

@@ -5,7 +5,7 @@ before triton is imported); shapes are kept small there. ``triton_device`` tests
 one; ``interpreter`` tests (fp32) only in the interpreter (see conftest.py). GPU tests (marked ``gpu``) check
 bf16/fp16 at the real Stage II sizes (3,520 tokens per block, 24 heads of 128).
 
-Tolerance rule (DESIGN.md, tests/attention_checks.py): a low-precision result passes when its max error against
+Tolerance rule (docs/testing.md, tests/helpers.py): a low-precision result passes when its max error against
 the fp64 (fp32 at real sizes) truth is at most twice the error of the same computation done by PyTorch in that
 precision, plus one ulp of the largest value; fp32 (exact fp32 products in the kernels) is held to a tight
 absolute bound.
@@ -21,7 +21,7 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from attention_checks import bound, max_err, sdpa_baseline  # noqa: E402
+from helpers import bound, max_err, sdpa_baseline  # noqa: E402
 from swift_kernels._backend import triton_interpreting  # noqa: E402
 from swift_kernels.attention import triton_backend as tb  # noqa: E402
 from swift_kernels.attention.plan import AttentionPlan  # noqa: E402
@@ -373,7 +373,8 @@ def test_very_negative_scores_after_masked_tile():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_attention_kernels_compile_for_sm90(tmp_path):
-    from aot_sm90 import run_aot
+    from helpers import run_aot
 
     run_aot("attention", tmp_path)

@@ -662,7 +662,8 @@ def test_gpu_indexed_modulation(dtype, gpu_device):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_triton_kernels_compile_for_sm90(tmp_path):
-    from aot_sm90 import run_aot
+    from helpers import run_aot
 
     run_aot("ops", tmp_path)
