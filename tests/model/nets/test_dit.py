@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import swift_model.nets.dit as dit_mod
+import swift_model.nets.dit.blocks as dit_blocks
+import swift_model.nets.dit.model as dit_model
 from swift_kernels import CSGLayout
 from swift_model import WanDiT, WanDiTConfig
 
@@ -64,7 +65,7 @@ def test_indexed_modulation_equals_expanded(preset, monkeypatch):
     t = torch.tensor([[0.0, 750.0, 750.0], [0.0, 0.0, 500.0]])[:, :, None].expand(2, Fr, P).reshape(2, -1)
 
     seen = []
-    real_ops = {name: getattr(dit_mod, name) for name in ("adaln_modulate", "gated_residual")}
+    real_ops = {name: getattr(dit_blocks, name) for name in ("adaln_modulate", "gated_residual")}
 
     def spy(name):
         def op(*args, **kw):
@@ -76,8 +77,9 @@ def test_indexed_modulation_equals_expanded(preset, monkeypatch):
             return real_ops[name](*args, **kw)
         return op
 
-    for name in real_ops:
-        monkeypatch.setattr(dit_mod, name, spy(name))
+    for name in real_ops:  # the blocks and the head call them
+        for module in (dit_blocks, dit_model):
+            monkeypatch.setattr(module, name, spy(name))
     outs, grads = [], []
     for indexed in (True, False):
         model.indexed_modulation = indexed
@@ -165,7 +167,7 @@ def test_csg_clip_mode_differs_from_dense_only_through_mask(monkeypatch):
     with torch.no_grad():
         got = model(x, t, ctx, layout=lay)
         dense = model(x, t, ctx)
-        monkeypatch.setattr(dit_mod, "frame_block_attention", _masked_reference_attention)
+        monkeypatch.setattr(dit_blocks, "frame_block_attention", _masked_reference_attention)
         want = model(x, t, ctx, layout=lay)
         want_dense = model(x, t, ctx)
     _close(got, want, rtol=1e-5)
@@ -176,7 +178,7 @@ def test_csg_clip_mode_differs_from_dense_only_through_mask(monkeypatch):
     xp = x[:, :, pk.block_ids]
     with torch.no_grad():
         got_p = model(xp, 500.0, ctx, layout=pk)
-        monkeypatch.setattr(dit_mod, "frame_block_attention", _masked_reference_attention)
+        monkeypatch.setattr(dit_blocks, "frame_block_attention", _masked_reference_attention)
         want_p = model(xp, 500.0, ctx, layout=pk)
     _close(got_p, want_p, rtol=1e-5)
 

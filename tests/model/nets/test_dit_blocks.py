@@ -12,6 +12,7 @@ from swift_kernels.dit_ops import adaln_modulate, gated_residual, qk_norm_rope
 from swift_model import WanDiT, WanDiTConfig
 from swift_model.nets.dit import ContextCache
 
+from helpers import layout_dit_inputs
 from helpers import random_init as _random_init
 
 
@@ -141,17 +142,7 @@ def _case(preset: str, layout_kind: str, seed: int):
         layout = CSGLayout(T_CLIP, P, segment_blocks=2, neighbors=(1, 0), mode="clip")
     elif layout_kind == "packed":
         layout = CSGLayout(T_CLIP, P, segment_blocks=2, neighbors=(1, 0), mode="packed")
-    F_ = T_CLIP if layout is None else layout.num_seq_blocks
-    B = 2
-    x = torch.randn(B, cfg.in_channels, F_, HL, WL, generator=g)
-    if cfg.per_token_timestep:  # clean conditioning blocks at t = 0, the others at the step's t (per frame)
-        t = torch.full((B, F_), 0.0)
-        noisy = layout.noisy_blocks if layout is not None else torch.arange(1, F_)
-        t[:, noisy] = torch.rand(B, 1, generator=g) * 1000
-    else:
-        t = torch.rand(B, generator=g) * 1000
-    ctx = torch.randn(B, 9, cfg.text_dim, generator=g)
-    clip = torch.randn(B, cfg.image_len, cfg.image_dim, generator=g) if cfg.image_dim else None
+    x, t, ctx, clip = layout_dit_inputs(cfg, layout, T_CLIP, HL, WL, g)  # timesteps per frame
     return model, x, t, ctx, clip, layout
 
 
@@ -281,7 +272,7 @@ def test_one_attention_plan_per_forward_shared_by_every_block(layout_kind):
         lookups.append(args[0])
         return real(*args, **kw)
 
-    import swift_model.nets.dit as dit_mod
+    import swift_model.nets.dit.sequence as dit_mod  # where the DiT looks the plan up
 
     with torch.no_grad():
         dit_mod.plan_attention = counting
