@@ -8,12 +8,11 @@
 The pipeline names are imported on first use, so ``import swift_model`` for the DiT alone does not load
 diffusers' VAE code or transformers' encoders.
 
-Layers, each importing only earlier ones (``tests/test_layering.py`` checks it): key naming (``keys``) ->
-file reading (``files``, ``video``) -> the networks (``config``, ``dit``, ``vae``, ``encoders``) -> loading
-(``checkpoint``, ``lora``, ``preflight``) -> the stages (``csg``, ``bridge``; for training ``packing``,
-``transition``, ``dataset``, ``train_config``) -> ``pipeline`` and the training runs (``prepare``, ``train``,
-``export``) -> ``cli`` (with ``train_cli``).
-This package ``__init__`` is the facade on top; importing it imports ``checkpoint``, which registers the
+One folder per layer, each importing only earlier ones (``tests/test_layering.py`` checks it): ``io`` (key
+naming, weight and config files, video) -> ``nets`` (the DiT, VAEs, encoders, parallel layers, ``ModelSpec``)
+-> ``loading`` (checkpoints, LoRA, the checks before any weight is read) -> ``generation`` (the request, CSG,
+the memory plan, several processes, the pipeline) -> ``planning`` and ``training`` (siblings) -> ``cli``.
+This package ``__init__`` is the facade on top; importing it imports the loading layer, which registers the
 loader behind ``WanDiT.from_pretrained``.
 """
 
@@ -30,6 +29,9 @@ from .loading.lora import load_lora, merge_lora
 _LAZY = {
     "SwiftI2VPipeline": "generation.pipeline",
     "GenerationResult": "generation.pipeline",
+    "GenerationRequest": "generation.request",
+    "MemoryPlan": "generation.memory",
+    "ModelSpec": "nets.spec",
     "CSGPlan": "generation.csg",
     "CSGWindow": "generation.csg",
     "run_csg": "generation.csg",

@@ -141,6 +141,27 @@ def test_swift_model_layers_one_way():
     assert "generation.pipeline" in graph["planning.planner"]
 
 
+# The names ``from swift_model import ...`` offered before the package was split into folders: they must stay.
+PUBLIC_BEFORE_THE_FOLDERS = (
+    "CheckpointError", "CheckpointNotFoundError", "ContextCache", "DiTCheckpoint", "WanDiT", "WanDiTConfig",
+    "inspect_dit", "load_dit", "load_lora", "load_state_dict", "merge_lora", "read_dit_config", "save_dit",
+    "to_diffusers_keys", "to_wan_keys", "SwiftI2VPipeline", "GenerationResult", "CSGPlan", "CSGWindow", "run_csg",
+    "flow_steps", "WanVAE", "TextEncoder", "ImageEncoder", "load_prompt_embeds", "save_prompt_embeds",
+    "hybrid_reference", "read_image", "write_mp4",
+)
+
+
+def test_public_names_are_kept():
+    """Every public name of the facade imports (lazily or not), those of before the folders among them."""
+    code = ("import swift_model, swift_kernels\n"
+            f"names = {PUBLIC_BEFORE_THE_FOLDERS!r}\n"
+            "assert set(names) <= set(swift_model.__all__), set(names) - set(swift_model.__all__)\n"
+            "for n in swift_model.__all__: getattr(swift_model, n)\n"
+            "for n in swift_kernels.__all__: getattr(swift_kernels, n)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
 def test_swift_kernels_never_imports_swift_model():
     for path in (ROOT / "swift_kernels").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):

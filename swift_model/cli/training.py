@@ -1,7 +1,7 @@
 """The training commands of the ``swift-i2v`` command line: ``prepare``, ``train``, ``export``.
 
-:func:`add_training_commands` adds their parsers to the CLI's subparsers and :func:`run_training_command`
-runs one; the CLI's ``main`` turns their ``ValueError``/``TypeError``/``OSError`` into one ``error: ...`` line.
+:func:`add_commands` adds their parsers to the CLI's subparsers, each with the function that runs it; the CLI's
+``main`` turns their ``ValueError``/``TypeError``/``OSError`` into one ``error: ...`` line.
 Under ``torchrun`` (``torchrun --nproc-per-node N -m swift_model.cli train ...``) every rank runs the
 command: ``prepare`` splits the videos over the ranks, ``train`` the batches (and, with ``--ulysses``, the
 sequence).
@@ -15,10 +15,7 @@ import json
 import os
 import sys
 
-TRAINING_COMMANDS = ("prepare", "train", "export", "train-lora")
-
-
-def _add_prepare(sub) -> None:
+def _add_prepare(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="make Stage II training data (latents, stage-transition references, "
                        "prompt embeddings) from videos",
                        description="For each video: the Stage II latents of the full-size clip, the reference z_ref "
@@ -50,13 +47,14 @@ def _add_prepare(sub) -> None:
                    help="storage dtype of the latents (bfloat16 halves the disk; default float32)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
 
 
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _add_train(sub) -> None:
+def _add_train(sub) -> argparse.ArgumentParser:
     from ..training.config import TrainConfig, field_type
 
     p = sub.add_parser("train", help="train the method's Stage II on prepared data (packed CSG windows)",
@@ -92,9 +90,10 @@ def _add_train(sub) -> None:
             p.add_argument(_flag(f.name), dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         else:
             p.add_argument(_flag(f.name), dest=f.name, type=tp, default=None, help=text, metavar=tp.__name__.upper())
+    return p
 
 
-def _add_export(sub) -> None:
+def _add_export(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write a training run's Stage II as a checkpoint folder for generate",
                        description="RUN_DIR -> a diffusers-layout folder (transformer/ and the Stage II vae/) that "
                        "swift-i2v generate --stage2 FOLDER --stage2-kind swift loads.")
@@ -107,9 +106,10 @@ def _add_export(sub) -> None:
                    help="weight dtype (default float32, the master weights)")
     p.add_argument("--vae", default=None, help="Stage II VAE to put beside it (default: the one of the run's data)")
     p.add_argument("--no-vae", action="store_true", help="write the transformer only")
+    return p
 
 
-def _add_train_lora(sub) -> None:
+def _add_train_lora(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("train-lora", help="train a LoRA of Stage I at its low resolution (for generate --stage1-lora)",
                        description="Flow-matching LoRA training of the Stage I DiT on videos at the Stage I size (a "
                        "quarter of the output per side), conditioned on each clip's first frame as generate's Stage I "
@@ -134,14 +134,14 @@ def _add_train_lora(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the adapter's start, the clip order and the noise")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
 
 
-def add_training_commands(subparsers) -> None:
+def add_commands(sub) -> None:
     """Add ``prepare``, ``train``, ``export`` and ``train-lora`` to the CLI's subparsers."""
-    _add_prepare(subparsers)
-    _add_train(subparsers)
-    _add_export(subparsers)
-    _add_train_lora(subparsers)
+    for add, run in ((_add_prepare, _run_prepare), (_add_train, _run_train), (_add_export, _run_export),
+                     (_add_train_lora, _run_train_lora)):
+        add(sub).set_defaults(func=run)
 
 
 def _device(name):
@@ -265,14 +265,3 @@ def _run_train_lora(args) -> int:
     print(f"trained a rank-{adapters.rank} Stage I LoRA on {len(clips)} clips for {len(losses)} steps (loss "
           f"{sum(losses[:k]) / k:.4f} -> {sum(losses[-k:]) / k:.4f}); wrote {out}")
     return 0
-
-
-def run_training_command(args) -> int:
-    """Run the ``prepare``, ``train``, ``export`` or ``train-lora`` command of parsed ``args``; returns the exit
-    status."""
-    run = {"prepare": _run_prepare, "train": _run_train, "export": _run_export,
-           "train-lora": _run_train_lora}.get(args.command)
-    if run is None:
-        raise ValueError(f"not a training command: {args.command}")
-    sys.stdout.flush()
-    return run(args)

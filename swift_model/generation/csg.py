@@ -22,10 +22,8 @@ import torch
 
 from swift_kernels import CSGLayout
 
-# Noisy-token initialisation of Stage II: "swift" starts from pure noise (the method's network, which reads
-# z_ref through its widened input), "refine" from z_ref noised to a start sigma (training-free with the
-# public Wan2.2-TI2V-5B).
-STAGE2_KINDS = ("swift", "refine")
+from ..nets.dit import FrameTimesteps
+from ..nets.spec import STAGE2_KINDS
 
 
 def _check_int(value, name: str, minimum: int) -> int:
@@ -216,6 +214,7 @@ def run_csg(
     fuse_ref: bool = False,
     input_dtype: torch.dtype | None = None,
     guidance: float | None = None,
+    host_inputs: bool = False,
 ) -> torch.Tensor:
     """Generate the Stage II latents of a clip by CSG and return them (``[B, C, T, H, W]``).
 
@@ -240,32 +239,18 @@ def run_csg(
         guidance: classifier-free guidance scale; ``None`` or 1.0 is off. When on, ``model_fn`` returns
             ``(v_cond, v_uncond)`` and the sampler uses ``v_uncond + guidance*(v_cond - v_uncond)``; when off,
             a returned pair's ``v_uncond`` is ignored.
+        host_inputs: pass ``model_fn`` the window's timesteps as a
+            :class:`~swift_model.nets.dit.FrameTimesteps` (one value per block) and its frame positions as a tuple
+            of ints, instead of the per-token tensor and a long tensor: what a call needs to know about them is
+            then known on the host (no device data read per call; the pipeline's DiT calls, and the planner's on
+            fake tensors).
 
     The state of a window is the whole window ``[B, C, n, H, W]`` (fp32); each step updates it with the
     conditioning blocks masked (``cond_mask``: left bit for bit unchanged), so the noise of element i of the
     window is the Philox draw ``(seed, offset + i)``.
     """
-    if not isinstance(z_ref, torch.Tensor) or z_ref.dim() != 5:
-        raise ValueError(f"z_ref must be a 5-D tensor [B, C, T, H, W], got {getattr(z_ref, 'shape', type(z_ref))}")
-    if z_ref.shape[2] != plan.num_blocks:
-        raise ValueError(f"z_ref has {z_ref.shape[2]} latent frames but the plan has num_blocks={plan.num_blocks}")
-    if kind not in STAGE2_KINDS:
-        raise ValueError(f"kind must be one of {STAGE2_KINDS}, got {kind!r}")
-    if step_mode not in ("renoise", "euler"):
-        raise ValueError(f"step_mode must be 'renoise' or 'euler', got {step_mode!r}")
-    if fuse_ref and kind != "swift":
-        raise ValueError(f"fuse_ref needs kind='swift' (the 'refine' kind has no reference channels), got kind={kind!r}")
-    if guidance is not None:
-        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not guidance == guidance:
-            raise ValueError(f"guidance must be a float or None, got {guidance!r}")
-        guidance = None if float(guidance) == 1.0 else float(guidance)  # 1.0: v_uncond + 1*(v - v_uncond) = v
-    steps = [(float(t), float(s), float(sn)) for t, s, sn in steps]
-    if not steps:
-        raise ValueError("steps must hold at least one step")
-    if kind == "refine":
-        start_sigma = steps[0][1] if start_sigma is None else float(start_sigma)
-        if not 0.0 < start_sigma <= 1.0:
-            raise ValueError(f"start_sigma must be in (0, 1], got {start_sigma}")
+    steps, guidance, start_sigma = _checked_arguments(z_ref, plan, steps, kind, start_sigma, step_mode, fuse_ref,
+                                                      guidance)
 
     # The buffer starts as z_ref: the anchor is final already, and blocks not generated yet serve as the
     # right neighbours. Finished segments overwrite their blocks.
@@ -318,20 +303,15 @@ def run_csg(
         for step_index, (t, sigma, sigma_next) in enumerate(steps):
             if progress is not None:
                 progress("step", step_index, len(steps))
-            tt = _token_timesteps(noisy, t, layout.block_tokens, z_ref.shape[0], z_ref.device)
-            if fuse_ref:
-                out = model_fn(model_input, None, tt, positions, layout)
+            if host_inputs:
+                tt, pos = FrameTimesteps(tuple(float(t) if n else 0.0 for n in noisy_list)), tuple(blocks)
             else:
-                out = model_fn(win_x, ref_win, tt, positions, layout)
-            v, v_uncond = out if isinstance(out, tuple) else (out, None)
-            if guidance is None:
-                v_uncond = None  # guidance off (or 1.0): the conditional velocity alone
-            elif v_uncond is None:
-                raise RuntimeError("with guidance, model_fn must return (v_cond, v_uncond)")
-            for name, val in (("velocity", v), ("unconditional velocity", v_uncond)):
-                if val is not None and val.shape != win_x.shape:
-                    raise RuntimeError(f"model_fn returned a {name} of shape {tuple(val.shape)}, expected {tuple(win_x.shape)}")
-            g = dict(v_uncond=v_uncond.float().contiguous(), guidance=guidance) if guidance is not None else {}
+                tt, pos = _token_timesteps(noisy, t, layout.block_tokens, z_ref.shape[0], z_ref.device), positions
+            if fuse_ref:
+                out = model_fn(model_input, None, tt, pos, layout)
+            else:
+                out = model_fn(win_x, ref_win, tt, pos, layout)
+            v, g = _velocity(out, guidance, win_x.shape)
             # Disjoint Philox ranges per (segment, step): the same seed always gives the same video.
             offset = (base_stream + 1 + step_index) * stride
             if fuse_ref and step_index + 1 < len(steps):
@@ -348,8 +328,48 @@ def run_csg(
         x = win_x.index_select(2, own_local).to(z_ref.dtype)
         buffer[:, :, own_idx] = x
         if on_write is not None:
-            on_write(-1 if win is None else win.segment, tuple(int(b) for b in own_idx.tolist()))
+            on_write(-1 if win is None else win.segment, tuple(blocks[i] for i in own))
     return buffer
+
+
+def _checked_arguments(z_ref, plan: CSGPlan, steps, kind: str, start_sigma, step_mode: str, fuse_ref: bool,
+                       guidance) -> tuple[list, float | None, float | None]:
+    """:func:`run_csg`'s arguments checked: ``(steps as float triples, guidance (None when off), start_sigma)``."""
+    if not isinstance(z_ref, torch.Tensor) or z_ref.dim() != 5:
+        raise ValueError(f"z_ref must be a 5-D tensor [B, C, T, H, W], got {getattr(z_ref, 'shape', type(z_ref))}")
+    if z_ref.shape[2] != plan.num_blocks:
+        raise ValueError(f"z_ref has {z_ref.shape[2]} latent frames but the plan has num_blocks={plan.num_blocks}")
+    if kind not in STAGE2_KINDS:
+        raise ValueError(f"kind must be one of {STAGE2_KINDS}, got {kind!r}")
+    if step_mode not in ("renoise", "euler"):
+        raise ValueError(f"step_mode must be 'renoise' or 'euler', got {step_mode!r}")
+    if fuse_ref and kind != "swift":
+        raise ValueError(f"fuse_ref needs kind='swift' (the 'refine' kind has no reference channels), got kind={kind!r}")
+    if guidance is not None:
+        if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not guidance == guidance:
+            raise ValueError(f"guidance must be a float or None, got {guidance!r}")
+        guidance = None if float(guidance) == 1.0 else float(guidance)  # 1.0: v_uncond + 1*(v - v_uncond) = v
+    steps = [(float(t), float(s), float(sn)) for t, s, sn in steps]
+    if not steps:
+        raise ValueError("steps must hold at least one step")
+    if kind == "refine":
+        start_sigma = steps[0][1] if start_sigma is None else float(start_sigma)
+        if not 0.0 < start_sigma <= 1.0:
+            raise ValueError(f"start_sigma must be in (0, 1], got {start_sigma}")
+    return steps, guidance, start_sigma
+
+
+def _velocity(out, guidance: float | None, shape) -> tuple[torch.Tensor, dict]:
+    """``(v, guidance arguments of the step)`` from what the model returned: ``v`` or ``(v_cond, v_uncond)``."""
+    v, v_uncond = out if isinstance(out, tuple) else (out, None)
+    if guidance is None:
+        v_uncond = None  # guidance off (or 1.0): the conditional velocity alone
+    elif v_uncond is None:
+        raise RuntimeError("with guidance, model_fn must return (v_cond, v_uncond)")
+    for name, val in (("velocity", v), ("unconditional velocity", v_uncond)):
+        if val is not None and val.shape != shape:
+            raise RuntimeError(f"model_fn returned a {name} of shape {tuple(val.shape)}, expected {tuple(shape)}")
+    return v, (dict(v_uncond=v_uncond.float().contiguous(), guidance=guidance) if guidance is not None else {})
 
 
 def _token_timesteps(noisy: torch.Tensor, t: float, block_tokens: int, batch: int, device) -> torch.Tensor:

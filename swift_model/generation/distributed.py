@@ -380,44 +380,49 @@ def check_pipeline(pipe, par: Parallelism) -> None:
     the models resident on the device in every phase (the ``fast`` memory profile: each rank then holds its
     shards, not whole models; the other profiles move whole models in and out per phase)."""
     check_heads_of({"Stage I": pipe.stage1, "Stage II": pipe.stage2}, par.ulysses)
-    check_fsdp_memory(par.fsdp, getattr(getattr(pipe, "memory", None), "profile", "fast"))
+    check_fsdp_memory(par.fsdp, pipe.memory.profile)
 
 
 def check_fsdp_memory(fsdp: bool, memory: str | None) -> None:
-    """``ValueError`` when ``--fsdp`` comes with a memory profile other than ``fast`` (``None``: the default,
-    which is ``fast`` with ``--fsdp``): checked before any weight is read."""
-    if fsdp and memory not in (None, "fast"):
+    """``ValueError`` when ``--fsdp`` comes with a memory profile that moves whole models between phases
+    (``None``: the default, which is ``fast`` with ``--fsdp``): checked before any weight is read."""
+    from .memory import get_profile, resident_profiles
+
+    if fsdp and memory is not None and not get_profile(memory).everything_resident:
         raise ValueError(f"--fsdp keeps every rank's weight shards on the GPU in every phase: use it with --memory "
-                         f"fast (the default with --fsdp), not --memory {memory}")
+                         f"{' or '.join(resident_profiles())} (the default with --fsdp), not --memory {memory}")
 
 
 def memory_plan(memory: str | None, fsdp: bool = False):
-    """The :class:`~swift_model.generation.memory.MemoryPlan` of ``--memory`` and ``--fsdp`` (``generate`` and ``plan``
-    alike): ``fast`` by default with ``--fsdp`` (its DiTs loaded into host memory, to be sharded onto the
-    device), ``balanced`` without."""
-    from .memory import MemoryPlan
+    """The :class:`~swift_model.generation.memory.MemoryPlan` of ``--memory`` and ``--fsdp`` (``generate`` and
+    ``plan`` alike): with ``--fsdp`` the first profile that keeps everything resident (``fast``) by default, its
+    DiTs loaded into host memory, to be sharded onto the device; ``balanced`` by default without."""
+    from .memory import DEFAULT_PROFILE, MemoryPlan, resident_profiles
 
     check_fsdp_memory(fsdp, memory)
-    return MemoryPlan("fast", sharded_dits=True) if fsdp else MemoryPlan(memory or "balanced")
+    if fsdp:
+        return MemoryPlan(memory or resident_profiles()[0], sharded_dits=True)
+    return MemoryPlan(memory or DEFAULT_PROFILE)
 
 
-def check_sizes(pipe, par: Parallelism, frames: int, width: int, height: int, segment_blocks, neighbors,
-                joint: bool) -> None:
-    """``ValueError`` when a DiT call of this generation is too short for ``par.ulysses`` ranks: Stage I's
-    whole clip, and Stage II's shortest window (the whole clip when ``joint``). Runs before any stage, on
-    every rank alike. ``frames``/``width``/``height`` already checked by the pipeline."""
+def check_sizes(pipe, par: Parallelism, request) -> None:
+    """``ValueError`` when a DiT call of ``request`` (a :class:`~swift_model.generation.request.GenerationRequest`)
+    is too short for ``par.ulysses`` ranks: Stage I's whole clip, and Stage II's shortest window (the whole clip
+    when ``joint``). Runs before any stage, on every rank alike. The request's size already checked by the
+    pipeline."""
     if par.ulysses == 1:
         return
     from .csg import CSGPlan
 
-    T1, h1, w1 = pipe.vae1.latent_shape(frames, height // 4, width // 4)[1:]
+    r = request
+    T1, h1, w1 = pipe.vae1.latent_shape(r.frames, r.height // 4, r.width // 4)[1:]
     check_tokens(T1 * (h1 // 2) * (w1 // 2), par.ulysses, "Stage I's clip")
-    T2, h2, w2 = pipe.vae2.latent_shape(frames, height, width)[1:]
+    T2, h2, w2 = pipe.vae2.latent_shape(r.frames, r.height, r.width)[1:]
     per_frame = (h2 // 2) * (w2 // 2)
-    if joint:
+    if r.joint:
         check_tokens(T2 * per_frame, par.ulysses, "Stage II's clip")
     else:
-        plan = CSGPlan(T2, segment_blocks, neighbors, block_tokens=per_frame)
+        plan = CSGPlan(T2, r.segment_blocks, r.neighbors, block_tokens=per_frame)
         check_tokens(min(w.num_blocks for w in plan.windows) * per_frame, par.ulysses, "Stage II's shortest window")
 
 

@@ -8,7 +8,7 @@ A :class:`MemoryPlan` says, per phase and component (:data:`COMPONENTS`), where 
 - ``"device"``: resident on the device;
 - ``"cpu"``: on the CPU (and, when the phase uses the component, it runs there: the text encoder of ``24gb``);
 - ``"stream"``: a DiT whose small non-block parameters are on the device and whose transformer blocks stream
-  from (pinned) CPU memory, block by block (:class:`BlockStreamer`).
+  from (pinned) CPU memory, block by block (:class:`~swift_model.generation.residency.BlockStreamer`).
 
 Profiles (:data:`PROFILES`):
 
@@ -17,26 +17,19 @@ Profiles (:data:`PROFILES`):
   use it; whatever a phase does not use is evicted before the phase starts;
 - ``24gb``: as ``balanced``, but both DiTs stream their blocks and the text encoder runs on the CPU.
 
-Each profile also sets the DiTs' inference chunk (:data:`TOKEN_CHUNK`): long sequences (Stage I's whole clip)
+Each profile also sets the DiTs' inference chunk (:attr:`MemoryProfile.token_chunk`): long sequences (Stage I's whole clip)
 run each block's per-token work in chunks of that many tokens, so the working set does not grow with the clip
 by the FFN's width.
 
-:class:`Residency` applies a plan to the pipeline's modules phase by phase; the real run and the planner
-(:mod:`swift_model.planning.planner`, which runs the same phases on fake tensors) both go through it, so the estimate
-and the run cannot disagree about what is resident.
+:class:`~swift_model.generation.residency.Residency` applies a plan to the pipeline's modules phase by phase.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterable, Mapping, Sequence
-
-import torch
-import torch.nn as nn
+import dataclasses
 
 PHASES = ("text_encoding", "stage1", "bridge", "stage2", "decode")
 COMPONENTS = ("text_encoder", "image_encoder", "stage1", "stage2", "vae1", "vae2")
-PROFILES = ("fast", "balanced", "24gb")
 PLACEMENTS = ("device", "cpu", "stream")
 
 # The components each phase runs.
@@ -51,20 +44,75 @@ USES: dict[str, tuple[str, ...]] = {
 # The DiTs: the components that can stream their blocks.
 DITS = ("stage1", "stage2")
 
-# Per profile: a DiT's inference on a sequence longer than this many tokens runs each block's per-token work
-# (projections, FFN, cross-attention) in chunks of that size (WanDiT.inference_chunk_tokens), so the working set
-# grows with the clip by a few stream-sized tensors per token instead of by the FFN's width. Stage I holds the
-# whole clip (18480 tokens at 640x352x81, 53680 at 241 frames); Stage II windows at 2560x1408 hold 14080. The
-# smaller the chunk, the smaller the FFN's transient ([chunk, ffn_dim] twice) and the smaller the matmuls:
-# 4096 rows still keep a GPU's matmul units busy on 5120-wide weights.
-TOKEN_CHUNK = {"fast": 32768, "balanced": 16384, "24gb": 4096}
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryProfile:
+    """What a memory profile keeps where: the data behind :class:`MemoryPlan`'s placements.
+
+    Attributes:
+        name: the profile's name (``--memory NAME``).
+        summary: one line for ``--help``.
+        everything_resident: every component on the device for the whole run (nothing moves between phases).
+        stream_dits: the DiTs' transformer blocks stream from host memory block by block in the phases that
+            run them (the small non-block parameters are resident).
+        text_encoder_on_cpu: the text encoder stays on (and runs on) the CPU.
+        token_chunk: a DiT's inference on a sequence longer than this many tokens runs each block's per-token
+            work (projections, FFN, cross-attention) in chunks of that size (``WanDiT.inference_chunk_tokens``),
+            so the working set grows with the clip by a few stream-sized tensors per token instead of by the
+            FFN's width. Stage I holds the whole clip (18480 tokens at 640x352x81, 53680 at 241 frames); Stage II
+            windows at 2560x1408 hold 14080. The smaller the chunk, the smaller the FFN's transient ([chunk,
+            ffn_dim] twice) and the smaller the matmuls: 4096 rows still keep a GPU's matmul units busy on
+            5120-wide weights.
+    """
+
+    name: str
+    summary: str
+    everything_resident: bool
+    stream_dits: bool
+    text_encoder_on_cpu: bool
+    token_chunk: int
+
+
+def _profiles(*profiles: MemoryProfile) -> dict[str, MemoryProfile]:
+    return {p.name: p for p in profiles}
+
+
+# The profiles, by name (the CLI's --memory choices, in this order).
+PROFILES: dict[str, MemoryProfile] = _profiles(
+    MemoryProfile("fast", "everything on the GPU for the whole run (141 GB cards, repeated runs; the default "
+                  "with --fsdp, where each rank holds its weight shards)", everything_resident=True,
+                  stream_dits=False, text_encoder_on_cpu=False, token_chunk=32768),
+    MemoryProfile("balanced", "one DiT on the GPU at a time, each encoder and VAE only while it runs (the default)",
+                  everything_resident=False, stream_dits=False, text_encoder_on_cpu=False, token_chunk=16384),
+    # UMT5-XXL (~11 GB in bf16) runs once per prompt: on the CPU
+    MemoryProfile("24gb", "as balanced, with the DiT blocks streamed from CPU memory and the text encoder on the "
+                  "CPU", everything_resident=False, stream_dits=True, text_encoder_on_cpu=True, token_chunk=4096),
+)
+DEFAULT_PROFILE = "balanced"
+
+# Per profile: the DiTs' inference chunk in tokens (MemoryProfile.token_chunk).
+TOKEN_CHUNK = {name: p.token_chunk for name, p in PROFILES.items()}
+
+
+def get_profile(name: str) -> MemoryProfile:
+    """The profile called ``name``; ``ValueError`` naming the choices otherwise."""
+    if not isinstance(name, str) or name not in PROFILES:
+        raise ValueError(f"memory must be one of {', '.join(PROFILES)}, got {name!r}")
+    return PROFILES[name]
+
+
+def resident_profiles() -> tuple[str, ...]:
+    """The profiles that keep every component on the device for the whole run (what FSDP's shards need)."""
+    return tuple(name for name, p in PROFILES.items() if p.everything_resident)
 
 
 class MemoryPlan:
     """What is resident on the device in each phase of a generation, for one profile.
 
     Args:
-        profile: ``"fast"``, ``"balanced"`` or ``"24gb"`` (see the module docstring).
+        profile: a profile's name (:data:`PROFILES`: ``"fast"``, ``"balanced"`` or ``"24gb"``, see the module
+            docstring).
         stream_blocks: under ``24gb``, the most transformer blocks whose weights are on the device at once
             (the block running and the one being copied in; at least 1).
         token_chunk: the DiTs' inference chunk in tokens (default: the profile's, :data:`TOKEN_CHUNK`).
@@ -74,18 +122,17 @@ class MemoryPlan:
             rank ever holds a whole DiT there. From then on they are resident as under ``fast``.
     """
 
-    def __init__(self, profile: str = "balanced", *, stream_blocks: int = 2, token_chunk: int | None = None,
+    def __init__(self, profile: str = DEFAULT_PROFILE, *, stream_blocks: int = 2, token_chunk: int | None = None,
                  sharded_dits: bool = False) -> None:
-        if profile not in PROFILES:
-            raise ValueError(f"memory must be one of {', '.join(PROFILES)}, got {profile!r}")
+        self.settings = get_profile(profile)
         if isinstance(stream_blocks, bool) or not isinstance(stream_blocks, int) or stream_blocks < 1:
             raise ValueError(f"stream_blocks must be an int >= 1, got {stream_blocks!r}")
         if token_chunk is not None and (isinstance(token_chunk, bool) or not isinstance(token_chunk, int)
                                         or token_chunk < 1):
             raise ValueError(f"token_chunk must be an int >= 1 or None, got {token_chunk!r}")
-        if sharded_dits and profile != "fast":
-            raise ValueError(f"sharded DiTs (FSDP) stay resident in every phase: the memory profile must be fast, "
-                             f"got {profile!r}")
+        if sharded_dits and not self.settings.everything_resident:
+            raise ValueError(f"sharded DiTs (FSDP) stay resident in every phase: the memory profile must be "
+                             f"{' or '.join(resident_profiles())}, got {profile!r}")
         self.profile = profile
         self.stream_blocks = stream_blocks
         self._token_chunk = token_chunk
@@ -97,7 +144,7 @@ class MemoryPlan:
         if isinstance(memory, MemoryPlan):
             return memory
         if memory is None:
-            return cls()
+            return cls(DEFAULT_PROFILE)
         if not isinstance(memory, str):
             raise TypeError(f"memory must be a profile name ({', '.join(PROFILES)}) or a MemoryPlan, got "
                             f"{type(memory).__name__}")
@@ -105,8 +152,8 @@ class MemoryPlan:
 
     @property
     def token_chunk(self) -> int:
-        """The DiTs' inference chunk in tokens (the profile's, :data:`TOKEN_CHUNK`, unless given)."""
-        return TOKEN_CHUNK[self.profile] if self._token_chunk is None else self._token_chunk
+        """The DiTs' inference chunk in tokens (the profile's, :attr:`MemoryProfile.token_chunk`, unless given)."""
+        return self.settings.token_chunk if self._token_chunk is None else self._token_chunk
 
     def placement(self, phase: str, component: str) -> str:
         """Where ``component``'s weights are during ``phase``: ``"device"``, ``"cpu"`` or ``"stream"``."""
@@ -114,15 +161,15 @@ class MemoryPlan:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
         if component not in COMPONENTS:
             raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
-        if self.profile == "fast":
+        rules = self.settings
+        if rules.everything_resident:
             return "device"
         if component not in USES[phase]:
             return "cpu"
-        if self.profile == "24gb":
-            if component in DITS:
-                return "stream"
-            if component == "text_encoder":
-                return "cpu"  # UMT5-XXL (~11 GB in bf16) runs once per prompt: on the CPU
+        if component in DITS and rules.stream_dits:
+            return "stream"
+        if component == "text_encoder" and rules.text_encoder_on_cpu:
+            return "cpu"
         return "device"
 
     def initial(self, component: str) -> str:
@@ -133,7 +180,7 @@ class MemoryPlan:
             raise ValueError(f"component must be one of {COMPONENTS}, got {component!r}")
         if self.sharded_dits and component in DITS:
             return "cpu"
-        return "device" if self.profile == "fast" else "cpu"
+        return "device" if self.settings.everything_resident else "cpu"
 
     def runs_on_cpu(self, phase: str, component: str) -> bool:
         """Whether ``component`` computes on the CPU in ``phase`` (it is used there and placed on the CPU)."""
@@ -146,322 +193,3 @@ class MemoryPlan:
     def __repr__(self) -> str:
         extra = ", sharded_dits=True" if self.sharded_dits else ""
         return f"MemoryPlan({self.profile!r}, stream_blocks={self.stream_blocks}{extra})"
-
-
-# -------------------------------------------------------------------------------------------------------------
-# moving weights
-# -------------------------------------------------------------------------------------------------------------
-
-
-def _tensors(module: nn.Module, skip: str | None = None):
-    """``(owner, attribute, tensor)`` of every parameter and buffer of ``module`` (outside ``skip.*``)."""
-    for mod_name, mod in module.named_modules():
-        if skip is not None and (mod_name == skip or mod_name.startswith(skip + ".")):
-            continue
-        for attr, p in list(mod._parameters.items()) + list(mod._buffers.items()):
-            if p is not None:
-                yield mod, attr, p
-
-
-def _set_data(t: torch.Tensor, new: torch.Tensor) -> None:
-    """``t.data = new``, also for the planner's fake tensors (which keep their device in a field of their own)."""
-    t.data = new
-    if hasattr(t, "fake_device"):
-        t.fake_device = new.device
-
-
-def _device(t: torch.Tensor) -> torch.device:
-    # a fake tensor's device without a dispatch (the planner moves thousands of them)
-    return getattr(t, "fake_device", None) or t.device
-
-
-@torch.no_grad()
-def _move(module: nn.Module, device: torch.device, skip: str | None = None) -> int:
-    """Move ``module``'s parameters and buffers (outside ``skip``) to ``device`` in place (``.data``, so the
-    Parameter objects, and any hooks on the module, stay); returns the bytes copied to a non-CPU device."""
-    moved = 0
-    for _mod, _attr, t in _tensors(module, skip):
-        src = _device(t)
-        if src != device:
-            if device.type != "cpu":
-                moved += t.numel() * t.element_size()
-            if hasattr(t, "fake_device"):  # a fake tensor (the planner) has no data to copy: one allocation
-                new = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
-            else:
-                new = t.to(device, non_blocking=src.type == "cpu" and device.type == "cuda")
-            _set_data(t, new)
-    return moved
-
-
-def _indexed(device: torch.device) -> torch.device:
-    """``cuda`` as ``cuda:N`` (the current device; 0 without a driver, as fake tensors say), so that comparing it
-    with a tensor's device tells whether the tensor is there."""
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
-    return device
-
-
-def _align(n: int, a: int = 256) -> int:
-    return (n + a - 1) // a * a
-
-
-class BlockStreamer:
-    """Streams the weights of a sequence of modules (a DiT's transformer blocks) to the device block by block.
-
-    Every block's parameters and buffers are packed into one host buffer (pinned when CUDA is present, so the
-    copy is asynchronous) and the block's tensors become views of it. ``slots`` device buffers, each the size
-    of the largest block, hold the blocks being used: before block ``i`` runs (its ``forward``, or
-    ``context_kv`` for a DiT's cross-attention cache) its weights are copied into a slot and its tensors point
-    there, and block ``i + 1``'s copy is started on a side CUDA stream so it overlaps block ``i``'s compute
-    (the side stream first waits for the work queued so far, so it never overwrites a slot still being read;
-    the compute stream waits for the copy's event before using a block). A block evicted from its slot points
-    back at its host buffer. On a CPU (or with fake tensors) the same code runs with synchronous copies.
-
-    At most ``slots`` blocks have their weights on the device at any time (:attr:`max_resident` records it),
-    and every block use that misses the slots costs one copy (:attr:`h2d_bytes` counts the bytes).
-
-    Args:
-        blocks: the modules to stream (e.g. ``dit.blocks``); each must keep its weights in its own tensors.
-        device: the compute device.
-        slots: device buffers (>= 1; 2 overlaps one copy with one block's compute).
-        methods: methods besides ``forward`` that read a block's weights (patched on each block instance).
-    """
-
-    def __init__(self, blocks: Sequence[nn.Module], device, slots: int = 2,
-                 methods: Iterable[str] = ("context_kv",)) -> None:
-        if slots < 1:
-            raise ValueError(f"slots must be >= 1, got {slots}")
-        self.blocks = list(blocks)
-        self.device = _indexed(torch.device(device))
-        self.num_slots = slots
-        # Real CUDA only: fake CUDA tensors (the planner) and CPUs take the synchronous path.
-        self._cuda = self.device.type == "cuda" and torch.cuda.is_available()
-        self._layouts: list[list[tuple[torch.Tensor, int]]] = []
-        self._host: list[torch.Tensor] = []
-        self._host_views: list[list[torch.Tensor]] = []  # built once: a load or an eviction only re-points
-        self._slot_views: dict[tuple[int, int], list[torch.Tensor]] = {}
-        self.block_bytes: list[int] = []
-        for blk in self.blocks:
-            entries, off = [], 0
-            for _mod, _attr, t in _tensors(blk):
-                entries.append((t, off))
-                off = _align(off + t.numel() * t.element_size())
-            host = torch.empty(max(off, 1), dtype=torch.uint8, pin_memory=self._cuda)
-            views = []
-            for t, o in entries:
-                view = self._view(host, t, o)
-                view.copy_(t.data)
-                _set_data(t, view)  # the block now lives in its host buffer
-                views.append(view)
-            self._host_views.append(views)
-            self._layouts.append(entries)
-            self._host.append(host)
-            self.block_bytes.append(off)
-        self._slots: list[torch.Tensor] = []
-        self._slot_block: list[int | None] = [None] * slots
-        self._slot_used = [0] * slots
-        self._where: dict[int, int] = {}  # block -> slot
-        self._events: dict[int, object] = {}
-        self._clock = 0
-        self._stream = torch.cuda.Stream(self.device) if self._cuda else None
-        self.h2d_bytes = 0
-        self.max_resident = 0
-        self.loads = 0
-        self.active = False
-        self._handles = []
-        self._patched: list[tuple[nn.Module, str]] = []
-        for i, blk in enumerate(self.blocks):
-            self._handles.append(blk.register_forward_pre_hook(lambda _m, _a, i=i: self._enter(i)))
-            for name in methods:
-                if hasattr(blk, name):
-                    bound = getattr(blk, name)
-
-                    def wrapped(*args, _f=bound, _i=i, **kw):
-                        self._enter(_i)
-                        return _f(*args, **kw)
-
-                    setattr(blk, name, wrapped)  # an instance attribute shadows the method
-                    self._patched.append((blk, name))
-
-    @staticmethod
-    def _view(buf: torch.Tensor, like: torch.Tensor, offset: int) -> torch.Tensor:
-        n = like.numel() * like.element_size()
-        return buf[offset:offset + n].view(like.dtype).view(like.shape)
-
-    @property
-    def resident(self) -> int:
-        """Blocks whose weights are on the device now."""
-        return sum(b is not None for b in self._slot_block)
-
-    @property
-    def slot_bytes(self) -> int:
-        """Device bytes of the slots (``slots`` x the largest block)."""
-        return sum(s.numel() for s in self._slots)
-
-    def resume(self) -> "BlockStreamer":
-        """Allocate the device slots and start streaming (the hooks act only while streaming)."""
-        if not self.active:
-            size = max(self.block_bytes, default=1)
-            self._slots = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(self.num_slots)]
-            self._slot_used = [0] * self.num_slots
-            self.active = True
-        return self
-
-    def suspend(self) -> None:
-        """Stop streaming: every block points back at its host buffer and the device slots are freed (the
-        host buffers and hooks stay, so :meth:`resume` starts again without repacking)."""
-        if self.active:
-            self.release()
-            self._slots = []
-            self._slot_views.clear()
-            self.active = False
-
-    def _enter(self, i: int) -> None:
-        """Block ``i`` is about to run: make its weights resident, and start the copy of the next block."""
-        if not self.active:
-            return
-        self._load(i)
-        if self._cuda and i in self._events:
-            torch.cuda.current_stream(self.device).wait_event(self._events.pop(i))
-        if self.num_slots > 1 and i + 1 < len(self.blocks):
-            self._load(i + 1)
-
-    def _load(self, i: int) -> None:
-        self._clock += 1
-        if i in self._where:
-            self._slot_used[self._where[i]] = self._clock
-            return
-        # the least recently used slot: never the block about to run (it was touched last)
-        s = min(range(self.num_slots), key=lambda k: self._slot_used[k])
-        old = self._slot_block[s]
-        if old is not None:
-            self._point_home(old)
-            del self._where[old]
-            self._events.pop(old, None)
-        nbytes = self.block_bytes[i]
-        dst = self._slots[s][:nbytes]
-        if self._cuda:
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self._stream):
-                dst.copy_(self._host[i][:nbytes], non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record(self._stream)
-            self._events[i] = ev
-        else:
-            dst.copy_(self._host[i][:nbytes])
-        views = self._slot_views.get((i, s))
-        if views is None:
-            views = self._slot_views[i, s] = [self._view(self._slots[s], t, o) for t, o in self._layouts[i]]
-        for (t, _o), v in zip(self._layouts[i], views):
-            _set_data(t, v)
-        self._slot_block[s] = i
-        self._slot_used[s] = self._clock
-        self._where[i] = s
-        self.h2d_bytes += nbytes
-        self.loads += 1
-        self.max_resident = max(self.max_resident, self.resident)
-
-    def _point_home(self, i: int) -> None:
-        """Block ``i``'s tensors point back at its host buffer."""
-        for (t, _o), v in zip(self._layouts[i], self._host_views[i]):
-            _set_data(t, v)
-
-    def release(self) -> None:
-        """Point every block back at its host buffer (the slots stay allocated until :meth:`close`)."""
-        if self._cuda:
-            torch.cuda.current_stream(self.device).wait_stream(self._stream)
-        for s, i in enumerate(self._slot_block):
-            if i is not None:
-                self._point_home(i)
-                self._slot_block[s] = None
-        self._where.clear()
-        self._events.clear()
-
-    def close(self) -> None:
-        """Suspend and remove the hooks and method patches. The blocks stay on the CPU (in their host
-        buffers)."""
-        self.suspend()
-        for h in self._handles:
-            h.remove()
-        for blk, name in self._patched:
-            with contextlib.suppress(AttributeError):
-                delattr(blk, name)
-        self._handles.clear()
-        self._patched.clear()
-
-
-class Residency:
-    """Applies a :class:`MemoryPlan` to a pipeline's modules, phase by phase.
-
-    ``components`` maps component names (:data:`COMPONENTS`) to ``nn.Module`` s (or ``None`` when absent); a
-    DiT to stream must have a ``blocks`` ``ModuleList``. :meth:`phase` evicts what the phase does not keep,
-    then brings in what it needs, and streams the DiT of a ``"stream"`` placement for the phase's duration.
-
-    :attr:`h2d_bytes` counts the bytes each phase copied to the device (whole modules and streamed blocks).
-    :attr:`streamers` holds a :class:`BlockStreamer` per streamed component, kept across phases and runs (its
-    host buffers are packed once); it streams only during the phases that stream its component.
-    """
-
-    def __init__(self, plan: MemoryPlan, device) -> None:
-        self.plan = plan
-        self.device = _indexed(torch.device(device))
-        self.h2d_bytes: dict[str, int] = {}
-        self.streamers: dict[str, BlockStreamer] = {}
-        self.current: str | None = None
-
-    def place_initial(self, components: Mapping[str, nn.Module | None]) -> None:
-        """Put every component where the plan keeps it outside any phase (all on the device under ``fast``)."""
-        for name, m in components.items():
-            if m is not None:
-                _move(m, self.device if self.plan.initial(name) == "device" else torch.device("cpu"))
-
-    @contextlib.contextmanager
-    def phase(self, phase: str, components: Mapping[str, nn.Module | None]):
-        """Run the body as phase ``phase`` of the plan (see the class docstring); yields the phase's name."""
-        if phase not in PHASES:
-            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-        cpu = torch.device("cpu")
-        present = {n: m for n, m in components.items() if m is not None}
-        # evict first, so the phase's own weights never meet the previous phase's on the device
-        self.evict(phase, present)
-        moved = 0
-        for name, m in present.items():
-            where = self.plan.placement(phase, name)
-            if where == "device":
-                moved += _move(m, self.device)
-            elif where == "stream":
-                moved += _move(m, self.device, skip="blocks")
-                s = self.streamers.get(name)
-                if s is None or s.blocks != list(m.blocks):
-                    if s is not None:
-                        s.close()
-                    _move(m.blocks, cpu)
-                    s = self.streamers[name] = BlockStreamer(m.blocks, self.device, self.plan.stream_blocks)
-                s.resume()
-        streamed = {n: s.h2d_bytes for n, s in self.streamers.items()}
-        self.current = phase
-        try:
-            yield phase
-        finally:
-            for name, s in self.streamers.items():
-                moved += s.h2d_bytes - streamed.get(name, s.h2d_bytes)
-                s.suspend()
-            self.h2d_bytes[phase] = self.h2d_bytes.get(phase, 0) + moved
-            self.current = None
-
-    def evict(self, phase: str, components: Mapping[str, nn.Module | None]) -> None:
-        """Move to the CPU every component that ``phase`` keeps there (the first step of :meth:`phase`; the
-        planner calls it alone to start a phase's count after the previous phase's weights have left)."""
-        if phase not in PHASES:
-            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-        for name, m in components.items():
-            if m is not None and self.plan.placement(phase, name) == "cpu":
-                _move(m, torch.device("cpu"))
-        if self.device.type == "cuda" and torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-    def close(self) -> None:
-        """Remove every streamer's hooks (the streamed blocks stay in their host buffers on the CPU)."""
-        for s in self.streamers.values():
-            s.close()
-        self.streamers.clear()

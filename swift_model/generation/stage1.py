@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from ..nets.dit import FrameTimesteps
+
 
 def stage1_conditioning(dit, vae1, image_low: torch.Tensor, frames: int, device) -> tuple[bool, torch.Tensor]:
     """``(ti2v, cond)``: how Stage I is conditioned on the first frame ``image_low`` ``[3, h1, w1]``.
@@ -35,18 +37,17 @@ def stage1_conditioning(dit, vae1, image_low: torch.Tensor, frames: int, device)
 
 
 def stage1_model_input(x: torch.Tensor, ti2v: bool, cond: torch.Tensor, t: float,
-                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor | FrameTimesteps]:
     """``(input, timesteps)`` of one Stage I DiT call on the state ``x`` ``[1, C, T, h, w]`` at timestep ``t``,
     conditioned by :func:`stage1_conditioning`'s ``(ti2v, cond)``.
 
     TI2V: ``cond`` is written into frame 0 of ``x`` (in place: the state keeps the clean image latent) and the
-    per-token timesteps are 0 on that frame; I2V: ``cond`` is concatenated on the channels, one timestep.
+    timesteps are 0 on that frame and ``t`` on the others, given per frame on the host
+    (:class:`~swift_model.nets.dit.FrameTimesteps`: the per-token timesteps, with no device data read); I2V:
+    ``cond`` is concatenated on the channels, one timestep.
     """
-    _, _, T, h, w = x.shape
+    T = x.shape[2]
     if ti2v:
-        frame_tokens = (h // 2) * (w // 2)
         x[:, :, :1] = cond
-        tt = torch.full((1, T * frame_tokens), float(t), device=x.device)
-        tt[:, :frame_tokens] = 0.0
-        return x.to(dtype), tt
+        return x.to(dtype), FrameTimesteps((0.0,) + (float(t),) * (T - 1))
     return torch.cat([x.to(dtype), cond.to(dtype)], 1), torch.full((1,), float(t), device=x.device)

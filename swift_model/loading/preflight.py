@@ -12,11 +12,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from ..io.files import CheckpointError, CheckpointNotFoundError, read_json
+from ..nets.encoders import CLIP_VIT_H, UMT5_XXL, locate_image_encoder, locate_text_encoder
+from ..nets.spec import ModelSpec, stage2_config
+from ..nets.vae import locate_vae, public_config
 from .checkpoint import DiTCheckpoint, inspect_dit
-from ..nets.encoders import locate_image_encoder, locate_text_encoder
-from ..io.files import CheckpointError, CheckpointNotFoundError
 from .lora import check_lora
-from ..nets.vae import locate_vae
 
 
 @dataclass(frozen=True)
@@ -85,3 +86,34 @@ def check_checkpoints(stage1=None, stage2=None, *, stage1_lora=None, text_encode
     if s1 is not None and s1.config.has_image_input:
         image = _located(locate_image_encoder, stage1, "stage1", "image encoder")
     return CheckedCheckpoints(s1, s2, vae1, vae2, text, image)
+
+
+def checkpoint_spec(stage1, stage2, *, stage2_kind: str = "refine", text_encoder=None,
+                    load_text_encoder: bool = True) -> ModelSpec:
+    """The :class:`~swift_model.nets.spec.ModelSpec` of checkpoint folders, from their configs and headers only (no
+    weight is read). The components are found as ``generate`` finds them (:func:`check_checkpoints`: the same
+    errors, naming stage and file)."""
+    found = check_checkpoints(stage1, stage2, text_encoder=text_encoder, need_text_encoder=load_text_encoder)
+    c1 = found.stage1.config
+    c2 = stage2_config(found.stage2.config, stage2_kind)
+
+    def fields(where):
+        # a diffusers/transformers folder's config.json without its "_" bookkeeping fields, or None
+        cfg_file = os.path.join(where, "config.json")
+        if not os.path.isfile(cfg_file):
+            return None
+        return {k: v for k, v in read_json(cfg_file).items() if not k.startswith("_")}
+
+    def vae(located, z_dim):
+        layout, where = located
+        return fields(where) if layout == "diffusers" else public_config(z_dim)
+
+    def hf_config(located, defaults):
+        layout, model_path = located[:2]
+        cfg = fields(model_path) if layout != "original" else None
+        return dict(defaults) if cfg is None else cfg
+
+    text = hf_config(found.text_encoder, UMT5_XXL) if found.text_encoder is not None else None
+    image = hf_config(found.image_encoder, CLIP_VIT_H) if found.image_encoder is not None else None
+    return ModelSpec(c1, c2, vae(found.vae1, c1.out_channels), vae(found.vae2, c2.out_channels), text, image,
+                     stage2_kind)

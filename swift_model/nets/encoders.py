@@ -53,6 +53,26 @@ CLIP_ORIGINAL_PREFIX = "models_clip_"
 T5_TOKENIZER_DIR = os.path.join("google", "umt5-xxl")
 CLIP_NUM_HEADS = 16  # ViT-H/14 of Wan's CLIP (not recoverable from the weights' shapes)
 
+# The public encoders' architectures (where no folder holds their configs, e.g. a plan from presets):
+# UMT5-XXL's encoder (Wan's text encoder) and the ViT-H/14 vision tower of Wan2.1 I2V's CLIP.
+UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
+                relative_attention_num_buckets=32, relative_attention_max_distance=128,
+                feed_forward_proj="gated-gelu", layer_norm_epsilon=1e-6, dropout_rate=0.0)
+CLIP_VIT_H = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                  image_size=224, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-5)
+
+
+def tiny_umt5_config(dim: int = 32) -> dict:
+    """``UMT5Config`` arguments of the tiny random 2-layer text encoder of width ``dim`` (a byte vocabulary)."""
+    return dict(vocab_size=258, d_model=dim, d_kv=8, d_ff=2 * dim, num_layers=2, num_heads=max(1, dim // 8),
+                relative_attention_num_buckets=8, relative_attention_max_distance=32)
+
+
+def tiny_clip_config(dim: int = 32) -> dict:
+    """``CLIPVisionConfig`` arguments of the tiny random 2-layer image encoder of width ``dim``."""
+    return dict(hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=2, num_attention_heads=max(1, dim // 8),
+                image_size=32, patch_size=8)
+
 
 def find_original_file(path: str, prefix: str) -> str | None:
     """The original Wan checkpoint file in folder ``path`` whose name starts with ``prefix`` (or None)."""
@@ -261,12 +281,11 @@ class TextEncoder:
         """A random 2-layer UMT5 encoder of width ``dim`` with a byte tokenizer (for demos and tests)."""
         from transformers import UMT5Config, UMT5EncoderModel
 
-        cfg = UMT5Config(vocab_size=258, d_model=dim, d_kv=8, d_ff=2 * dim, num_layers=2, num_heads=max(1, dim // 8),
-                         relative_attention_num_buckets=8, relative_attention_max_distance=32)
+        cfg = UMT5Config(**tiny_umt5_config(dim))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = UMT5EncoderModel(cfg)
-        return cls(model, ByteTokenizer(258), max_length=TEXT_LEN)
+        return cls(model, ByteTokenizer(cfg.vocab_size), max_length=TEXT_LEN)
 
     @torch.no_grad()
     def encode(self, prompt: str) -> torch.Tensor:
@@ -316,12 +335,11 @@ class ImageEncoder:
     def tiny(cls, dim: int = 32, seed: int = 0) -> "ImageEncoder":
         from transformers import CLIPVisionConfig, CLIPVisionModel
 
-        cfg = CLIPVisionConfig(hidden_size=dim, intermediate_size=2 * dim, num_hidden_layers=2,
-                               num_attention_heads=max(1, dim // 8), image_size=32, patch_size=8)
+        cfg = CLIPVisionConfig(**tiny_clip_config(dim))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = CLIPVisionModel(cfg)
-        return cls(model, 32)
+        return cls(model, int(cfg.image_size))
 
     @torch.no_grad()
     def encode(self, image: torch.Tensor) -> torch.Tensor:

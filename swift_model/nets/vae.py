@@ -129,13 +129,27 @@ def _is_wan22_original(state: dict) -> bool:
     return any(k.startswith("encoder.downsamples.0.downsamples.") for k in state)
 
 
-def _tiny_config(z_dim: int) -> dict:
+def tiny_config(z_dim: int) -> dict:
+    """``AutoencoderKLWan`` arguments of the tiny random-weight VAE with the architecture of Wan2.1
+    (``z_dim=16``) or Wan2.2 (``z_dim=48``): the demo's and the tests'."""
+    if z_dim not in (16, 48):
+        raise ValueError(f"z_dim must be 16 (Wan2.1) or 48 (Wan2.2), got {z_dim}")
     cfg = dict(base_dim=8, z_dim=z_dim, dim_mult=[1, 2, 2, 2], num_res_blocks=1, temperal_downsample=[False, True, True],
                latents_mean=[0.0] * z_dim, latents_std=[1.0] * z_dim)
     if z_dim == 48:
         cfg.update(decoder_base_dim=8, is_residual=True, patch_size=2, scale_factor_spatial=16,
                    in_channels=12, out_channels=12)
     return cfg
+
+
+def public_config(z_dim: int) -> dict:
+    """``AutoencoderKLWan`` arguments of the public VAE with ``z_dim`` latent channels (16: Wan2.1, 48: Wan2.2),
+    latent statistics included."""
+    if z_dim == 16:
+        return dict(WAN21_CONFIG, latents_mean=WAN21_LATENTS_MEAN, latents_std=WAN21_LATENTS_STD)
+    if z_dim == 48:
+        return dict(WAN22_CONFIG, latents_mean=WAN22_LATENTS_MEAN, latents_std=WAN22_LATENTS_STD)
+    raise ValueError(f"no public Wan VAE has {z_dim} latent channels (16: Wan2.1, 48: Wan2.2)")
 
 
 def default_dtype(device) -> torch.dtype:
@@ -213,6 +227,7 @@ class WanVAE:
         self.temporal_factor = int(cfg.scale_factor_temporal or 4)
         self._mean = torch.tensor(cfg.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self._std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
+        self._stats: dict = {}  # (device, dtype) -> (mean, std) there
         self._num_dec_convs = sum(isinstance(m, WanCausalConv3d) for m in model.decoder.modules())
         self.tile_latent = tile_latent
         self.tile_overlap = tile_overlap
@@ -236,11 +251,10 @@ class WanVAE:
         the weights are drawn in float32 (the same values for every ``dtype``), then cast."""
         from diffusers import AutoencoderKLWan
 
-        if z_dim not in (16, 48):
-            raise ValueError(f"z_dim must be 16 (Wan2.1) or 48 (Wan2.2), got {z_dim}")
+        config = tiny_config(z_dim)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = AutoencoderKLWan(**_tiny_config(z_dim))
+            model = AutoencoderKLWan(**config)
         return cls(model, dtype=dtype, **kw)
 
     @classmethod
@@ -313,11 +327,21 @@ class WanVAE:
 
     # -- normalisation --------------------------------------------------------------------------------
 
+    def _latent_stats(self, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The latent mean and std on ``device`` in ``dtype``, copied there once (a decode normalises every tile's
+        every latent frame: no copy of them per call)."""
+        stats = self._stats.get((device, dtype))
+        if stats is None:
+            stats = self._stats[device, dtype] = (self._mean.to(device, dtype), self._std.to(device, dtype))
+        return stats
+
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
-        return (z - self._mean.to(z.device, z.dtype)) / self._std.to(z.device, z.dtype)
+        mean, std = self._latent_stats(z.device, z.dtype)
+        return (z - mean) / std
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
-        return z * self._std.to(z.device, z.dtype) + self._mean.to(z.device, z.dtype)
+        mean, std = self._latent_stats(z.device, z.dtype)
+        return z * std + mean
 
 
     # -- tiles ----------------------------------------------------------------------------------------

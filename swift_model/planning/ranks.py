@@ -33,7 +33,7 @@ import math
 import torch
 import torch.distributed as dist
 
-from ..generation.memory import _move, _set_data
+from ..generation.residency import move_module, set_tensor_data
 from ..nets.parallel import fsdp_ignored_params
 
 __all__ = ["ShardedBlocksModel", "fake_process_group", "fsdp_shard_bytes"]
@@ -102,7 +102,7 @@ class ShardedBlocksModel:
         self._alive: list[list[torch.Tensor]] = []  # the gathered blocks alive (at most two)
         self._params: list[list[torch.nn.Parameter]] = []
         self._stand_in: dict[torch.dtype, torch.Tensor] = {}
-        _move(dit, self.device)  # the root, the buffers and the parameters left whole: whole on the device
+        move_module(dit, self.device)  # the root, the buffers and the parameters left whole: whole on the device
         for i, blk in enumerate(dit.blocks):
             ignored = fsdp_ignored_params(blk, i)
             sharded = [p for p in blk.parameters() if p not in ignored]
@@ -124,7 +124,7 @@ class ShardedBlocksModel:
             base = self._stand_in.get(p.dtype)
             if base is None:
                 base = self._stand_in[p.dtype] = torch.empty(1, dtype=p.dtype, device=self.device)
-            _set_data(p, base.expand(p.shape))
+            set_tensor_data(p, base.expand(p.shape))
 
     def _gather(self, i: int) -> None:
         params = self._params[i]
@@ -137,7 +137,7 @@ class ShardedBlocksModel:
         unsharded = [torch.empty(p.shape, dtype=p.dtype, device=self.device) for p in params]
         del flat
         for p, u in zip(params, unsharded):
-            _set_data(p, u)
+            set_tensor_data(p, u)
         self._alive.append(unsharded)
 
     def _reshard(self, i: int) -> None:

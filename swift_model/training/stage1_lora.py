@@ -4,7 +4,7 @@ Stage I (a Wan2.1-I2V-class DiT) runs SwiftI2V at a quarter of the output size p
 was trained at. A low-rank adapter trained on clips at that size adapts it. Training is plain flow matching on
 the Stage I VAE latents of the low-resolution clips, conditioned on each clip's first frame exactly as the
 pipeline's Stage I is (:func:`swift_model.training.transition.stage1_conditioning` and
-:func:`~swift_model.training.transition.stage1_model_input`): the noisy state ``(1 - sigma) z + sigma eps``, timestep
+:func:`~swift_model.generation.stage1.stage1_model_input`): the noisy state ``(1 - sigma) z + sigma eps``, timestep
 ``1000 sigma``, target ``eps - z`` (the sampler's ``x0 = x - sigma v``); with TI2V conditioning the clean image
 frame is left out of the loss.
 

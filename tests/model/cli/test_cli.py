@@ -10,14 +10,9 @@ import pytest
 from swift_model.cli import main
 from swift_model.io.video import read_mp4
 
+from helpers import write_png
+
 SMALL = ["--frames", "5", "--width", "64", "--height", "64", "--quiet"]
-
-
-def _png(path, w=40, h=30):
-    from PIL import Image
-
-    Image.fromarray(np.random.default_rng(0).integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
-    return str(path)
 
 
 def test_demo_writes_mp4_and_report(tmp_path, capsys):
@@ -38,7 +33,7 @@ def test_demo_writes_mp4_and_report(tmp_path, capsys):
 
 
 def test_generate_tiny_size_and_seeds(tmp_path):
-    img = _png(tmp_path / "in.png")
+    img = write_png(tmp_path / "in.png")
     outs = []
     for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
         out = tmp_path / f"{name}.mp4"
@@ -60,7 +55,7 @@ def test_generate_tiny_size_and_seeds(tmp_path):
     (["--guidance", "-1"], "guidance"),
 ])
 def test_bad_inputs_one_line_error(tmp_path, capsys, extra, needle):
-    img = _png(tmp_path / "in.png")
+    img = write_png(tmp_path / "in.png")
     out = tmp_path / "o.mp4"
     args = ["generate", "--tiny", "--image", img, "--prompt", "p", "--out", str(out)] + SMALL + extra
     args = [str(tmp_path / "nope.png") if a == "MISSING" else a for a in args]
@@ -77,7 +72,7 @@ def test_unreadable_image_unwritable_output_wrong_checkpoint(tmp_path, capsys):
     junk.write_bytes(b"nope")
     assert main(["generate", "--tiny", "--image", str(junk), "--prompt", "p", "--out", str(tmp_path / "o.mp4")]) == 2
     assert "cannot read image" in capsys.readouterr().err
-    img = _png(tmp_path / "in.png")
+    img = write_png(tmp_path / "in.png")
     assert main(["generate", "--tiny", "--image", img, "--prompt", "p", "--out", str(tmp_path / "no" / "o.mp4")]) == 2
     assert "output folder does not exist" in capsys.readouterr().err
     assert main(["generate", "--image", img, "--prompt", "p", "--out", str(tmp_path / "o.mp4"),
@@ -87,7 +82,7 @@ def test_unreadable_image_unwritable_output_wrong_checkpoint(tmp_path, capsys):
 
 
 def test_generate_guidance_flags(tmp_path):
-    img = _png(tmp_path / "in.png")
+    img = write_png(tmp_path / "in.png")
     outs = []
     for name, extra in (("a", []), ("b", ["--guidance", "1"]), ("c", ["--guidance", "4", "--negative-prompt", "blur"])):
         out = tmp_path / f"{name}.mp4"
@@ -99,7 +94,7 @@ def test_generate_guidance_flags(tmp_path):
 
 def test_generate_shared_anchor_flag(tmp_path):
     """``--shared-anchor`` reaches Stage II (the report says so, the video differs); off by default."""
-    img = _png(tmp_path / "in.png")
+    img = write_png(tmp_path / "in.png")
     outs, reports = [], []
     for name, extra in (("a", []), ("b", ["--shared-anchor"])):
         out, rep = tmp_path / f"{name}.mp4", tmp_path / f"{name}.json"
@@ -109,3 +104,15 @@ def test_generate_shared_anchor_flag(tmp_path):
         reports.append(json.loads(rep.read_text()))
     assert [r["shared_anchor"] for r in reports] == [False, True]
     assert not np.array_equal(outs[0], outs[1])
+
+
+def test_one_dispatch_style_every_command_names_its_function():
+    """Every command's parser carries the function that runs it (``func``); ``main`` calls nothing else."""
+    from swift_model.cli.main import build_parser
+
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert set(commands) == {"generate", "demo", "plan", "prepare", "train", "export", "train-lora"}
+    for name, sub in commands.items():
+        func = sub.get_default("func")
+        assert callable(func) and func.__module__.startswith("swift_model.cli."), name

@@ -2,18 +2,17 @@
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 from swift_model.nets.config import WanDiTConfig
 from swift_model.nets.dit import WanDiT
-from swift_model.generation.memory import COMPONENTS, PHASES, USES, BlockStreamer, MemoryPlan
+from swift_model.generation.memory import COMPONENTS, PHASES, USES, MemoryPlan
+from swift_model.generation.residency import BlockStreamer
 from swift_model.generation.pipeline import SwiftI2VPipeline
 
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+from helpers import random_image
 
 
 def test_profiles_as_the_issue_defines_them():
@@ -34,6 +33,38 @@ def test_profiles_as_the_issue_defines_them():
         MemoryPlan("32gb")
     with pytest.raises(TypeError, match="memory"):
         MemoryPlan.of(3)
+
+
+@pytest.fixture
+def extra_profile():
+    """A profile added to the registry for one test (removed afterwards)."""
+    from swift_model.generation import memory
+
+    prof = memory.MemoryProfile("48gb", "as balanced, with the DiT blocks streamed", everything_resident=False,
+                                stream_dits=True, text_encoder_on_cpu=False, token_chunk=8192)
+    memory.PROFILES[prof.name] = prof
+    yield prof
+    del memory.PROFILES[prof.name]
+
+
+def test_profiles_are_data_that_the_cli_and_the_plan_read(extra_profile):
+    """A profile is one record: registering one makes it a --memory choice of generate and plan, with its summary
+    in the help, and MemoryPlan places the components by its fields alone."""
+    from swift_model.cli.main import build_parser
+    from swift_model.generation.memory import PROFILES
+
+    plan = MemoryPlan("48gb")
+    assert plan.token_chunk == 8192 and plan.settings is extra_profile
+    assert plan.placement("stage2", "stage2") == "stream" and plan.placement("text_encoding", "text_encoder") == "device"
+    assert plan.placement("stage1", "stage2") == "cpu" and plan.initial("vae1") == "cpu"
+    parser = build_parser()
+    for command in ("generate", "plan"):
+        sub = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith(command))
+        memory = next(a for a in sub._actions if a.dest == "memory")
+        assert tuple(memory.choices) == tuple(PROFILES) and "48gb" in memory.choices
+        assert all(p.summary in memory.help for p in PROFILES.values())
+    with pytest.raises(ValueError, match="sharded DiTs .* must be fast, got '48gb'"):
+        MemoryPlan("48gb", sharded_dits=True)
 
 
 def _dit(seed=0, layers=5):
@@ -85,7 +116,7 @@ def test_block_streamer_equals_resident_and_counts_blocks():
 
 @pytest.fixture(scope="module")
 def image():
-    return Image.fromarray((np.random.default_rng(0).random((128, 256, 3)) * 255).astype(np.uint8))
+    return random_image(0, height=128, width=256)
 
 
 def test_24gb_pipeline_equals_resident_pipeline(image):
@@ -114,19 +145,19 @@ class _Spy(torch.nn.Module):
 
 def test_residency_evicts_before_the_phase(monkeypatch):
     """What a phase does not use leaves the device before the phase's own weights arrive (balanced)."""
-    from swift_model.generation import memory
+    from swift_model.generation import residency
 
-    res = memory.Residency(MemoryPlan("balanced"), "cpu")
+    res = residency.Residency(MemoryPlan("balanced"), "cpu")
     comps = {c: _Spy() for c in COMPONENTS}
     order = []
-    real_move = memory._move
+    real_move = residency.move_module
 
     def move(m, device, skip=None):
         name = next(k for k, v in comps.items() if v is m or (hasattr(v, "blocks") and v.blocks is m))
         order.append((name, torch.device(device).type))
         return real_move(m, device, skip)
 
-    monkeypatch.setattr(memory, "_move", move)
+    monkeypatch.setattr(residency, "move_module", move)
     with res.phase("stage2", comps):
         pass
     evicted = [i for i, (n, d) in enumerate(order) if n != "stage2"]

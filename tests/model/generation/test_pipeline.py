@@ -4,13 +4,14 @@ import copy
 import os
 import stat
 
-import numpy as np
 import pytest
 import torch
 
 from swift_model.generation.bridge import reference_video
 from swift_model.nets.vae import WanVAE
 from swift_model.io.video import read_image, read_mp4, write_mp4
+
+from helpers import random_image as _image  # 48 x 80
 
 
 # vae16, vae48: the tiny VAEs (conftest.py)
@@ -208,20 +209,7 @@ def test_read_image_errors(tmp_path):
 # -- the tiny pipeline end to end --------------------------------------------------------------------------
 
 SMALL = dict(frames=5, width=64, height=64, progress=False)
-
-
-@pytest.fixture(scope="module")
-def tiny_pipe():
-    from swift_model.generation.pipeline import SwiftI2VPipeline
-
-    return SwiftI2VPipeline.tiny(seed=0, device="cpu")
-
-
-def _image(seed):
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (48, 80, 3), dtype=np.uint8))
+# tiny_pipe: the tiny pipeline (conftest.py)
 
 
 def test_tiny_pipeline_shapes_and_seeds(tiny_pipe):
@@ -302,7 +290,7 @@ def test_tiny_pipeline_guidance(tiny_pipe):
 def test_tiny_pipeline_shared_anchor(tiny_pipe, monkeypatch):
     """``shared_anchor=True`` runs every Stage II window with the layout a shared-anchor training sequence
     gives that window (the anchor attending only itself; the packed forward equals this window forward,
-    tests/test_training.py), the result differs from the default; ``False`` is the default."""
+    tests/model/training/test_training.py), the result differs from the default; ``False`` is the default."""
     from swift_model.training.packing import TrainingWindows
 
     img = _image(4)
@@ -315,7 +303,9 @@ def test_tiny_pipeline_shared_anchor(tiny_pipe, monkeypatch):
     forward = tiny_pipe.stage2.forward
 
     def spy(*args, **kwargs):
-        calls.append((kwargs.get("layout"), kwargs.get("anchor_cache")))
+        # the window's layout, given as is or as the attention plan built from it once per window
+        plan = kwargs.get("attention_plan")
+        calls.append((kwargs.get("layout") or (plan.layout if plan is not None else None), kwargs.get("anchor_cache")))
         return forward(*args, **kwargs)
 
     monkeypatch.setattr(tiny_pipe.stage2, "forward", spy)
@@ -378,6 +368,8 @@ def test_stage1_is_the_transition_from_pure_noise(tiny_pipe, stage1):
 
     from swift_model import WanDiT, WanDiTConfig
     from swift_model.generation.csg import flow_steps
+    from swift_model.generation.pipeline import Conditioning, GenerationState
+    from swift_model.generation.request import GenerationRequest
     from swift_model.training.transition import transition_latents
 
     dit = tiny_pipe.stage1
@@ -390,7 +382,10 @@ def test_stage1_is_the_transition_from_pure_noise(tiny_pipe, stage1):
     clip = torch.rand(3, 9, 16, 16, generator=g) * 2 - 1
     ctx = torch.randn(1, 8, 32, generator=g)
     fea = tiny_pipe.image_encoder.encode(clip[:, 0]) if stage1 == "i2v" else None
-    got = pipe._stage1(clip[:, 0], ctx, fea, 9, 16, 16, flow_steps(2, 5.0), 7, "renoise", False)
+    request = GenerationRequest(image=_image(0), prompt_embeds=ctx, frames=9, width=64, height=64, steps=2, seed=7)
+    run = dataclasses.replace(pipe.prepare(request), image_low=clip[:, 0])  # the clip's first frame, as is
+    assert run.schedule1 == flow_steps(2, 5.0)
+    got = pipe.run_stage1(run, GenerationState(conditioning=Conditioning(ctx, None, fea)))
     want = transition_latents(dit, tiny_pipe.vae1, clip, ctx, sigma=1.0, steps=2, seed=7, clip_fea=fea)
     assert torch.equal(got, want)
     if stage1 == "ti2v":  # the image latent stays frame 0

@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from swift_model.planning.planner import plan_generation, tiny_spec
+from swift_model.nets.spec import ModelSpec
+from swift_model.planning.planner import plan_generation
 
 SMALL = dict(frames=25, width=128, height=64)  # 7 latent frames: 3 CSG windows of up to 4 latent frames
 ROUND = 512  # the CUDA allocator's rounding, as the planner counts
@@ -22,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _plan(spec=None, phases=("stage1", "stage2"), **kw):
-    result = plan_generation(spec or tiny_spec(), phases=phases, **SMALL, **kw)
+    result = plan_generation(spec or ModelSpec.tiny(), phases=phases, **SMALL, **kw)
     assert not dist.is_initialized()  # the fake process group is gone
     return result
 
@@ -48,7 +49,7 @@ def test_ulysses_rank_peaks_are_below_one_process():
     DiT call. 81 frames, so that Stage I's 672 tokens outnumber the 512 text tokens."""
     from swift_model.nets.config import WanDiTConfig
 
-    spec = dataclasses.replace(tiny_spec(), image_encoder=None,
+    spec = dataclasses.replace(ModelSpec.tiny(), image_encoder=None,
                                stage1=WanDiTConfig.preset("tiny-t2v", kind="ti2v", per_token_timestep=True))
     size = dict(frames=81, width=512, height=256)
     one, two = ({k: v["peak_bytes"] for k, v in plan_generation(spec, phases=("stage1", "stage2"), world_size=w,
@@ -57,6 +58,7 @@ def test_ulysses_rank_peaks_are_below_one_process():
         assert two[phase] < one[phase], (phase, one, two)
 
 
+@pytest.mark.slow  # several plans of one rank: over 3 s on a 2-core machine
 def test_replay_equals_the_full_run_per_rank():
     """The planner's replay of repeated block calls stays exact on a rank of 4 with FSDP (the gather hooks run
     around replayed calls) and Ulysses: the same FLOPs, peaks at or up to 10% above the full run's."""
@@ -99,7 +101,7 @@ def test_fsdp_rank_holds_a_quarter_of_the_block_weights():
     from swift_model.nets.dit import WanDiT
     from swift_model.nets.parallel import fsdp_ignored_params
 
-    spec = tiny_spec()
+    spec = ModelSpec.tiny()
     one = _peaks(spec, phases=("text_encoding", "stage1", "stage2"), memory="fast")
     four = _peaks(spec, phases=("text_encoding", "stage1", "stage2"), world_size=4, fsdp=True)
     with torch.device("meta"):
@@ -126,13 +128,14 @@ def test_fsdp_rank_holds_a_quarter_of_the_block_weights():
         assert four[phase] < one[phase], (phase, one, four)
 
 
+@pytest.mark.slow  # several plans of one rank: over 3 s on a 2-core machine
 def test_cfg_parallel_rank_runs_one_branch():
     """With --cfg-parallel each rank runs one guidance branch: its per-rank activations are the unguided
     one-process ones. The per-rank peak is the unguided peak plus the negative prompt's cached keys/values
     (every rank computes both caches; bytes from the configs, checked as the difference between two depths)
     plus the velocity exchange (depth-independent, a few velocity-sized buffers); its FLOPs about half the
     guided one-process FLOPs."""
-    spec = tiny_spec()
+    spec = ModelSpec.tiny()
     extra, flops = {}, {}
     for layers in (2, 6):
         s = _with_layers(spec, stage1=layers, stage2=layers)
@@ -151,12 +154,13 @@ def test_cfg_parallel_rank_runs_one_branch():
     assert 0.45 < flops[2] / guided.phases["stage2"]["flops"] < 0.6, (flops, guided.phases)
 
 
+@pytest.mark.slow  # several plans of one rank: over 3 s on a 2-core machine
 def test_shared_anchor_keeps_its_keys_and_values_resident():
     """plan --shared-anchor: the Stage II estimate holds the anchor's cached keys and values (two
     ``[anchor tokens, dim]`` tensors per block) for the whole phase. The windows then skip the anchor's
     tokens (smaller, block-sparse calls), a saving that does not depend on the depth, so the cache is checked
     as the growth with the depth: 4 more blocks add exactly 4 blocks' keys and values to the difference."""
-    spec = tiny_spec("refine")
+    spec = ModelSpec.tiny("refine")
     size = dict(frames=25, width=256, height=128)
     diff, after = {}, {}
     for layers in (2, 6):
@@ -185,7 +189,7 @@ def test_plan_leaves_no_process_group(monkeypatch):
 
     monkeypatch.setattr(distributed.Parallelism, "build", staticmethod(broken))
     with pytest.raises(RuntimeError, match="broken on purpose"):
-        plan_generation(tiny_spec(), phases=("stage2",), world_size=2, **SMALL)
+        plan_generation(ModelSpec.tiny(), phases=("stage2",), world_size=2, **SMALL)
     assert not dist.is_initialized()
 
 
@@ -221,7 +225,7 @@ def test_plan_checks_heads_and_fsdp_memory_as_generate(capsys):
     size = ["--frames", "9", "--width", "128", "--height", "64"]
     err = _errors(capsys, ["plan", "--tiny", "--world-size", "3"] + size)  # 3 Ulysses ranks, 4 heads
     with torch.device("meta"):
-        s1, s2 = WanDiT(tiny_spec().stage1), WanDiT(tiny_spec().stage2)
+        s1, s2 = WanDiT(ModelSpec.tiny().stage1), WanDiT(ModelSpec.tiny().stage2)
     with pytest.raises(ValueError) as want:
         check_heads_of({"Stage I": s1, "Stage II": s2}, 3)
     assert err == f"error: {want.value}"
@@ -231,6 +235,7 @@ def test_plan_checks_heads_and_fsdp_memory_as_generate(capsys):
     assert err == f"error: {want.value}"
 
 
+@pytest.mark.slow  # several plans of one rank: over 3 s on a 2-core machine
 def test_plan_json_and_table_name_the_layout(capsys):
     from swift_model.cli import main
 

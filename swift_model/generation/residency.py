@@ -1,0 +1,337 @@
+"""Applying a memory plan: moving whole modules between the CPU and the device phase by phase
+(:class:`Residency`), and streaming a DiT's transformer blocks from host memory (:class:`BlockStreamer`).
+
+The real run and the planner (:mod:`swift_model.planning.planner`, which runs the same phases on fake tensors)
+both go through :class:`Residency`, so the estimate and the run cannot disagree about what is resident. Moves
+work on fake tensors too (the planner's): :func:`set_tensor_data` and :func:`tensor_device` know their
+``fake_device``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+
+from .memory import PHASES, MemoryPlan
+
+
+
+def module_tensors(module: nn.Module, skip: str | None = None):
+    """``(owner, attribute, tensor)`` of every parameter and buffer of ``module`` (outside ``skip.*``)."""
+    for mod_name, mod in module.named_modules():
+        if skip is not None and (mod_name == skip or mod_name.startswith(skip + ".")):
+            continue
+        for attr, p in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
+            yield mod, attr, p
+
+
+def set_tensor_data(t: torch.Tensor, new: torch.Tensor) -> None:
+    """``t.data = new``, also for the planner's fake tensors (which keep their device in a field of their own)."""
+    t.data = new
+    if hasattr(t, "fake_device"):
+        t.fake_device = new.device
+
+
+def tensor_device(t: torch.Tensor) -> torch.device:
+    # a fake tensor's device without a dispatch (the planner moves thousands of them)
+    return getattr(t, "fake_device", None) or t.device
+
+
+@torch.no_grad()
+def move_module(module: nn.Module, device: torch.device, skip: str | None = None) -> int:
+    """Move ``module``'s parameters and buffers (outside ``skip``) to ``device`` in place (``.data``, so the
+    Parameter objects, and any hooks on the module, stay); returns the bytes copied to a non-CPU device."""
+    moved = 0
+    for _mod, _attr, t in module_tensors(module, skip):
+        src = tensor_device(t)
+        if src != device:
+            if device.type != "cpu":
+                moved += t.numel() * t.element_size()
+            if hasattr(t, "fake_device"):  # a fake tensor (the planner) has no data to copy: one allocation
+                new = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=device)
+            else:
+                new = t.to(device, non_blocking=src.type == "cpu" and device.type == "cuda")
+            set_tensor_data(t, new)
+    return moved
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """``cuda`` as ``cuda:N`` (the current device; 0 without a driver, as fake tensors say), so that comparing it
+    with a tensor's device tells whether the tensor is there."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_available() else 0)
+    return device
+
+
+def _align(n: int, a: int = 256) -> int:
+    return (n + a - 1) // a * a
+
+
+class BlockStreamer:
+    """Streams the weights of a sequence of modules (a DiT's transformer blocks) to the device block by block.
+
+    Every block's parameters and buffers are packed into one host buffer (pinned when CUDA is present, so the
+    copy is asynchronous) and the block's tensors become views of it. ``slots`` device buffers, each the size
+    of the largest block, hold the blocks being used: before block ``i`` runs (its ``forward``, or
+    ``context_kv`` for a DiT's cross-attention cache) its weights are copied into a slot and its tensors point
+    there, and block ``i + 1``'s copy is started on a side CUDA stream so it overlaps block ``i``'s compute
+    (the side stream first waits for the work queued so far, so it never overwrites a slot still being read;
+    the compute stream waits for the copy's event before using a block). A block evicted from its slot points
+    back at its host buffer. On a CPU (or with fake tensors) the same code runs with synchronous copies.
+
+    At most ``slots`` blocks have their weights on the device at any time (:attr:`max_resident` records it),
+    and every block use that misses the slots costs one copy (:attr:`h2d_bytes` counts the bytes).
+
+    Args:
+        blocks: the modules to stream (e.g. ``dit.blocks``); each must keep its weights in its own tensors.
+        device: the compute device.
+        slots: device buffers (>= 1; 2 overlaps one copy with one block's compute).
+        methods: methods besides ``forward`` that read a block's weights (patched on each block instance).
+    """
+
+    def __init__(self, blocks: Sequence[nn.Module], device, slots: int = 2,
+                 methods: Iterable[str] = ("context_kv",)) -> None:
+        if slots < 1:
+            raise ValueError(f"slots must be >= 1, got {slots}")
+        self.blocks = list(blocks)
+        self.device = _indexed(torch.device(device))
+        self.num_slots = slots
+        # Real CUDA only: fake CUDA tensors (the planner) and CPUs take the synchronous path.
+        self._cuda = self.device.type == "cuda" and torch.cuda.is_available()
+        self._layouts: list[list[tuple[torch.Tensor, int]]] = []
+        self._host: list[torch.Tensor] = []
+        self._host_views: list[list[torch.Tensor]] = []  # built once: a load or an eviction only re-points
+        self._slot_views: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self.block_bytes: list[int] = []
+        for blk in self.blocks:
+            entries, off = [], 0
+            for _mod, _attr, t in module_tensors(blk):
+                entries.append((t, off))
+                off = _align(off + t.numel() * t.element_size())
+            host = torch.empty(max(off, 1), dtype=torch.uint8, pin_memory=self._cuda)
+            views = []
+            for t, o in entries:
+                view = self._view(host, t, o)
+                view.copy_(t.data)
+                set_tensor_data(t, view)  # the block now lives in its host buffer
+                views.append(view)
+            self._host_views.append(views)
+            self._layouts.append(entries)
+            self._host.append(host)
+            self.block_bytes.append(off)
+        self._slots: list[torch.Tensor] = []
+        self._slot_block: list[int | None] = [None] * slots
+        self._slot_used = [0] * slots
+        self._where: dict[int, int] = {}  # block -> slot
+        self._events: dict[int, object] = {}
+        self._clock = 0
+        self._stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self.h2d_bytes = 0
+        self.max_resident = 0
+        self.loads = 0
+        self.active = False
+        self._handles = []
+        self._patched: list[tuple[nn.Module, str]] = []
+        for i, blk in enumerate(self.blocks):
+            self._handles.append(blk.register_forward_pre_hook(lambda _m, _a, i=i: self._enter(i)))
+            for name in methods:
+                if hasattr(blk, name):
+                    bound = getattr(blk, name)
+
+                    def wrapped(*args, _f=bound, _i=i, **kw):
+                        self._enter(_i)
+                        return _f(*args, **kw)
+
+                    setattr(blk, name, wrapped)  # an instance attribute shadows the method
+                    self._patched.append((blk, name))
+
+    @staticmethod
+    def _view(buf: torch.Tensor, like: torch.Tensor, offset: int) -> torch.Tensor:
+        n = like.numel() * like.element_size()
+        return buf[offset:offset + n].view(like.dtype).view(like.shape)
+
+    @property
+    def resident(self) -> int:
+        """Blocks whose weights are on the device now."""
+        return sum(b is not None for b in self._slot_block)
+
+    @property
+    def slot_bytes(self) -> int:
+        """Device bytes of the slots (``slots`` x the largest block)."""
+        return sum(s.numel() for s in self._slots)
+
+    def resume(self) -> "BlockStreamer":
+        """Allocate the device slots and start streaming (the hooks act only while streaming)."""
+        if not self.active:
+            size = max(self.block_bytes, default=1)
+            self._slots = [torch.empty(size, dtype=torch.uint8, device=self.device) for _ in range(self.num_slots)]
+            self._slot_used = [0] * self.num_slots
+            self.active = True
+        return self
+
+    def suspend(self) -> None:
+        """Stop streaming: every block points back at its host buffer and the device slots are freed (the
+        host buffers and hooks stay, so :meth:`resume` starts again without repacking)."""
+        if self.active:
+            self.release()
+            self._slots = []
+            self._slot_views.clear()
+            self.active = False
+
+    def _enter(self, i: int) -> None:
+        """Block ``i`` is about to run: make its weights resident, and start the copy of the next block."""
+        if not self.active:
+            return
+        self._load(i)
+        if self._cuda and i in self._events:
+            torch.cuda.current_stream(self.device).wait_event(self._events.pop(i))
+        if self.num_slots > 1 and i + 1 < len(self.blocks):
+            self._load(i + 1)
+
+    def _load(self, i: int) -> None:
+        self._clock += 1
+        if i in self._where:
+            self._slot_used[self._where[i]] = self._clock
+            return
+        # the least recently used slot: never the block about to run (it was touched last)
+        s = min(range(self.num_slots), key=lambda k: self._slot_used[k])
+        old = self._slot_block[s]
+        if old is not None:
+            self._point_home(old)
+            del self._where[old]
+            self._events.pop(old, None)
+        nbytes = self.block_bytes[i]
+        dst = self._slots[s][:nbytes]
+        if self._cuda:
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._stream):
+                dst.copy_(self._host[i][:nbytes], non_blocking=True)
+                ev = torch.cuda.Event()
+                ev.record(self._stream)
+            self._events[i] = ev
+        else:
+            dst.copy_(self._host[i][:nbytes])
+        views = self._slot_views.get((i, s))
+        if views is None:
+            views = self._slot_views[i, s] = [self._view(self._slots[s], t, o) for t, o in self._layouts[i]]
+        for (t, _o), v in zip(self._layouts[i], views):
+            set_tensor_data(t, v)
+        self._slot_block[s] = i
+        self._slot_used[s] = self._clock
+        self._where[i] = s
+        self.h2d_bytes += nbytes
+        self.loads += 1
+        self.max_resident = max(self.max_resident, self.resident)
+
+    def _point_home(self, i: int) -> None:
+        """Block ``i``'s tensors point back at its host buffer."""
+        for (t, _o), v in zip(self._layouts[i], self._host_views[i]):
+            set_tensor_data(t, v)
+
+    def release(self) -> None:
+        """Point every block back at its host buffer (the slots stay allocated until :meth:`close`)."""
+        if self._cuda:
+            torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        for s, i in enumerate(self._slot_block):
+            if i is not None:
+                self._point_home(i)
+                self._slot_block[s] = None
+        self._where.clear()
+        self._events.clear()
+
+    def close(self) -> None:
+        """Suspend and remove the hooks and method patches. The blocks stay on the CPU (in their host
+        buffers)."""
+        self.suspend()
+        for h in self._handles:
+            h.remove()
+        for blk, name in self._patched:
+            with contextlib.suppress(AttributeError):
+                delattr(blk, name)
+        self._handles.clear()
+        self._patched.clear()
+
+
+class Residency:
+    """Applies a :class:`MemoryPlan` to a pipeline's modules, phase by phase.
+
+    ``components`` maps component names (:data:`COMPONENTS`) to ``nn.Module`` s (or ``None`` when absent); a
+    DiT to stream must have a ``blocks`` ``ModuleList``. :meth:`phase` evicts what the phase does not keep,
+    then brings in what it needs, and streams the DiT of a ``"stream"`` placement for the phase's duration.
+
+    :attr:`h2d_bytes` counts the bytes each phase copied to the device (whole modules and streamed blocks);
+    :attr:`resident` lists, per phase, the components with weights on the device during it.
+    :attr:`streamers` holds a :class:`BlockStreamer` per streamed component, kept across phases and runs (its
+    host buffers are packed once); it streams only during the phases that stream its component.
+    """
+
+    def __init__(self, plan: MemoryPlan, device) -> None:
+        self.plan = plan
+        self.device = _indexed(torch.device(device))
+        self.h2d_bytes: dict[str, int] = {}
+        self.resident: dict[str, list[str]] = {}
+        self.streamers: dict[str, BlockStreamer] = {}
+        self.current: str | None = None
+
+    def place_initial(self, components: Mapping[str, nn.Module | None]) -> None:
+        """Put every component where the plan keeps it outside any phase (all on the device under ``fast``)."""
+        for name, m in components.items():
+            if m is not None:
+                move_module(m, self.device if self.plan.initial(name) == "device" else torch.device("cpu"))
+
+    @contextlib.contextmanager
+    def phase(self, phase: str, components: Mapping[str, nn.Module | None]):
+        """Run the body as phase ``phase`` of the plan (see the class docstring); yields the phase's name."""
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        cpu = torch.device("cpu")
+        present = {n: m for n, m in components.items() if m is not None}
+        # evict first, so the phase's own weights never meet the previous phase's on the device
+        self.evict(phase, present)
+        moved = 0
+        for name, m in present.items():
+            where = self.plan.placement(phase, name)
+            if where == "device":
+                moved += move_module(m, self.device)
+            elif where == "stream":
+                moved += move_module(m, self.device, skip="blocks")
+                s = self.streamers.get(name)
+                if s is None or s.blocks != list(m.blocks):
+                    if s is not None:
+                        s.close()
+                    move_module(m.blocks, cpu)
+                    s = self.streamers[name] = BlockStreamer(m.blocks, self.device, self.plan.stream_blocks)
+                s.resume()
+        streamed = {n: s.h2d_bytes for n, s in self.streamers.items()}
+        # what this phase keeps on the device (whole, or a streamed DiT's resident part), as the tensors say
+        self.resident[phase] = [n for n, m in present.items()
+                                if any(tensor_device(t).type == self.device.type for t in m.parameters())]
+        self.current = phase
+        try:
+            yield phase
+        finally:
+            for name, s in self.streamers.items():
+                moved += s.h2d_bytes - streamed.get(name, s.h2d_bytes)
+                s.suspend()
+            self.h2d_bytes[phase] = self.h2d_bytes.get(phase, 0) + moved
+            self.current = None
+
+    def evict(self, phase: str, components: Mapping[str, nn.Module | None]) -> None:
+        """Move to the CPU every component that ``phase`` keeps there (the first step of :meth:`phase`; the
+        planner calls it alone to start a phase's count after the previous phase's weights have left)."""
+        if phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+        for name, m in components.items():
+            if m is not None and self.plan.placement(phase, name) == "cpu":
+                move_module(m, torch.device("cpu"))
+        if self.device.type == "cuda" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def close(self) -> None:
+        """Remove every streamer's hooks (the streamed blocks stay in their host buffers on the CPU)."""
+        for s in self.streamers.values():
+            s.close()
+        self.streamers.clear()
