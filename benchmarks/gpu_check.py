@@ -8,7 +8,7 @@ Steps: ``env``; ``attention BACKENDS`` (comma-separated: triton, cuda, cuda-sm90
 Correctness (``attention``, ``ops``) runs at the real Stage II sizes: a CSG window of 4 latent frames (14,080
 tokens, dense) and the whole 21-frame clip (73,920 tokens, block-sparse: segments of 2 frames, one left
 neighbour), 24 heads of 128, bf16 and fp16, forward and backward, each against the fp32 PyTorch reference, with
-DESIGN.md's rule: the error may be at most twice that of PyTorch's own computation in the same dtype (each
+the rule of docs/testing.md: the error may be at most twice that of PyTorch's own computation in the same dtype (each
 window gathered, then dense SDPA) plus one ulp of the largest value. Inputs are fresh random numbers per case,
 outputs land in NaN-poisoned memory. One line per case goes to ``checks.jsonl``; ``summary`` folds them into
 ``results.json`` (device, versions, date, per op/backend pass or fail), which ``python -m swift_kernels.verified

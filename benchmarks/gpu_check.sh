@@ -144,16 +144,16 @@ step b-fwd 180 "${CHECK[@]}" bench-fwd
 step b-ops 90 "${CHECK[@]}" bench-ops
 step b-bwd 150 "${CHECK[@]}" bench-bwd
 if [ "$DRY" = 0 ]; then
-    step t-gpu 150 "$PY" -m pytest -q -p no:cacheprovider -rfEs -m gpu tests/test_cuda_extension.py tests/test_plan.py \
-        tests/test_large_tensors.py
+    step t-gpu 150 "$PY" -m pytest -q -p no:cacheprovider -rfEs -m gpu tests/kernels/test_cuda_extension.py \
+        tests/kernels/attention/test_attention_plan.py tests/kernels/test_large_tensors.py
 else
     skip t-gpu "dry run: no GPU"
 fi
 step vae 120 "${CHECK[@]}" vae
 if [ "$DRY" = 0 ]; then
     # the memory plan against the device: measured peak vs swift-i2v plan's estimate; VAE encode of a CPU clip
-    step t-mem 150 "$PY" -m pytest -q -p no:cacheprovider -rfEs -m gpu tests/test_planner.py \
-        tests/test_pipeline.py
+    step t-mem 150 "$PY" -m pytest -q -p no:cacheprovider -rfEs -m gpu tests/model/planning/test_planner.py \
+        tests/model/generation/test_pipeline.py
 else
     skip t-mem "dry run: no GPU"
 fi

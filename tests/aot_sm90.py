@@ -1,6 +1,6 @@
 """Compile every production Triton kernel config ahead of time for Hopper (sm_90) and report its resources.
 
-Run as a script with the interpreter off (the tests do, in a subprocess):
+Run as a script with the interpreter off (the tests do, in a subprocess: ``run_aot`` in helpers.py):
 ``python tests/aot_sm90.py attention|ops`` prints one JSON line per kernel config (registers, stack frame,
 shared memory) and then ``AOT-OK``, or lines starting ``OVER-LIMIT`` and exit code 3 when a config passes the
 limits below. No GPU is needed: ``triton.compile`` with a ``GPUTarget`` runs ptxas, and ``cuobjdump -res-usage``
@@ -19,7 +19,9 @@ Limits, and why:
 
 from __future__ import annotations
 
+import functools
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -71,7 +73,12 @@ def compile_sm90(fn, sig: dict, const: dict, num_warps: int, num_stages: int = 3
     return report
 
 
-def attention_reports():
+def sm90_compile(fn, sig: dict, const: dict, num_warps: int, num_stages: int = 3):
+    """:func:`compile_sm90` of these arguments, as a job for :func:`reports` to run."""
+    return functools.partial(compile_sm90, fn, sig, const, num_warps, num_stages)
+
+
+def attention_jobs():
     from swift_kernels.attention import triton_kernels as K
     from swift_kernels.attention.tiles import SPARSE_BLOCK
     from swift_kernels.attention.triton_backend import _GPU_CONFIG_16BIT as C
@@ -90,7 +97,7 @@ def attention_reports():
         return "i32"  # strides and sizes
 
     def comp(fn, dt, const, warps, stages):
-        return compile_sm90(fn, {n: arg_type(n, dt) for n in fn.arg_names}, const, warps, stages)
+        return sm90_compile(fn, {n: arg_type(n, dt) for n in fn.arg_names}, const, warps, stages)
 
     for dt in ("bf16", "fp16"):
         for d in (64, 128):
@@ -100,12 +107,12 @@ def attention_reports():
                 yield comp(K.bwd_dkdv_kernel, dt, dict(common, BLOCK_M=C.dkdv_m, BLOCK_N=C.dkdv_n), C.dkdv_warps,
                            C.dkdv_stages)
                 yield comp(K.bwd_dq_kernel, dt, dict(common, BLOCK_M=C.dq_m, BLOCK_N=C.dq_n), C.dq_warps, C.dq_stages)
-            yield compile_sm90(K.bwd_preprocess_kernel, {n: ("*" + dt if n in ("Out", "dOut") else "*fp32" if n == "Delta"
+            yield sm90_compile(K.bwd_preprocess_kernel, {n: ("*" + dt if n in ("Out", "dOut") else "*fp32" if n == "Delta"
                                                               else "i32") for n in K.bwd_preprocess_kernel.arg_names},
                                dict(HEAD_DIM=d, BLOCK_M=64), 4, 1)
 
 
-def ops_reports():
+def ops_jobs():
     from swift_kernels.dit_ops import triton_kernels as K
     from swift_kernels.sampler import triton_kernels as S
 
@@ -115,46 +122,47 @@ def ops_reports():
                    mi_ptr=f"*{dt}", x0_ptr=f"*{dt}", R=i, S=i, R_REF=i, G=i, NG=i, s_sb=i, s_sr=i, mi_sb=i, mi_sr=i,
                    sigma="fp32", coef_a="fp32", coef_b="fp32", guidance="fp32", seed="i64", offset="i64")
         for mode, aligned in ((0, True), (1, True), (1, False), (2, True)):
-            yield compile_sm90(S._flow_step_kernel, sig, dict(MODE=mode, HAS_CFG=True, HAS_MASK=True, HAS_REF=True,
+            yield sm90_compile(S._flow_step_kernel, sig, dict(MODE=mode, HAS_CFG=True, HAS_MASK=True, HAS_REF=True,
                                                               WRITE_STATE=True, WRITE_MI_STATE=True, WRITE_X0=True,
                                                               ALIGNED=aligned, BLOCK=1024), 4)
         sig = dict(x_ptr=f"*{dt}", sh_ptr="*fp32", sc_ptr="*fp32", out_ptr=f"*{dt}", idx_ptr="*i64", L=i, C=i, sxb=i,
                    sxl=i, shb=i, shl=i, scb=i, scl=i, sib=i, sil=i, eps="fp32")
         for indexed in (False, True):
-            yield compile_sm90(K._adaln_kernel, sig, dict(INDEXED=indexed, BLOCK_C=4096), 8)
+            yield sm90_compile(K._adaln_kernel, sig, dict(INDEXED=indexed, BLOCK_C=4096), 8)
         sig = dict(x_ptr=f"*{dt}", y_ptr=f"*{dt}", g_ptr="*fp32", sh_ptr="*fp32", sc_ptr="*fp32", nx_ptr=f"*{dt}",
                    mod_ptr=f"*{dt}", idx_ptr="*i32", L=i, C=i, sxb=i, sxl=i, syb=i, syl=i, sgb=i, sgl=i, shb=i, shl=i,
                    scb=i, scl=i, sib=i, sil=i, eps="fp32")
         for fused in (False, True):
             for indexed in (False, True):
-                yield compile_sm90(K._gated_residual_kernel, sig, dict(FUSED=fused, INDEXED=indexed, BLOCK_C=4096), 8)
+                yield sm90_compile(K._gated_residual_kernel, sig, dict(FUSED=fused, INDEXED=indexed, BLOCK_C=4096), 8)
         sig = dict(q_ptr=f"*{dt}", k_ptr=f"*{dt}", wq_ptr=f"*{dt}", wk_ptr=f"*{dt}", f_ptr="*fp32", qo_ptr=f"*{dt}",
                    ko_ptr=f"*{dt}", L=i, H=i, HD=i, sqb=i, sql=i, sqh=i, skb=i, skl=i, skh=i, sfb=i, sfl=i, eps="fp32")
-        yield compile_sm90(K._qk_norm_rope_kernel, sig, dict(D=128, BLOCK_H=32), 8)
+        yield sm90_compile(K._qk_norm_rope_kernel, sig, dict(D=128, BLOCK_H=32), 8)
 
 
-def run_aot(which: str, tmp_path) -> str:
-    """Run tests/aot_sm90.py ``which`` in a subprocess (interpreter off); returns its output, or skips without ptxas."""
-    import pytest
+_JOBS: list = []  # the compiles of this run; the pool's forked workers inherit them and run them by index
 
-    here = os.path.dirname(os.path.abspath(__file__))
-    env = dict(os.environ, TRITON_INTERPRET="0", TRITON_CACHE_DIR=str(tmp_path))
-    env["PYTHONPATH"] = os.path.dirname(here) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, os.path.join(here, "aot_sm90.py"), which], env=env, capture_output=True,
-                          text=True, timeout=900)
-    if proc.returncode != 0 and "ptxas" in proc.stderr and ("not found" in proc.stderr or "No such file" in proc.stderr):
-        pytest.skip("no ptxas available to compile for sm_90")
-    print(proc.stdout)  # the resource report, shown with -s or on failure
-    assert "OVER-LIMIT" not in proc.stdout, proc.stdout
-    assert proc.returncode == 0 and "AOT-OK" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "NO-RESOURCE-REPORT" not in proc.stdout, "cuobjdump is missing: registers and spills were not checked"
-    return proc.stdout
+
+def _run_job(i: int) -> dict:
+    return _JOBS[i]()
+
+
+def reports(which: str):
+    """The resource report of every config of ``which``, in order. The configs compile in parallel, one forked
+    process per core: most of a compile is LLVM and ptxas, one config at a time per core."""
+    _JOBS[:] = attention_jobs() if which == "attention" else ops_jobs()
+    workers = min(len(os.sched_getaffinity(0)), len(_JOBS))
+    if workers <= 1:
+        yield from map(_run_job, range(len(_JOBS)))
+        return
+    with multiprocessing.get_context("fork").Pool(workers) as pool:  # nothing runs in threads yet: safe to fork
+        yield from pool.imap(_run_job, range(len(_JOBS)))
 
 
 def main(which: str) -> int:
     limits = LIMITS[which]
     over = []
-    for rep in (attention_reports() if which == "attention" else ops_reports()):
+    for rep in reports(which):
         print(json.dumps(rep), flush=True)
         for key, limit in limits.items():
             if key in rep and rep[key] > limit:

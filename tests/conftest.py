@@ -13,6 +13,14 @@ collection time, before triton is first imported) when there is no GPU. Kinds of
 
 Triton releases before 3.7 break in the interpreter with NumPy 2.4 or newer (``only 0-dimensional arrays can be
 converted to Python scalars``): there, tests that would run the interpreter are skipped with that reason.
+
+Torch runs on one thread in the test process, whatever ``OMP_NUM_THREADS`` and the machine's core count say: the
+numbers a test compares are then the same computation on every machine and in every environment (CPU reductions
+and BLAS split their work, hence their rounding, by thread count), they match the spawned ranks and the torchrun
+processes (one thread each), and the tiny models run several times faster than with threads fighting over a
+shared 2-core machine. Use ``helpers.torch_threads`` for a test that needs more.
+
+Shared helper functions are in helpers.py; docs/testing.md describes the suite, its markers and its rules.
 """
 
 import os
@@ -28,6 +36,8 @@ except ImportError:  # pragma: no cover
 
 if not _HAS_GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+torch.set_num_threads(1)  # see the module docstring
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -87,9 +97,9 @@ def gpu_device():
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """One torch thread for a module's tests: tiny models and VAE decodes are many small ops, and on a shared
-    2-core machine one thread avoids oversubscription (several times faster). Use it with
-    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    """One torch thread for a module's tests (``pytestmark = pytest.mark.usefixtures("one_thread")``): what the
+    whole session already runs on (see the module docstring); the fixture says that a module's exact comparisons
+    or timings rely on it, and keeps it so should a test of another module have changed the count."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -110,3 +120,28 @@ def vae48():
     from swift_model.nets.vae import WanVAE
 
     return WanVAE.tiny(48, seed=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe():
+    """The tiny random-weight two-stage pipeline of the demo (seed 0, CPU), one per module."""
+    from swift_model.generation.pipeline import SwiftI2VPipeline
+
+    return SwiftI2VPipeline.tiny(seed=0, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def spawned(request, tmp_path_factory):
+    """``spawned(world_size)``: the verdicts of the ranks that ran this module's ``CASES`` (tests/spawn.py), spawned
+    once per world size on first use. ``spawn.check(run, case)`` fails a test with one case's failures."""
+    from spawn import launch
+
+    runs = {}
+
+    def get(world_size: int) -> dict:
+        if world_size not in runs:
+            runs[world_size] = launch(request.module.__name__, world_size,
+                                      str(tmp_path_factory.mktemp(f"world{world_size}")))
+        return runs[world_size]
+
+    return get

@@ -1,7 +1,9 @@
-"""The repository's GPU check (benchmarks/gpu_check.sh) dry-runs on a CPU: every step, tiny sizes, under a minute."""
+"""The repository's GPU check (benchmarks/gpu_check.sh) dry-runs on a CPU: every step, tiny sizes, under a minute
+(marked slow); the fast suite runs its correctness steps and summary in this process."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -16,6 +18,30 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 FILES = {"env.json", "steps.jsonl", "run.log", "checks.jsonl", "bench.jsonl", "kernels.jsonl", "results.json"}
 
 
+@pytest.mark.interpreter
+def test_gpu_check_steps_in_process(tmp_path, monkeypatch):
+    """The steps of benchmarks/gpu_check.py at the dry run's sizes, called here (no script, no step limits): env,
+    the Triton ops and SDPA attention against their references, and the summary that folds them into
+    results.json."""
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.setenv("DRY", "1")
+    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "benchmarks", "gpu_check.py"))
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    for step in (["env"], ["ops"], ["attention", "sdpa"]):
+        assert check.main(step) == 0
+    results = check.summary()
+    assert results["kind"] == "swift-i2v gpu check" and results["dry_run"] is True
+    assert set(results["checks"]) == {"frame_block_attention/sdpa", "flow_step/triton", "adaln_modulate/triton",
+                                      "gated_residual/triton", "qk_norm_rope/triton"}
+    for key, entry in results["checks"].items():
+        assert entry["passed"] and entry["cases"], (key, entry)
+    assert json.loads((tmp_path / "results.json").read_text())["checks"] == results["checks"]
+    with pytest.raises(ValueError, match="dry run"):
+        verified.rows_from_results(results, "dry.json")
+
+
+@pytest.mark.slow
 def test_gpu_check_dry_run(tmp_path):
     from conftest import interpreter_broken_reason
 

@@ -9,16 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from _training import fake_prepared_data, one_thread, tiny_checkpoints, write_videos  # noqa: F401
+from helpers import fake_prepared_data, tiny_checkpoints, write_videos
 from swift_model import WanDiT
 from swift_model.cli import main
 from swift_model.training.export import load_trained
 from swift_model.io.video import read_mp4
 
 SIZE = ["--frames", "9", "--width", "64", "--height", "64"]
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/_training.py
 
 
 @pytest.fixture(scope="module")

@@ -14,15 +14,10 @@ from swift_model.loading.checkpoint import detect_format, infer_config
 from helpers import assert_close_to_scale as _close
 from helpers import diffusers_model as _diffusers_model
 from helpers import dit_inputs as _inputs
+from helpers import random_dit as _model
 from helpers import random_init as _random_init
 
 diffusers = pytest.importorskip("diffusers")
-
-
-def _model(preset="tiny-i2v", seed=0, **over):
-    m = WanDiT(WanDiTConfig.preset(preset, **over)).eval()
-    _random_init(m, seed)
-    return m
 
 
 def _assert_same_params(a: WanDiT, b: WanDiT):

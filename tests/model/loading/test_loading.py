@@ -17,15 +17,9 @@ from swift_model.loading.preflight import check_checkpoints
 from helpers import assert_close_to_scale as _close
 from helpers import diffusers_model as _diffusers_model
 from helpers import dit_inputs as _inputs
-from helpers import random_init as _random_init
+from helpers import random_dit as _model
 
 diffusers = pytest.importorskip("diffusers")
-
-
-def _model(preset="tiny-t2v", seed=0, **over):
-    m = WanDiT(WanDiTConfig.preset(preset, **over)).eval()
-    _random_init(m, seed)
-    return m
 
 
 def test_official_i2v_layout_with_legacy_norm_added_q_matches_diffusers(tmp_path, caplog, monkeypatch):
@@ -91,7 +85,7 @@ def _raises(exc_type, fn, *, file, stage, key=None):
 
 
 def test_broken_files_name_file_stage_and_key(tmp_path):
-    m = _model(seed=71)
+    m = _model("tiny-t2v", seed=71)
     save_dit(m, tmp_path / "ok", max_shard_bytes=40_000)
     ok = tmp_path / "ok"
     cfg = json.loads((ok / "config.json").read_text())
@@ -174,7 +168,7 @@ def _caught(fn):
 @pytest.mark.parametrize("bad", [torch.int64, torch.int32, torch.uint8, torch.bool, torch.float8_e4m3fn])
 @pytest.mark.parametrize("fmt", ["safetensors", "pth"])
 def test_non_float_tensors_are_refused_not_cast(tmp_path, bad, fmt):
-    m = _model(seed=81)
+    m = _model("tiny-t2v", seed=81)
     sd = {k: v.contiguous() for k, v in m.state_dict().items()}
     key = "blocks.1.ffn.net.2.weight"
     sd[key] = (sd[key] * 100).to(bad)

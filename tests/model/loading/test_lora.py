@@ -8,16 +8,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from swift_model import WanDiT, WanDiTConfig, merge_lora, save_dit
+from swift_model import WanDiT, merge_lora, save_dit
 
+from helpers import assert_close_to_scale
 from helpers import dit_inputs as _inputs
-from helpers import random_init as _random_init
-
-
-def _base(preset="tiny-i2v", seed=0):
-    m = WanDiT(WanDiTConfig.preset(preset)).eval()
-    _random_init(m, seed)
-    return m
+from helpers import random_dit as _base
 
 
 def _factors(g, out_f, in_f, r):
@@ -37,13 +32,12 @@ def _check(merged, ref, cfg, atol=2e-5):
     x, t, ctx, clip = _inputs(cfg, B=1, seed=9)
     with torch.no_grad():
         a, b = merged(x, t, ctx, clip), ref(x, t, ctx, clip)
-    scale = b.abs().max().item()
-    assert (a - b).abs().max().item() <= atol * scale + 1e-6
+    assert_close_to_scale(a, b, rtol=atol)
 
 
 def test_wan_keys_lightx2v_style_file(tmp_path):
     """Original-Wan keys with lora_down/lora_up/alpha plus diff/diff_b, merged by from_pretrained."""
-    base = _base(seed=1)
+    base = _base("tiny-i2v", seed=1)
     cfg = base.config
     save_dit(base, tmp_path / "ckpt", format="wan")
     g = torch.Generator().manual_seed(2)

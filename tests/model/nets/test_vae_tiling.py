@@ -82,9 +82,6 @@ def _old_uint8(video):
     return ((video[0].permute(1, 2, 3, 0) + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-
 # -- the decode against the frozen oracle -----------------------------------------------------------------
 
 # vae16, vae48: the tiny VAEs (conftest.py)

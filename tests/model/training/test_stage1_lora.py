@@ -8,20 +8,11 @@ import copy
 import pytest
 import torch
 
-from _training import one_thread, tiny_checkpoints, write_videos  # noqa: F401
+from helpers import tiny_checkpoints, write_videos
 from swift_model import WanDiT, merge_lora
 from swift_model.loading.checkpoint import save_dit
 from swift_model.cli import main
 from swift_model.training.stage1_lora import TARGETS, LoraAdapters, encode_clip, train_stage1_lora
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/_training.py
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    from swift_model.generation.pipeline import SwiftI2VPipeline
-
-    return SwiftI2VPipeline.tiny(seed=0, device="cpu")
 
 
 def _clips(pipe, n=2, frames=5, size=32):
@@ -31,17 +22,17 @@ def _clips(pipe, n=2, frames=5, size=32):
                         pipe.image_encoder) for _ in range(n)]
 
 
-def test_trained_lora_file_merges_to_the_trained_weights(tiny, tmp_path):
+def test_trained_lora_file_merges_to_the_trained_weights(tiny_pipe, tmp_path):
     """Two training steps change the adapter; its file, read by the LoRA loader (from_pretrained(lora=) and
     merge_lora), gives exactly ``W + (alpha/rank) * up @ down`` on every target and the base elsewhere, and the
     merged model computes what the hooked model computed (fp32 rounding)."""
-    base = copy.deepcopy(tiny.stage1)
-    clips = _clips(tiny)
+    base = copy.deepcopy(tiny_pipe.stage1)
+    clips = _clips(tiny_pipe)
     adapters, losses = train_stage1_lora(base, clips, rank=4, alpha=2.0, steps=2, lr=1e-2, seed=3, progress=False)
     assert len(losses) == 2 and all(torch.isfinite(torch.tensor(losses)))
     assert all(p.abs().max() > 0 for p in adapters.up)  # trained (up starts at zero)
     assert len(adapters.names) == len(base.blocks) * len(TARGETS)
-    for p_base, p_tiny in zip(base.parameters(), tiny.stage1.parameters()):
+    for p_base, p_tiny in zip(base.parameters(), tiny_pipe.stage1.parameters()):
         assert torch.equal(p_base, p_tiny)  # the base itself is untouched
     path = tmp_path / "lora.safetensors"
     adapters.save(path)
@@ -73,11 +64,11 @@ def test_trained_lora_file_merges_to_the_trained_weights(tiny, tmp_path):
     assert not torch.allclose(plain, hooked, rtol=1e-4, atol=0)  # the adapter does change the model
 
 
-def test_lora_training_is_seeded_and_learns(tiny):
+def test_lora_training_is_seeded_and_learns(tiny_pipe):
     """The same seed gives the same adapter; a few dozen steps on two clips lower the loss on them (measured at
     fixed noise levels and noise, not the training draws)."""
-    base = copy.deepcopy(tiny.stage1)
-    clips = _clips(tiny)
+    base = copy.deepcopy(tiny_pipe.stage1)
+    clips = _clips(tiny_pipe)
     a, _ = train_stage1_lora(base, clips, rank=2, steps=2, lr=1e-2, seed=5, progress=False)
     b, _ = train_stage1_lora(base, clips, rank=2, steps=2, lr=1e-2, seed=5, progress=False)
     assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))

@@ -1,4 +1,4 @@
-"""Stage II training on torch.distributed (gloo, 2 CPU processes, spawned once; tests/_spawn.py).
+"""Stage II training on torch.distributed (gloo, 2 CPU processes, spawned once; tests/spawn.py).
 
 Every rank builds the one-process reference itself (``Topology()``: no process group, no FSDP, the same seeds)
 and compares:
@@ -24,17 +24,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from _spawn import launch
-from _spawn import problems as spawn_problems
-from _training import fake_prepared_data, synthetic_video, write_videos
+import spawn
+from helpers import fake_prepared_data, mismatch, relative_error, synthetic_video, torch_threads, write_videos
 from swift_model.nets.dit import keeps_fp32
 from swift_model.training.trainer import Topology, Trainer
 from swift_model.training.config import make_config
 from swift_model.io.video import write_mp4
 
 WORLD_SIZE = 2
-COLLECTIVE_TIMEOUT_S = 30
-LAUNCH_DEADLINE_S = 150
 GRAD_RTOL = 1e-4
 RECORD: list[str] = []
 
@@ -71,10 +68,9 @@ def _full_grads(trainer) -> dict:
 
 
 def _close(got: torch.Tensor, want: torch.Tensor, rtol: float, what: str) -> float:
-    scale = want.abs().max().item()
-    err = (got.double() - want.double()).abs().max().item()
-    assert err <= rtol * max(scale, 1e-30), f"{what}: max error {err:.3e} > {rtol} x {scale:.3e}"
-    return err / max(scale, 1e-30)
+    why = mismatch(got, want, rtol)
+    assert why is None, f"{what}: {why}"
+    return relative_error(got, want)
 
 
 def _case_gradients(ulysses: int, checkpointing: bool):
@@ -82,7 +78,7 @@ def _case_gradients(ulysses: int, checkpointing: bool):
         rank = dist.get_rank()
         root = _scratch(f"grads-u{ulysses}-c{int(checkpointing)}")
         data = _data(root)
-        dp = WORLD_SIZE // ulysses
+        dp = dist.get_world_size() // ulysses
         trainer = Trainer(_config(ulysses=ulysses, activation_checkpointing=checkpointing), data, root / "run",
                           device="cpu", progress=False)
         sharded = [n for n, p in zip(trainer.names, trainer.params) if hasattr(p, "full_tensor")]
@@ -108,7 +104,7 @@ def _case_bf16(group):
         assert hasattr(p, "full_tensor") != keeps_fp32(name), f"{name}: sharded={hasattr(p, 'full_tensor')}"
     loss = trainer.forward_backward(0)
     assert all(p.grad.dtype == torch.float32 for p in trainer.params)
-    ref = Trainer(_config(fsdp=False, grad_accum=WORLD_SIZE), data, root / f"ref-rank{dist.get_rank()}",
+    ref = Trainer(_config(fsdp=False, grad_accum=dist.get_world_size()), data, root / f"ref-rank{dist.get_rank()}",
                   device="cpu", topology=Topology(), progress=False)
     ref_loss = ref.forward_backward(0)
     assert abs(loss - ref_loss) <= 2e-2 * ref_loss, f"bf16 loss {loss} vs fp32 {ref_loss}"
@@ -178,27 +174,45 @@ CASES = {
 }
 
 
+@pytest.fixture
+def one_rank_group(tmp_path, monkeypatch):
+    """A gloo process group of this process alone (and the cases' scratch folder): the ranks' code in-process."""
+    monkeypatch.setenv("SPAWN_OUT_DIR", str(tmp_path))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("case", ["gradients-data-parallel", "bf16-compute-fp32-masters"])
+def test_case_on_one_rank(one_rank_group, case):
+    """A case of the spawned ranks run here, on a group of one rank (FSDP shards over that rank; the reference
+    accumulates one micro-batch): the fast suite's check of the code the distributed tests run at 2 ranks."""
+    CASES[case](one_rank_group)
+
+
 @pytest.fixture(scope="module")
-def spawned(tmp_path_factory):
-    out = tmp_path_factory.mktemp("train-world2")
-    run = launch(__name__, WORLD_SIZE, str(out), deadline_s=LAUNCH_DEADLINE_S, timeout_s=COLLECTIVE_TIMEOUT_S)
-    return run, out
+def two_ranks(spawned):
+    """The verdicts of the 2 ranks (spawned once for the module) and their scratch folder."""
+    run = spawned(WORLD_SIZE)
+    return run, Path(run["out_dir"])
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("case", list(CASES))
-def test_distributed_training(spawned, case):
-    run, _ = spawned
-    problems = spawn_problems(run, case)
-    assert not problems, "\n".join(problems)
+def test_distributed_training(two_ranks, case):
+    spawn.check(two_ranks[0], case)
 
 
-def test_export_reads_the_two_rank_checkpoint(spawned, tmp_path):
+@pytest.mark.distributed
+def test_export_reads_the_two_rank_checkpoint(two_ranks, tmp_path):
     """One process exports the 2-rank run (sharded DCP checkpoint) to exactly the weights the ranks held."""
     from swift_model import WanDiT
     from swift_model.training.export import export
 
-    run, out = spawned
-    assert not spawn_problems(run, "resume")
+    run, out = two_ranks
+    spawn.check(run, "resume")
     ema = torch.load(out / "resume" / "ema.pt")
     export(out / "resume" / "whole", tmp_path / "exported", with_vae=False)
     model = WanDiT.from_pretrained(tmp_path / "exported", device="cpu")
@@ -208,22 +222,19 @@ def test_export_reads_the_two_rank_checkpoint(spawned, tmp_path):
         assert torch.equal(sd[name], tensor), name
 
 
-def test_prepare_on_two_ranks_equals_one_process(spawned, tmp_path):
+@pytest.mark.distributed
+def test_prepare_on_two_ranks_equals_one_process(two_ranks, tmp_path):
     from safetensors.torch import load_file
 
     from swift_model.training.prepare import PrepareSettings, load_prepare_models, prepare
 
-    run, out = spawned
-    assert not spawn_problems(run, "prepare")
+    run, out = two_ranks
+    spawn.check(run, "prepare")
     two = json.loads((out / "prepare" / "data" / "manifest.json").read_text())
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the ranks ran
-    try:
+    with torch_threads(1):  # as the ranks ran: the shards are compared bitwise
         one = prepare(out / "prepare" / "videos", tmp_path / "data", load_prepare_models(tiny=True, device="cpu"),
                       PrepareSettings(frames=9, width=64, height=64),
                       captions=out / "prepare" / "videos" / "captions.jsonl", progress=False)
-    finally:
-        torch.set_num_threads(threads)
     assert [c["id"] for c in two["clips"]] == [c["id"] for c in one["clips"]]
     assert two["skipped"] == one["skipped"]
     assert "cannot read the video" in two["skipped"][0]["reason"]

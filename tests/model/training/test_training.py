@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from _training import fake_prepared_data, one_thread  # noqa: F401 (fixture)
+from helpers import fake_prepared_data
 from swift_kernels import CSGLayout
 from swift_model import WanDiT, WanDiTConfig
 from swift_model.loading.checkpoint import save_dit
@@ -22,9 +22,6 @@ from swift_model.training.transition import remaining_steps, transition_latents
 
 C, H, W = 48, 4, 6
 P = (H // 2) * (W // 2)
-
-
-pytestmark = pytest.mark.usefixtures("one_thread")  # tests/_training.py
 
 
 def _clip(T=7, B=2, seed=0, dtype=torch.float32):

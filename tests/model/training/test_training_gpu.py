@@ -22,7 +22,7 @@ import time
 import pytest
 import torch
 
-from _training import fake_prepared_data
+from helpers import fake_prepared_data
 from swift_model import WanDiT, WanDiTConfig
 from swift_model.training.packing import TrainingWindows, count_segments, flow_matching_loss, sample_sigmas, window_inputs
 from swift_model.training.trainer import train

@@ -1,12 +1,18 @@
-"""Running test cases on several CPU processes with torch.distributed (gloo), once per world size.
+"""Processes the tests start (see helpers.py for why this is a file of its own).
 
-A test module defines ``CASES`` (name -> ``case(group)``), and optionally a module-level ``RECORD`` list that
-its cases append notes to. :func:`launch` starts ``world_size`` processes (forked from a fork server that has imported the heavy modules once per session); each imports that module, joins a
-gloo group (with a collective timeout, so a mismatch fails instead of hanging), runs every case in the same
-order (so the collectives line up) and writes its verdicts to a JSON file after each case. The parent joins
-the children until a deadline and then kills them. :func:`problems` turns the verdicts of one case into the
-failure messages of a pytest test. ``SPAWN_OUT_DIR`` in the children's environment names a scratch folder
-shared by the ranks of one launch.
+Torch.distributed ranks on CPU processes with gloo, once per world size. A test module defines ``CASES`` (name ->
+``case(group)``), and optionally a module-level ``RECORD`` list that its cases append notes to. :func:`launch`
+starts ``world_size`` processes (forked from a fork server that has imported the heavy modules once per
+session); each imports that module, joins a gloo group (with a collective timeout, so a mismatch fails instead
+of hanging), runs every case in the same order (so the collectives line up) and writes its verdicts to a JSON
+file after each case. The parent joins the children until a deadline and then kills them. :func:`problems`
+turns the verdicts of one case into the failure messages of a pytest test. ``SPAWN_OUT_DIR`` in the children's
+environment names a scratch folder shared by the ranks of one launch. The ``spawned`` fixture of conftest.py
+launches a module's cases on first use.
+
+Run as a script, ``python tests/spawn.py FRAMES.npy ARGS...`` is the command line (``swift_model.cli.main``) on
+``ARGS`` that also saves the frames it hands to the video encoder, before the lossy codec, to ``FRAMES.npy``
+(under torchrun: the rank that writes the video). Every rank runs with one torch thread, as the tests do.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import datetime
 import importlib
 import json
 import os
+import sys
 import time
 import traceback
 
@@ -22,9 +29,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+COLLECTIVE_TIMEOUT_S = 30  # a rank waiting longer for its peers raises (init_process_group timeout)
+LAUNCH_DEADLINE_S = 150  # the whole spawn of one world size; then the children are killed
+
 
 def _worker(rank: int, world_size: int, store: str, out_dir: str, module_name: str, timeout_s: float) -> None:
-    torch.set_num_threads(1)  # several ranks share two cores
+    torch.set_num_threads(1)  # as the tests (conftest.py); several ranks share two cores
     os.environ["SPAWN_OUT_DIR"] = out_dir
     module = importlib.import_module(module_name)
     record = getattr(module, "RECORD", None)
@@ -66,8 +76,10 @@ def _context():
     return ctx
 
 
-def launch(module_name: str, world_size: int, out_dir: str, *, deadline_s: float, timeout_s: float) -> dict:
-    """Spawn ``world_size`` ranks running ``module_name``'s ``CASES``; returns the verdicts of every rank."""
+def launch(module_name: str, world_size: int, out_dir: str, *, deadline_s: float = LAUNCH_DEADLINE_S,
+           timeout_s: float = COLLECTIVE_TIMEOUT_S) -> dict:
+    """Spawn ``world_size`` ranks running ``module_name``'s ``CASES``; returns the verdicts of every rank (and
+    ``out_dir``, the ranks' scratch folder)."""
     ctx = _context()
     store = os.path.join(out_dir, "store")
     procs = [ctx.Process(target=_worker, args=(r, world_size, store, out_dir, module_name, timeout_s), daemon=True)
@@ -83,7 +95,7 @@ def launch(module_name: str, world_size: int, out_dir: str, *, deadline_s: float
             p.kill()
             p.join(5)
     results = {"_exitcodes": [p.exitcode for p in procs], "_timed_out": timed_out, "_deadline": deadline_s,
-               "_seconds": time.monotonic() - t0, "ranks": []}
+               "_seconds": time.monotonic() - t0, "out_dir": out_dir, "ranks": []}
     for r in range(world_size):
         try:
             with open(os.path.join(out_dir, f"rank{r}.json")) as f:
@@ -104,3 +116,27 @@ def problems(run: dict, case: str) -> list[str]:
         elif not v["ok"]:
             out.append(f"rank {rank}: {v['error']}\n{v['trace']}")
     return out
+
+
+def check(run: dict, case: str) -> None:
+    """Fail (a pytest assertion) with the failures of ``case`` in a :func:`launch` result."""
+    found = problems(run, case)
+    assert not found, "\n".join(found)
+
+
+def _cli_recording_frames(argv: list[str]) -> int:
+    import numpy as np
+
+    from helpers import recorded_video_frames
+    from swift_model.cli import main
+
+    torch.set_num_threads(1)
+    with recorded_video_frames() as videos:
+        status = main(argv[1:])
+    if videos:
+        np.save(argv[0], videos[0])
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(_cli_recording_frames(sys.argv[1:]))
