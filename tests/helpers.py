@@ -548,14 +548,17 @@ def _preset_plan(key):
 def preset_plans(keys) -> dict:
     """``{key: PlanResult}`` of the presets' plans at 2560x1408 for ``keys`` ``(memory, ((setting, value), ...))``,
     computed in worker processes, as many at a time as there are cores (at most 2): a plan is the work of one
-    Python thread on fake tensors, so two run in about the time of one on a 2-core machine."""
+    Python thread on fake tensors, so two run in about the time of one on a 2-core machine. The workers fork from
+    the session's fork server (``spawn.py``), which has imported torch and the package once. List the largest
+    plans first: the workers take the keys in order."""
     import concurrent.futures
-    import multiprocessing
     import os
+
+    import spawn
 
     keys = list(dict.fromkeys(keys))
     workers = max(1, min(2, os.cpu_count() or 1, len(keys)))
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=spawn.fork_context()) as pool:
         return dict(zip(keys, pool.map(_preset_plan, keys)))
 
 

@@ -64,10 +64,10 @@ def _worker(rank: int, world_size: int, store: str, out_dir: str, module_name: s
 # What every rank imports, imported once per test session by the fork server rather than once per rank: torch
 # and diffusers' VAE take ~10 s of CPU per process, which 4 ranks on 2 cores pay twice over in wall time.
 PRELOAD = ("torch", "torch.distributed", "diffusers.models.autoencoders.autoencoder_kl_wan", "transformers",
-           "swift_model.generation.pipeline", "swift_model.generation.distributed")
+           "swift_model.generation.pipeline", "swift_model.generation.distributed", "swift_model.planning.planner")
 
 
-def _context():
+def fork_context():
     """A ``forkserver`` context whose server has imported :data:`PRELOAD`: each rank is forked from that clean,
     single-threaded process (no OpenMP pool, no process group: safe to fork), with the modules loaded. The
     server starts with the first launch and serves every later one of the session."""
@@ -80,7 +80,7 @@ def launch(module_name: str, world_size: int, out_dir: str, *, deadline_s: float
            timeout_s: float = COLLECTIVE_TIMEOUT_S) -> dict:
     """Spawn ``world_size`` ranks running ``module_name``'s ``CASES``; returns the verdicts of every rank (and
     ``out_dir``, the ranks' scratch folder)."""
-    ctx = _context()
+    ctx = fork_context()
     store = os.path.join(out_dir, "store")
     procs = [ctx.Process(target=_worker, args=(r, world_size, store, out_dir, module_name, timeout_s), daemon=True)
              for r in range(world_size)]

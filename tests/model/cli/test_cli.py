@@ -116,3 +116,18 @@ def test_one_dispatch_style_every_command_names_its_function():
     for name, sub in commands.items():
         func = sub.get_default("func")
         assert callable(func) and func.__module__.startswith("swift_model.cli."), name
+
+
+def test_python_dash_m_runs_the_command_line(tmp_path):
+    """``python -m swift_model.cli`` (what ``torchrun ... -m swift_model.cli`` starts) is the console script: its
+    exit status and its one-line errors."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "swift_model.cli", "generate", "--tiny", "--image",
+                        str(tmp_path / "missing.png"), "--out", str(tmp_path / "o.mp4")],
+                       capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "missing.png" in lines[0], r.stderr
+    assert not (tmp_path / "o.mp4").exists()
