@@ -15,7 +15,6 @@ Under the sanitizers, on a GPU:
 
 from __future__ import annotations
 
-import math
 import subprocess
 import sys
 
@@ -23,7 +22,7 @@ import pytest
 import torch
 
 import swift_kernels
-from helpers import check_rule, sdpa_baseline
+from helpers import check_rule, max_err, sdpa_baseline
 from swift_kernels._backend import _extension_import_error, extension, extension_available
 from swift_kernels.attention import reference, tiles
 from swift_kernels.attention.plan import AttentionPlan
@@ -212,13 +211,13 @@ def test_public_api_autograd_and_misaligned_inputs():
     out = swift_kernels.frame_block_attention(q, k, v, mask, block_tokens, backend="cuda")
     refs = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
     ref = reference.dense_attention(*refs, mask, block_tokens)
-    assert _max_err(out, ref) < 1e-2
+    assert max_err(out, ref) < 1e-2
     dout = torch.randn(out.shape, generator=gen).to("cuda", dtype)
     out.backward(dout)
     ref.backward(dout.double())
     for i, r in enumerate(refs):
         grad = buf.grad[1 + i * n : 1 + (i + 1) * n].view(r.shape)
-        assert _max_err(grad, r.grad) < 2e-2
+        assert max_err(grad, r.grad) < 2e-2
 
 
 @pytest.mark.gpu

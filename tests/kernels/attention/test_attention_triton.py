@@ -13,9 +13,6 @@ absolute bound.
 
 from __future__ import annotations
 
-import math
-import os
-
 import pytest
 import torch
 

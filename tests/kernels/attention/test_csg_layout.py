@@ -12,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from swift_kernels.attention.layout import ROLE_ANCHOR, ROLE_LEFT, ROLE_OWN, ROLE_RIGHT, CSGLayout
+from swift_kernels.attention.layout import ROLE_ANCHOR, ROLE_LEFT, ROLE_OWN, CSGLayout
 
 from helpers import naive_role, naive_segments, naive_window
 

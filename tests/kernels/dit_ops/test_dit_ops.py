@@ -98,7 +98,7 @@ def test_rope_table_frame_positions_shift_only_time_part():
     assert not torch.allclose(a[:, 1:nt], b[:, 1:nt])
 
 
-def test_rope_table_validation():
+def test_rope_table_rejects_bad_sizes():
     with pytest.raises(ValueError, match="grid"):
         rope_table((2, 2), 64)
     with pytest.raises(ValueError, match="frame_positions"):
@@ -577,7 +577,7 @@ def test_env_backend_is_explicit(monkeypatch):
     assert out.dtype == torch.float64
 
 
-def test_rope_table_validation():
+def test_rope_table_rejects_bad_types():
     with pytest.raises(TypeError, match="grid"):
         rope_table(5, 8)
     with pytest.raises(TypeError, match="grid"):

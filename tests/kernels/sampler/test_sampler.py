@@ -43,7 +43,7 @@ def test_flow_schedule_formula_other_shift():
     [dict(timesteps=()), dict(timesteps=(1000, 1000)), dict(timesteps=(500, 750)), dict(timesteps=(1001,)),
      dict(timesteps=(0,)), dict(shift=0.0), dict(shift=-1.0)],
 )
-def test_flow_schedule_validation(kwargs):
+def test_flow_schedule_rejects_bad_values(kwargs):
     with pytest.raises(ValueError):
         FlowSchedule(**kwargs)
 
@@ -425,7 +425,7 @@ def test_flow_step_env_backend_is_explicit(monkeypatch):
         flow_step(x, v, 0.9, 0.5, seed=1)
 
 
-def test_flow_schedule_validation():
+def test_flow_schedule_rejects_bad_types():
     with pytest.raises(TypeError, match="shift"):
         FlowSchedule(shift=True)
     with pytest.raises(ValueError, match="shift"):

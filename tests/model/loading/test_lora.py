@@ -253,7 +253,6 @@ def test_full_weight_diff_bias_and_modulation_deltas(tmp_path):
     LightX2V's ``blocks.{i}.diff_m`` -> ``blocks.{i}.modulation``, ``head.diff_m`` -> ``head.modulation``)
     merge to ``W + scale * diff``."""
     base = _base("tiny-i2v", seed=13)
-    cfg = base.config
     g = torch.Generator().manual_seed(14)
     sd = base.state_dict()
     rnd = lambda name: torch.randn(sd[name].shape, generator=g, dtype=torch.float64).float() * 0.1  # noqa: E731
