@@ -26,10 +26,12 @@ from ..nets.dit import FrameTimesteps
 from ..nets.spec import STAGE2_KINDS
 
 
-def _check_int(value, name: str, minimum: int) -> int:
+def check_int(value, name: str, minimum: int | None = None) -> int:
+    """``value`` when it is an int (not a bool) of at least ``minimum``; ``TypeError``/``ValueError`` naming it
+    otherwise."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < minimum:
+    if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
 
@@ -47,8 +49,8 @@ def parse_neighbors(neighbors) -> tuple[int, int]:
         neighbors = (neighbors, neighbors)
     if not isinstance(neighbors, (tuple, list)) or len(neighbors) != 2:
         raise ValueError(f"neighbors must be a pair (left, right), got {neighbors!r}")
-    nl = _check_int(neighbors[0], "neighbors[0]", 0)
-    nr = _check_int(neighbors[1], "neighbors[1]", 0)
+    nl = check_int(neighbors[0], "neighbors[0]", 0)
+    nr = check_int(neighbors[1], "neighbors[1]", 0)
     return nl, nr
 
 
@@ -90,11 +92,14 @@ class CSGWindow:
         """bool ``[n]``: which blocks of the window are noisy."""
         return torch.tensor(self.noisy, dtype=torch.bool, device=device)
 
+    def frame_timesteps(self, timestep: float) -> FrameTimesteps:
+        """``timestep`` on the noisy blocks, 0 on the conditioning ones, one value per block (known on the host)."""
+        return _frame_timesteps(self.noisy, timestep)
+
     def token_timesteps(self, timestep: float, block_tokens: int, batch: int = 1, device=None) -> torch.Tensor:
         """float32 ``[batch, n * block_tokens]``: ``timestep`` on the noisy blocks' tokens, 0 on the
         conditioning tokens (the per-token timestep vector of Wan2.2-style DiTs)."""
-        per_block = self.noisy_mask(device).to(torch.float32) * float(timestep)
-        return per_block.repeat_interleave(block_tokens)[None, :].expand(batch, -1).contiguous()
+        return self.frame_timesteps(timestep).token_timesteps(block_tokens, batch, device)
 
 
 class CSGPlan:
@@ -116,11 +121,11 @@ class CSGPlan:
 
     def __init__(self, num_blocks: int, segment_blocks: int = 2, neighbors=(1, 0), anchor_blocks: int = 1,
                  block_tokens: int = 1, anchor_attends: str = "all") -> None:
-        self.num_blocks = _check_int(num_blocks, "num_blocks", 1)
-        self.segment_blocks = _check_int(segment_blocks, "segment_blocks", 1)
+        self.num_blocks = check_int(num_blocks, "num_blocks", 1)
+        self.segment_blocks = check_int(segment_blocks, "segment_blocks", 1)
         self.neighbors = parse_neighbors(neighbors)
-        self.anchor_blocks = _check_int(anchor_blocks, "anchor_blocks", 0)
-        self.block_tokens = _check_int(block_tokens, "block_tokens", 1)
+        self.anchor_blocks = check_int(anchor_blocks, "anchor_blocks", 0)
+        self.block_tokens = check_int(block_tokens, "block_tokens", 1)
         if self.anchor_blocks >= self.num_blocks:
             raise ValueError(
                 f"num_blocks ({self.num_blocks}) must exceed anchor_blocks ({self.anchor_blocks}): nothing to generate"
@@ -303,10 +308,9 @@ def run_csg(
         for step_index, (t, sigma, sigma_next) in enumerate(steps):
             if progress is not None:
                 progress("step", step_index, len(steps))
-            if host_inputs:
-                tt, pos = FrameTimesteps(tuple(float(t) if n else 0.0 for n in noisy_list)), tuple(blocks)
-            else:
-                tt, pos = _token_timesteps(noisy, t, layout.block_tokens, z_ref.shape[0], z_ref.device), positions
+            tt, pos = _frame_timesteps(noisy_list, t), tuple(blocks)
+            if not host_inputs:
+                tt, pos = tt.token_timesteps(layout.block_tokens, z_ref.shape[0], z_ref.device), positions
             if fuse_ref:
                 out = model_fn(model_input, None, tt, pos, layout)
             else:
@@ -372,9 +376,9 @@ def _velocity(out, guidance: float | None, shape) -> tuple[torch.Tensor, dict]:
     return v, (dict(v_uncond=v_uncond.float().contiguous(), guidance=guidance) if guidance is not None else {})
 
 
-def _token_timesteps(noisy: torch.Tensor, t: float, block_tokens: int, batch: int, device) -> torch.Tensor:
-    per_block = noisy.to(device=device, dtype=torch.float32) * float(t)
-    return per_block.repeat_interleave(block_tokens)[None, :].expand(batch, -1).contiguous()
+def _frame_timesteps(noisy, t: float) -> FrameTimesteps:
+    """``t`` on the noisy blocks of a window, 0 on its conditioning blocks."""
+    return FrameTimesteps(tuple(float(t) if n else 0.0 for n in noisy))
 
 
 def flow_steps(num_steps: int = 4, shift: float = 5.0, start_sigma: float = 1.0) -> list[tuple[float, float, float]]:
@@ -385,7 +389,7 @@ def flow_steps(num_steps: int = 4, shift: float = 5.0, start_sigma: float = 1.0)
     and the model's timestep is ``1000*sigma``. ``start_sigma < 1`` starts lower (the "refine" kind): ``s0``
     is the time whose shifted sigma is ``start_sigma``. The last step goes to sigma 0.
     """
-    num_steps = _check_int(num_steps, "num_steps", 1)
+    num_steps = check_int(num_steps, "num_steps", 1)
     if not shift > 0:
         raise ValueError(f"shift must be > 0, got {shift}")
     if not 0.0 < start_sigma <= 1.0:

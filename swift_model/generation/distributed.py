@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 
 from ..nets.parallel import check_heads, fsdp_shard_blocks
+from .csg import check_int
 
 __all__ = [
     "AgreedError",
@@ -134,14 +135,6 @@ def init_process_group(device: torch.device, env: dict, *, timeout: datetime.tim
 # -------------------------------------------------------------------------------------------------------------
 
 
-def _positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
-
-
 def resolve_degrees(world_size: int, *, ulysses: int | None = None, cfg_parallel: bool = False,
                     fsdp: bool = False, guidance: bool = False) -> dict:
     """The split of ``world_size`` ranks a generation uses, after checking the request.
@@ -157,7 +150,7 @@ def resolve_degrees(world_size: int, *, ulysses: int | None = None, cfg_parallel
     Returns ``{"world_size", "ulysses", "cfg_parallel", "fsdp", "replicas"}``. Raises ``ValueError`` naming the
     flag: a pure function of its arguments, so every rank raises the same error for the same command.
     """
-    world_size = _positive_int(world_size, "world_size")
+    world_size = check_int(world_size, "world_size", 1)
     cfg = 2 if cfg_parallel else 1
     if cfg_parallel and not guidance:
         raise ValueError("--cfg-parallel splits the two guidance branches over the ranks: it needs --guidance "
@@ -172,7 +165,7 @@ def resolve_degrees(world_size: int, *, ulysses: int | None = None, cfg_parallel
     per_branch = world_size // cfg
     if ulysses is None:
         ulysses = per_branch
-    ulysses = _positive_int(ulysses, "--ulysses")
+    ulysses = check_int(ulysses, "--ulysses", 1)
     if per_branch % ulysses:
         where = f"the {per_branch} ranks of each CFG half" if cfg_parallel else f"the {world_size} ranks"
         raise ValueError(f"--ulysses {ulysses} must divide {where} (torchrun --nproc-per-node {world_size})")

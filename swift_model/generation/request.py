@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .csg import STAGE2_KINDS, parse_neighbors
+from .csg import STAGE2_KINDS, check_int, parse_neighbors
 
 # The smallest size multiple of any Wan pipeline: a Wan2.1 (8x) Stage I VAE under a 2x2 patch at a quarter of
 # the output size per side (a Wan2.2 Stage I VAE needs 128; the pipeline checks the exact value).
@@ -23,19 +23,11 @@ MIN_SIZE_MULTIPLE = 64
 STEP_MODES = ("renoise", "euler")
 
 
-def _int(name: str, value, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def check_size(frames, width, height, size_multiple: int = MIN_SIZE_MULTIPLE) -> None:
     """``TypeError``/``ValueError`` unless ``frames`` is ``4k + 1 >= 5`` and ``width``/``height`` are positive
     multiples of ``size_multiple`` (Stage I runs at a quarter of each side)."""
     for name, v in (("frames", frames), ("width", width), ("height", height)):
-        _int(name, v)
+        check_int(v, name)
     if frames < 5 or (frames - 1) % 4:
         raise ValueError(f"frames must be 4k+1 and at least 5 (e.g. 81), got {frames}")
     m = size_multiple
@@ -112,7 +104,7 @@ class GenerationRequest:
 
     def __post_init__(self) -> None:
         check_size(self.frames, self.width, self.height)
-        _int("segment_blocks", self.segment_blocks, 1)
+        check_int(self.segment_blocks, "segment_blocks", 1)
         object.__setattr__(self, "neighbors", parse_neighbors(self.neighbors))
         self._check_sampling()
         self._check_inputs()
@@ -121,7 +113,7 @@ class GenerationRequest:
                 raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__}")
         if self.stage2_kind is not None and self.stage2_kind not in STAGE2_KINDS:
             raise ValueError(f"stage2_kind must be one of {STAGE2_KINDS} or None, got {self.stage2_kind!r}")
-        _int("fps", self.fps, 1)
+        check_int(self.fps, "fps", 1)
         if self.output is not None and not isinstance(self.output, (str, os.PathLike)):
             raise TypeError(f"output must be a path, got {type(self.output).__name__}")
 
@@ -129,7 +121,7 @@ class GenerationRequest:
         seed = self.seed
         if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
             raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-        _int("steps", self.steps, 1)
+        check_int(self.steps, "steps", 1)
         shift = self.shift
         if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not shift > 0:
             raise ValueError(f"shift must be a positive number, got {shift!r}")

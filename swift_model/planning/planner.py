@@ -133,14 +133,15 @@ def _stand_in(pipe: SwiftI2VPipeline, run, state: GenerationState, name: str) ->
     """What phase ``name`` would have left in ``state``, as stand-ins of its shapes (a plan of other phases)."""
     dev, spec1 = pipe.device, pipe.stage1.config
     if name == "text_encoding":
-        where = pipe.device if (pipe.text_encoder is not None
-                                and pipe.memory.placement("text_encoding", "text_encoder") == "device") else "cpu"
-        context = torch.zeros(1, spec1.text_len, spec1.text_dim, device=where)
+        def left_by(encoder, component):  # where an encoder leaves its result: where it ran
+            on_device = encoder is not None and pipe.memory.placement("text_encoding", component) == "device"
+            return dev if on_device else "cpu"
+
+        context = torch.zeros(1, spec1.text_len, spec1.text_dim, device=left_by(pipe.text_encoder, "text_encoder"))
         clip = None
         if spec1.image_dim:
-            clip_where = pipe.device if (pipe.image_encoder is not None and pipe.memory.placement(
-                "text_encoding", "image_encoder") == "device") else "cpu"
-            clip = torch.zeros(1, spec1.image_len, spec1.image_dim, device=clip_where)
+            clip = torch.zeros(1, spec1.image_len, spec1.image_dim,
+                               device=left_by(pipe.image_encoder, "image_encoder"))
         state.conditioning = Conditioning(context, torch.zeros_like(context) if run.request.guided else None, clip)
     elif name == "stage1":
         state.stage1_latents = torch.zeros(1, *run.stage1_shape, device=dev)
