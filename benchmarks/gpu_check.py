@@ -3,7 +3,8 @@
     python benchmarks/gpu_check.py STEP [ARG]       # OUT=<folder> required; DRY=1 for the CPU dry run
 
 Steps: ``env``; ``attention BACKENDS`` (comma-separated: triton, cuda, cuda-sm90, flex, sdpa;
-``DTYPES=bf16,fp16`` narrows the dtypes); ``ops``; ``bench-fwd``; ``bench-ops``; ``bench-bwd``; ``vae``; ``summary``.
+``DTYPES=bf16,fp16`` narrows the dtypes); ``ops``; ``memory`` (the memory plan on the device:
+``benchmarks/gpu_memory_check.py``); ``bench-fwd``; ``bench-ops``; ``bench-bwd``; ``vae``; ``e2e``; ``summary``.
 
 Correctness (``attention``, ``ops``) runs at the real Stage II sizes: a CSG window of 4 latent frames (14,080
 tokens, dense) and the whole 21-frame clip (73,920 tokens, block-sparse: segments of 2 frames, one left
@@ -18,7 +19,8 @@ Speed (``bench-*``) records one line per measurement in ``bench.jsonl`` as it fi
 allowed pairs counted) of ours vs SDPA's flash and cuDNN kernels (each window gathered, then dense) vs
 FlexAttention on the window, the clip and the packed windows, with an 8192^3 bf16 matrix product as the measured
 ceiling; fused-op GB/s vs a device-to-device copy; forward+backward; and a 2K Wan2.2 VAE
-decode (random weights) in seconds per latent frame.
+decode (random weights) in seconds per latent frame. Last, ``e2e``: the whole generation at 2K with random weights
+(``benchmarks/e2e.py``), seconds and achieved TFLOP/s per phase, eager and compiled.
 
 The dry run (``DRY=1``, on a CPU) runs every step on tiny sizes (Triton in its interpreter, fp16 and fp32): it
 checks the plumbing, measures nothing and verifies nothing (``results.json`` says ``dry_run``).
@@ -566,6 +568,46 @@ def bench_vae() -> None:
     emit("bench.jsonl", **rec)
 
 
+def check_memory() -> None:
+    """The memory plan on the device (``benchmarks/gpu_memory_check.py``): the real Wan2.2-TI2V-5B Stage II at
+    1280x704 under ``balanced`` and ``24gb``, latents bitwise equal, the reserved peak within 15% of the plan."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu_memory_check.py")
+    spec = importlib.util.spec_from_file_location("swift_gpu_memory_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.check_memory(check_case, DRY, DEV)
+
+
+def bench_e2e() -> None:
+    """The end-to-end benchmark (``benchmarks/e2e.py``) within the step's limit: the presets with random weights at
+    2560x1408 and ``E2E_FRAMES`` frames (default 17: the check's budget has no room for 81), eager then compiled
+    (``E2E_VARIANTS``); the tiny models, eager only, in the dry run. One line per variant in ``bench.jsonl`` as it
+    finishes (seconds and achieved TFLOP/s per phase, the plan's FLOPs, the GEMM ceiling); a variant the step's
+    time cannot hold is skipped by the benchmark itself, with its reason."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "e2e.py")
+    spec = importlib.util.spec_from_file_location("swift_e2e", path)
+    e2e = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(e2e)
+    argv = ["--dry-run"] if DRY else ["--frames", os.environ.get("E2E_FRAMES", "17")]
+    argv += ["--variants", os.environ.get("E2E_VARIANTS", "eager" if DRY else "eager,compiled")]
+
+    def on_variant(name, results):
+        emit("bench.jsonl", kind="e2e", variant=name, settings=results["settings"],
+             gemm_tflops=results["gemm"]["tflops"], plan_flops=results["plan"]["flops"],
+             plan_peak_bytes=results["plan"]["peak_bytes_estimate"],
+             build_s=results.get("build_s"), **results["variants"][name])
+
+    try:
+        e2e.run(e2e.parse_args(argv), on_variant=on_variant)
+    except Exception as exc:  # the plan, the ceiling or the build failed: no variant ran
+        emit("bench.jsonl", kind="e2e", error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        traceback.print_exc()
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # summary
 
@@ -616,6 +658,11 @@ def summary() -> dict:
         if r.get("kind") == "attention":
             print(f"{r['case']:7s} {r['pass_']:8s} {r['impl']:12s} " + (
                 r.get("error") or r.get("skipped") or f"{r['median_ms']:9.3f} ms {r['tflops']:7.1f} TFLOP/s"))
+        elif r.get("kind") == "e2e":
+            rates = r.get("rates") or {}
+            print(f"e2e {r.get('variant', '')} " + (r.get("error") or r.get("reason") or ", ".join(
+                f"{k} {v['seconds']:.1f} s" + (f" {v['tflops']:.0f} TFLOP/s" if "tflops" in v else "")
+                for k, v in rates.items())))
         elif r.get("kind") == "op":
             print(f"{r['op']:24s} " + (r.get("error") or r.get("skipped") or
                                        f"{r.get('gbps', '-')} GB/s, {r.get('share_of_copy', '-')} of copy"))
@@ -632,6 +679,8 @@ STEPS = {
     "bench-bwd": lambda: bench_attention(True),
     "bench-ops": bench_ops,
     "vae": bench_vae,
+    "memory": check_memory,
+    "e2e": bench_e2e,
     "summary": summary,
 }
 

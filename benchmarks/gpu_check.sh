@@ -23,24 +23,35 @@
 #   *.whl                               pure-Python wheels installed to a temporary folder (diffusers, for the VAE
 #                                       step: `pip download diffusers==0.42.1 --no-deps -d build/gpu-carry`)
 #
-# Steps, most valuable first (limits in seconds; estimates for an H200 with 16 CPU cores, not measurements):
+# Steps, most valuable first (limits in seconds; estimates for an H200 with 16 CPU cores, not measurements). The
+# order is the value: what the automatic choice runs by default, then the memory plan, then our kernels, then speed
+# (tests/benchmarks/test_gpu_check.py sums the estimates: the memory step always starts within the budget).
 #   env         versions, GPU, modules                                                       60   ~10
-#   ext         the carried extension, or an in-place build for this GPU's architecture      240  0-90
+#   ext         the carried extension, or an in-place build for this GPU's architecture      240  ~90
+#   c-torch     PyTorch's kernels the automatic choice takes where none of ours is verified:
+#               SDPA on the dense window, FlexAttention on the clip (bf16)                    180  ~75
+#   mem         the memory plan: Wan2.2-TI2V-5B's Stage II (random weights) at 1280x704x33
+#               under balanced and 24gb (blocks streamed: pinned buffers, side stream,
+#               events): Stage II latents bitwise equal, each phase's max_memory_reserved
+#               within 15% of swift-i2v plan's estimate (benchmarks/gpu_memory_check.py)      150  ~60
+#   multi       two or more GPUs only: Ulysses and FSDP2 (prefetched) over NCCL equal one
+#               process (benchmarks/multi_gpu_check.py)                                      90   ~30
 #   c-cuda      CUDA extension (mma.sync) attention, window 14,080 + clip 73,920 tokens x 24
 #               heads x 128, bf16 + fp16, fwd + bwd, vs the fp32 reference (2x SDPA's error)  150  ~40
 #   c-sm90      the Hopper TMA + wgmma forward, same cases, forward only (a hang costs 90 s)  90   ~20
 #   c-triton    Triton attention, same cases                                                  200  ~80
 #   c-ops       Triton sampler step and DiT ops at 2K sizes vs their references              120  ~30
-#   c-torch     PyTorch's kernels the automatic choice takes where none of ours is verified:
-#               SDPA on the dense window, FlexAttention on the clip (bf16)                    180  ~75
+#   t-gpu       pytest -m gpu: extension edge cases, sync-free plans, > 2^31-element tensors  150  ~60
 #   b-fwd       forward TFLOP/s on the window, clip and packed windows: ours vs SDPA flash /
 #               cuDNN (each window gathered) vs FlexAttention vs the automatic choice; an
 #               8192^3 bf16 matmul as the ceiling                                             180  ~100
 #   b-ops       fused-op GB/s vs a device-to-device copy, vs the reference                   90   ~25
 #   b-bwd       forward+backward, the same implementations                                   150  ~80
-#   t-gpu       pytest -m gpu: extension edge cases, sync-free plans, > 2^31-element tensors  150  ~60
 #   vae         2K Wan2.2 VAE decode, 3 latent frames, bf16, random weights (needs diffusers) 120  ~40
-#   t-mem       pytest -m gpu: the memory estimate vs max_memory_allocated, VAE encode       150  untimed
+#   t-mem       pytest -m gpu: the memory estimate vs max_memory_allocated, VAE encode       150  ~60
+#   e2e         the whole generation at 2560x1408x17 (E2E_FRAMES), random-weight             300  ~90
+#               presets, --memory auto: seconds and achieved TFLOP/s per phase (the
+#               plan's FLOPs over the time) beside a bf16 GEMM (benchmarks/e2e.py)
 #   summary     results.json and the short table printed last                                60   ~5
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -125,7 +136,18 @@ else
         2> /dev/null && SM90=0
 fi
 
-# ---- correctness ---------------------------------------------------------------------------------------------------
+# ---- what runs by default, and the memory plan -------------------------------------------------------------------------
+step c-torch 180 env DTYPES="$([ "$DRY" = 0 ] && echo bf16)" "${CHECK[@]}" attention sdpa,flex
+step mem 150 "${CHECK[@]}" memory
+NGPU=0
+[ "$DRY" = 0 ] && NGPU=$(nvidia-smi -L 2> /dev/null | grep -c "^GPU")
+if [ "${NGPU:-0}" -ge 2 ]; then
+    step multi 90 "$PY" -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/multi_gpu_check.py
+else
+    skip multi "fewer than two GPUs"
+fi
+
+# ---- our kernels -------------------------------------------------------------------------------------------------------
 CUDA_RC=99; SM90_RC=99
 if [ "$EXT" = 0 ]; then
     step c-cuda 150 "${CHECK[@]}" attention cuda; CUDA_RC=$?
@@ -135,7 +157,12 @@ else
 fi
 step c-triton 200 "${CHECK[@]}" attention triton
 step c-ops 120 "${CHECK[@]}" ops
-step c-torch 180 env DTYPES="$([ "$DRY" = 0 ] && echo bf16)" "${CHECK[@]}" attention sdpa,flex
+if [ "$DRY" = 0 ]; then
+    step t-gpu 150 "$PY" -m pytest -q -p no:cacheprovider -rfEs -m gpu tests/kernels/test_cuda_extension.py \
+        tests/kernels/attention/test_attention_plan.py tests/kernels/test_large_tensors.py
+else
+    skip t-gpu "dry run: no GPU"
+fi
 # a kernel that failed or hung in its check is not timed
 export BENCH_CUDA=$([ "$CUDA_RC" = 0 ] && echo 1 || echo 0) BENCH_SM90=$([ "$SM90_RC" = 0 ] && echo 1 || echo 0)
 
@@ -143,12 +170,6 @@ export BENCH_CUDA=$([ "$CUDA_RC" = 0 ] && echo 1 || echo 0) BENCH_SM90=$([ "$SM9
 step b-fwd 180 "${CHECK[@]}" bench-fwd
 step b-ops 90 "${CHECK[@]}" bench-ops
 step b-bwd 150 "${CHECK[@]}" bench-bwd
-if [ "$DRY" = 0 ]; then
-    step t-gpu 150 "$PY" -m pytest -q -p no:cacheprovider -rfEs -m gpu tests/kernels/test_cuda_extension.py \
-        tests/kernels/attention/test_attention_plan.py tests/kernels/test_large_tensors.py
-else
-    skip t-gpu "dry run: no GPU"
-fi
 step vae 120 "${CHECK[@]}" vae
 if [ "$DRY" = 0 ]; then
     # the memory plan against the device: measured peak vs swift-i2v plan's estimate; VAE encode of a CPU clip
@@ -157,6 +178,9 @@ if [ "$DRY" = 0 ]; then
 else
     skip t-mem "dry run: no GPU"
 fi
+# the end-to-end run, last: whatever time the budget has left (the benchmark skips, with its reason, a variant or
+# a timed run that would not finish within the step)
+step e2e 300 "${CHECK[@]}" e2e
 step summary 60 "${CHECK[@]}" summary
 
 echo "===== total $(( $(date +%s) - T0 )) s (rc 124: cut by its limit); results in $OUT"

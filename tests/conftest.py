@@ -39,6 +39,15 @@ if not _HAS_GPU:
 
 torch.set_num_threads(1)  # see the module docstring
 
+try:  # diffusers' log handler binds the stderr of the moment it is made: make it now, on the session's stream,
+    # not inside a test whose captured stderr (capsys) is closed when the test ends (a later warning would then
+    # print "--- Logging error ---" and a traceback into another test's output)
+    from diffusers.utils import logging as _diffusers_logging
+
+    _diffusers_logging.get_logger("diffusers")
+except ImportError:  # pragma: no cover
+    pass
+
 
 def _version(text: str) -> tuple[int, ...]:
     parts = []

@@ -309,7 +309,7 @@ def write_videos(folder: Path, seeds, frames: int = 17, size: int = 80) -> list[
     with open(folder / "captions.jsonl", "w") as f:
         for s in seeds:
             name = f"clip{s:03d}.mp4"
-            write_mp4(synthetic_video(s, frames, size), str(folder / name), fps=8)
+            write_mp4(synthetic_video(s, frames, size), str(folder / name), fps=16)  # prepare's default rate
             f.write(json.dumps({"video": name, "caption": f"shapes moving, clip {s}"}) + "\n")
             names.append(name)
     return names
@@ -359,6 +359,29 @@ def tiny_checkpoints(root: Path) -> tuple[Path, Path, Path]:
     return s1, s2, emb
 
 
+# -- training memory (the gate of the real-size GPU training tests) --------------------------------------------
+
+# the 5B Stage II step of test_training_gpu.py: 81 frames at 2560x1408 (21 latent frames of 88 x 160), every
+# window of M=2, N=(1,0) packed with its anchor copy
+STEP_5B_LATENTS = (48, 21, 88, 160)
+
+
+def step_5b_estimate(states_per_weight: int) -> int:
+    """Estimated device bytes of one bf16 training step of the 5B Stage II on :data:`STEP_5B_LATENTS`: the bf16
+    network (the parameters Wan keeps fp32 at 4 bytes) times ``states_per_weight`` (4: weights, gradients and
+    two AdamW moments on the device; 1: the offloaded optimiser) plus the activations counted on fake tensors
+    (a few seconds)."""
+    from swift_model import WanDiTConfig
+    from swift_model.planning.training_step import training_activation_bytes
+    from swift_model.training.config import TrainConfig
+    from swift_model.training.memory import ParameterCounts, largest_windows
+
+    cfg = WanDiTConfig.preset("wan2.2-ti2v-5b").widened_input(STEP_5B_LATENTS[0])
+    layout = largest_windows(STEP_5B_LATENTS, TrainConfig(tiny=True))
+    acts = training_activation_bytes(cfg, layout, STEP_5B_LATENTS[2:], dtype=torch.bfloat16)
+    return states_per_weight * ParameterCounts.of(cfg).compute_bytes(torch.bfloat16) + acts
+
+
 # -- the tiny pipeline on several ranks (cases of test_parallel.py's spawned ranks) -----------------------------
 # Every rank computes the one-process reference itself (the same pipeline with the default, single-process
 # Parallelism), then the same generation split over the ranks, and compares.
@@ -368,6 +391,23 @@ def tiny_checkpoints(root: Path) -> tuple[Path, Path, Path]:
 PIPELINE_SIZE = dict(frames=9, width=128, height=64, segment_blocks=1, neighbors=(1, 1), progress=False)
 PIPELINE_RTOL = 1e-5
 _TINY_PIPES = {}
+
+
+@contextlib.contextmanager
+def torchrun_env(rank: int, world: int):
+    """The environment torchrun gives rank ``rank`` of ``world`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) for the
+    block, then the previous one back."""
+    env = {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank)}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _rank_pipe(fsdp: bool = False):
@@ -385,6 +425,7 @@ def _rank_pipe(fsdp: bool = False):
         # tiled too: the bridge's encode and the final decode really split over the ranks
         vae = pipe.vae2
         vae.tile_latent = vae.encode_tile_latent = 4
+        vae.max_tile = 4  # the tiles the memory profile's budget fits (generate) are no larger
         vae.tile_overlap = vae.encode_tile_overlap = 1
         vae.encode_tile_min_pixels = 0
         assert len(vae.spatial_tiles(4, 8)) == 3 and vae.encode_is_tiled(PIPELINE_SIZE["height"], PIPELINE_SIZE["width"])
@@ -474,10 +515,7 @@ def pipeline_cases(check) -> dict:
         dist.barrier()
         base = ["generate", "--tiny", "--prompt", "p", "--out", os.path.join(out_dir, "x.mp4"), "--frames", "9",
                 "--width", "128", "--height", "64", "--quiet"]
-        env = {"RANK": str(rank), "WORLD_SIZE": str(W), "LOCAL_RANK": str(rank)}
-        old = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        with torchrun_env(rank, W):
             for extra, needle in ((["--image", img, "--ulysses", "3"], f"--ulysses 3 must divide the {W} ranks"),
                                   (["--image", img, "--cfg-parallel"], "--cfg-parallel"),
                                   (["--image", img if rank == 0 else img + ".missing"], "rank 1: ")):
@@ -491,12 +529,6 @@ def pipeline_cases(check) -> dict:
                     assert len(errors) == 1 and needle in errors[0], lines
                 else:
                     assert lines == [], f"rank {rank} printed {lines}"
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         assert not os.path.exists(os.path.join(out_dir, "x.mp4"))
 
     def vae_tiles(group):

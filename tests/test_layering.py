@@ -2,8 +2,8 @@
 module's own folder or a folder of an earlier layer, and the import graph has no cycle.
 
 Layers, first to last (``FOLDERS``): ``io`` (key naming, files, video) -> ``nets`` (the networks) -> ``loading``
-(weights, LoRA, the checks before a weight is read) -> ``generation`` (one generation) -> ``planning`` and
-``training`` (siblings: neither imports the other) -> ``cli`` -> the package's ``__init__`` (the facade).
+(weights, LoRA, the checks before a weight is read) -> ``generation`` (one generation) -> ``planning``,
+``training`` and ``batch`` (siblings: none imports another) -> ``cli`` -> the package's ``__init__`` (the facade).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ FOLDERS: dict[str, int] = {
     "generation": 4,
     "planning": 5,
     "training": 5,
+    "batch": 5,
     "cli": 6,
 }
 FACADE = "__init__"  # the package's own __init__: the top layer

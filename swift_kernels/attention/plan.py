@@ -198,23 +198,28 @@ class AttentionPlan:
         """The plan as a FlexAttention ``BlockMask`` (built on first use, then kept): the same tensors as
         :attr:`tables`, broadcast over batch and heads (size-1 dimensions)."""
         if self._flex is None:
-            from torch.nn.attention.flex_attention import BlockMask
-
+            if torch.compiler.is_compiling():  # traced into the graph (a lock cannot be); kept by the eager calls
+                return self._build_block_mask()
             with self._flex_lock:
                 if self._flex is None:
-                    t = self._tables
-                    four = lambda x: x[None, None]  # noqa: E731 -- [1, 1, ...] views of the same storage
-                    bm = BlockMask.from_kv_blocks(
-                        four(t.kv_num), four(t.kv_idx), four(t.full_kv_num), four(t.full_kv_idx),
-                        BLOCK_SIZE=(SPARSE_BLOCK, SPARSE_BLOCK),
-                        mask_mod=block_mask_mod(self._mask.to(self._device), self._block_tokens),
-                        seq_lengths=(self.num_tokens, self.num_tokens),
-                    )
-                    # The transposed lists are ours too (from_kv_blocks derived equal ones).
-                    bm.q_num_blocks, bm.q_indices = four(t.q_num), four(t.q_idx)
-                    bm.full_q_num_blocks, bm.full_q_indices = four(t.full_q_num), four(t.full_q_idx)
-                    object.__setattr__(self, "_flex", bm)
+                    object.__setattr__(self, "_flex", self._build_block_mask())
         return self._flex
+
+    def _build_block_mask(self):
+        from torch.nn.attention.flex_attention import BlockMask
+
+        t = self._tables
+        four = lambda x: x[None, None]  # noqa: E731 -- [1, 1, ...] views of the same storage
+        bm = BlockMask.from_kv_blocks(
+            four(t.kv_num), four(t.kv_idx), four(t.full_kv_num), four(t.full_kv_idx),
+            BLOCK_SIZE=(SPARSE_BLOCK, SPARSE_BLOCK),
+            mask_mod=block_mask_mod(self._mask.to(self._device), self._block_tokens),
+            seq_lengths=(self.num_tokens, self.num_tokens),
+        )
+        # The transposed lists are ours too (from_kv_blocks derived equal ones).
+        bm.q_num_blocks, bm.q_indices = four(t.q_num), four(t.q_idx)
+        bm.full_q_num_blocks, bm.full_q_indices = four(t.full_q_num), four(t.full_q_idx)
+        return bm
 
 
 def check_table(block_mask, block_tokens) -> int:

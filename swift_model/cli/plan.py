@@ -16,7 +16,8 @@ def add_commands(sub) -> None:
     # generate's arguments that do not change the estimate are accepted (hidden), so a command line plans as is
     add_generation_args(pl, frames=81, width=2560, height=1408, need_out=False, hidden=True)
     pl.add_argument("--stage1-preset", default=None, help="a built-in Stage I architecture instead of a folder "
-                    "(e.g. wan2.1-i2v-14b)")
+                    "(e.g. wan2.1-i2v-14b; wan2.2-i2v-a14b: both experts, one on the GPU at a time but under "
+                    "fast)")
     pl.add_argument("--stage2-preset", default=None, help="a built-in Stage II architecture (e.g. wan2.2-ti2v-5b)")
     pl.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     pl.set_defaults(func=run_plan)

@@ -43,6 +43,10 @@ def _add_prepare(sub) -> argparse.ArgumentParser:
                    help="Stage I steps from it to 0 (default 0: those a 4-step schedule has left there)")
     p.add_argument("--shift", type=float, default=5.0, help="flow-matching shift of those steps (default 5)")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
+    p.add_argument("--fps", type=int, default=16, help="frame rate of the clips: each video is resampled to it "
+                   "(default 16, the rate generate makes; 0: every source frame); a slower video is skipped")
+    p.add_argument("--allow-upscale", action="store_true", help="keep videos smaller than --width x --height "
+                   "(upscaled to cover it; default: skipped with a warning)")
     p.add_argument("--latent-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="storage dtype of the latents (bfloat16 halves the disk; default float32)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -61,12 +65,17 @@ def _add_train(sub) -> argparse.ArgumentParser:
                        description="Train Stage II on a prepared data folder. Settings come from the defaults, "
                        "then --config FILE.toml (top-level keys named as the flags, with underscores), then the "
                        "flags below. RUN_DIR gets run.json, log.jsonl and checkpoints/; running again on the same "
-                       "RUN_DIR resumes from its latest checkpoint.")
+                       "RUN_DIR resumes from its latest checkpoint. Before any weight is read, it prints its "
+                       "per-rank memory estimate (weights, gradients, optimiser state, EMA, activations counted on "
+                       "fake tensors) and stops with an error when that does not fit the device's memory.")
     p.add_argument("--data", required=True, help="prepared data folder (from swift-i2v prepare)")
     p.add_argument("--out", required=True, help="the run folder (RUN_DIR)")
     p.add_argument("--config", default=None, help="TOML file of settings")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda:LOCAL_RANK when available)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--device-memory", type=float, default=None, metavar="GIB",
+                   help="device memory in GiB to check the memory estimate against (default: the GPU's total "
+                   "memory; on a CPU no check; 0: no check)")
     defaults = TrainConfig()
     helps = {
         "tiny": "train the tiny random-weight Stage II (CPU tests and demos)",
@@ -80,6 +89,10 @@ def _add_train(sub) -> argparse.ArgumentParser:
                          "generate such a network with generate --shared-anchor)",
         "timestep_sampling": "logit_normal or uniform", "compute_dtype": "auto, float32 or bfloat16",
         "ulysses": "Ulysses sequence-parallel degree (ranks per sequence)",
+        "offload_optimizer": "one process: fp32 master weights, gradient sums and AdamW state in host memory, the "
+                             "AdamW step on the host, the network on the GPU in the compute dtype (bf16: 2 instead "
+                             "of 16 bytes per parameter on the device; about 16-20 bytes per parameter of host "
+                             "memory); lets one 80 GB GPU train the 5B Stage II",
         "eval_data": "prepared data folder of held-out clips", "eval_every": "evaluate the held-out loss every N steps",
     }
     for f in dataclasses.fields(TrainConfig):
@@ -125,6 +138,8 @@ def _add_train_lora(sub) -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=81, help="frames per clip, 4k+1 (default 81)")
     p.add_argument("--width", type=int, default=640, help="Stage I width: the output width / 4 (default 640)")
     p.add_argument("--height", type=int, default=352, help="Stage I height: the output height / 4 (default 352)")
+    p.add_argument("--fps", type=int, default=16, help="frame rate of the clips: each video is resampled to it "
+                   "(default 16, the rate generate makes; 0: every source frame); a slower video is skipped")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
     p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank)")
     p.add_argument("--steps", type=int, default=1000, help="optimiser steps, one clip each (default 1000)")
@@ -145,15 +160,19 @@ def add_commands(sub) -> None:
 
 
 def _device(name):
+    """The device of this process for ``--device`` (``None``: the command's default). Under torchrun ``cuda``
+    means ``cuda:LOCAL_RANK`` (and becomes the current device), so the ranks never share GPU 0; naming one GPU
+    for several ranks is an error."""
     import torch
+
+    from ..generation.distributed import resolve_device, torchrun_env
 
     if name is None:
         return None
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise ValueError(f"--device must be cpu or cuda, got {name!r}")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but no CUDA GPU is available")
-    return torch.device(name)
+    device = resolve_device(name, torchrun_env())
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def _run_prepare(args) -> int:
@@ -168,7 +187,8 @@ def _run_prepare(args) -> int:
         raise ValueError("use --tiny or --stage1/--stage2, not both")
     settings = PrepareSettings(frames=args.frames, width=args.width, height=args.height,
                                transition_sigma=args.transition_sigma, transition_steps=args.transition_steps,
-                               shift=args.shift, seed=args.seed, latent_dtype=args.latent_dtype)
+                               shift=args.shift, seed=args.seed, latent_dtype=args.latent_dtype,
+                               fps=args.fps, allow_upscale=args.allow_upscale)
     settings.check()
     device = _device(args.device) or default_device()
     # a process group only for torchrun (the ranks split the videos and meet at a barrier): gloo is enough
@@ -185,13 +205,54 @@ def _run_prepare(args) -> int:
     return 0
 
 
+def _device_memory(args, device) -> tuple[int | None, str]:
+    """``(bytes, name)`` of the memory the estimate is checked against: ``--device-memory`` (GiB; 0: none), else
+    the GPU's total memory (``torch.cuda.get_device_properties``), else none (a CPU)."""
+    import torch
+
+    if args.device_memory is not None:
+        if not args.device_memory >= 0:
+            raise ValueError(f"--device-memory must be >= 0 (GiB), got {args.device_memory}")
+        return (int(args.device_memory * 2**30) or None), f"the device (--device-memory {args.device_memory:g})"
+    if device.type != "cuda":
+        return None, str(device)
+    props = torch.cuda.get_device_properties(device)
+    return int(props.total_memory), f"{device} ({props.name})"
+
+
+def check_training_memory(config, args, device):
+    """Print the run's per-rank memory estimate (rank 0) and raise ``ValueError`` when it does not fit the
+    device; reads the data's manifest and the checkpoint's headers, no weight. Returns the estimate."""
+    from ..generation.distributed import AgreedError, env_rank, torchrun_world_size
+    from ..planning.training_step import training_activation_bytes
+    from ..training.dataset import PreparedData
+    from ..training.memory import check_fits, estimate_training_memory, host_memory_bytes
+    from ..training.trainer import stage2_config
+
+    data = PreparedData.open(args.data)
+    model_config, _ = stage2_config(config, data.latent_shape[0], data.text_dim)
+    estimate = estimate_training_memory(config, model_config, data.latent_shape, world=torchrun_world_size(),
+                                        device_type=device.type, activations=training_activation_bytes)
+    if env_rank() == 0:
+        print(estimate.summary(), flush=True)
+    memory, name = _device_memory(args, device)
+    if memory is not None:
+        try:
+            check_fits(estimate, config, memory, name, host_memory_bytes() if estimate.mode == "offload" else None)
+        except ValueError as exc:  # every rank computes the same estimate: one line, printed once
+            raise AgreedError(str(exc)) from None
+    return estimate
+
+
 def _run_train(args) -> int:
-    from ..training.trainer import train
+    from ..training.trainer import default_device, train
     from ..training.config import TrainConfig, make_config
 
     names = [f.name for f in dataclasses.fields(TrainConfig)]
     config = make_config(args.config, {n: getattr(args, n) for n in names})
-    last = train(config, args.data, args.out, device=_device(args.device), progress=not args.quiet)
+    device = _device(args.device) or default_device()
+    check_training_memory(config, args, device)
+    last = train(config, args.data, args.out, device=device, progress=not args.quiet)
     if last and int(os.environ.get("RANK", "0")) == 0:
         print(f"trained to step {last.get('step')}: " + json.dumps({k: v for k, v in last.items() if k != 'time'}))
     return 0
@@ -226,6 +287,8 @@ def _run_train_lora(args) -> int:
     for name in ("rank", "steps"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.fps < 0:
+        raise ValueError(f"--fps must be >= 0 (0: every source frame), got {args.fps}")
     names = list_videos(args.videos)
     if not names:
         raise ValueError(f"no video files in {args.videos}")
@@ -245,7 +308,7 @@ def _run_train_lora(args) -> int:
         try:
             if fixed is None and caption is None:
                 raise ValueError(f"no caption for it in {args.captions}")
-            frames = read_frames(os.path.join(os.fspath(args.videos), name), args.frames)
+            frames = read_frames(os.path.join(os.fspath(args.videos), name), args.frames, args.fps)
         except ValueError as exc:
             print(f"warning: skipped {name}: {exc}", file=sys.stderr)
             continue

@@ -176,10 +176,21 @@ class CSGPlan:
 
 
 def gaussian(shape: Sequence[int], seed: int, stream: int, device, dtype=torch.float32) -> torch.Tensor:
-    """Standard normal noise determined by ``(seed, stream)`` alone, the same on any device (drawn on the CPU)."""
+    """Standard normal noise determined by ``(seed, stream)`` alone, the same on any device (drawn on the CPU).
+
+    To a GPU it travels from pinned memory without blocking: a pageable copy would make the host wait for every
+    kernel queued before it (a round trip per CSG segment)."""
     g = torch.Generator(device="cpu")
     g.manual_seed((int(seed) * 1_000_003 + int(stream) * 7_919 + 17) % (2**63 - 1))
-    return torch.randn(tuple(shape), generator=g, dtype=torch.float32).to(device=device, dtype=dtype)
+    return to_device(torch.randn(tuple(shape), generator=g, dtype=torch.float32), device, dtype)
+
+
+def to_device(t: torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A host tensor on ``device``: to a GPU through pinned memory without blocking the host (a pageable copy
+    waits for every kernel queued before it); elsewhere a plain copy."""
+    if torch.device(device).type == "cuda" and torch.cuda.is_available():
+        return t.pin_memory().to(device=device, dtype=dtype, non_blocking=True)
+    return t.to(device=device, dtype=dtype)
 
 
 def flow_update(x: torch.Tensor, v: torch.Tensor, sigma: float, sigma_next: float, *, mode: str, seed: int,
@@ -279,13 +290,14 @@ def run_csg(
             positions = torch.arange(plan.num_blocks)
         else:
             layout, blocks, noisy_list, positions = win.layout, list(win.blocks), list(win.noisy), win.frame_positions()
-        noisy = torch.tensor(noisy_list, dtype=torch.bool)
-        idx = torch.tensor(blocks, dtype=torch.long, device=z_ref.device)
+        # the window's index tensors travel without blocking the host (no round trip per segment)
+        dev = z_ref.device
+        idx = to_device(torch.tensor(blocks, dtype=torch.long), dev)
         own = [i for i, n in enumerate(noisy_list) if n]
-        own_local = torch.tensor(own, dtype=torch.long, device=z_ref.device)  # window positions of the own blocks
-        own_idx = torch.tensor([blocks[i] for i in own], dtype=torch.long, device=z_ref.device)
-        positions = positions.to(z_ref.device)
-        noisy_dev = noisy.to(z_ref.device)
+        own_local = to_device(torch.tensor(own, dtype=torch.long), dev)  # window positions of the own blocks
+        own_idx = to_device(torch.tensor([blocks[i] for i in own], dtype=torch.long), dev)
+        positions = to_device(positions, dev)
+        noisy_dev = to_device(torch.tensor(noisy_list, dtype=torch.bool), dev)
         ref_win = z_ref.index_select(2, idx)
         # The conditioning blocks are read once from the buffer (finished left neighbours, anchors, z_ref
         # right neighbours) and are never modified during this segment (cond_mask in every step).
@@ -330,7 +342,7 @@ def run_csg(
                 win_x = flow_update(win_x, v.float(), sigma, sigma_next, mode=step_mode, seed=seed, offset=offset,
                                     cond_mask=cond, **g)
         x = win_x.index_select(2, own_local).to(z_ref.dtype)
-        buffer[:, :, own_idx] = x
+        buffer.index_copy_(2, own_idx, x)  # an index tensor, not a mask: no host round trip
         if on_write is not None:
             on_write(-1 if win is None else win.segment, tuple(blocks[i] for i in own))
     return buffer

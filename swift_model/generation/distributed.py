@@ -37,6 +37,7 @@ import torch.distributed as dist
 
 from ..nets.parallel import check_heads, fsdp_shard_blocks
 from .csg import check_int
+from .failures import failure_of, watch_peers
 
 __all__ = [
     "AgreedError",
@@ -64,6 +65,8 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 
 class AgreedError(ValueError):
     """An error every rank raises with the same message (printed once, by rank 0)."""
+
+    agreed_by_all_ranks = True  # not one rank's failure: swift_model.generation.failures lets it pass
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -215,6 +218,7 @@ class Parallelism:
     sp_group: Any = None
     cfg_group: Any = None
     branch: int = 0
+    whole_group: Any = None  # the group of the ranks that make one video together; None: every rank (WORLD)
 
     @property
     def is_main(self) -> bool:
@@ -228,12 +232,29 @@ class Parallelism:
 
     @property
     def group(self):
-        """The group of every rank (the VAE's tiles are spread over all of them); ``None`` in one process."""
-        return dist.group.WORLD if self.distributed else None
+        """The group of every rank of this generation (the VAE's tiles are spread over all of them): the whole
+        world, or a replica's group (:meth:`replica`); ``None`` in one process."""
+        if not self.distributed:
+            return None
+        return dist.group.WORLD if self.whole_group is None else self.whole_group
+
+    def replica(self) -> "Parallelism":
+        """The parallelism of this rank's replica alone, for work whose replicas make different videos (``batch``):
+        the ``ulysses`` consecutive ranks of its Ulysses group as a world of their own (its rank 0 writes the
+        video). Without CFG parallel or FSDP, which span the replicas."""
+        if self.cfg_parallel or self.fsdp:
+            raise ValueError("a replica of its own runs without --cfg-degree 2 and --fsdp")
+        if self.ulysses == 1:
+            return Parallelism()
+        return dataclasses.replace(self, world_size=self.ulysses, rank=self.rank % self.ulysses, replicas=1,
+                                   whole_group=self.sp_group)
 
     def report(self) -> dict:
-        """The degrees used, for ``--report``."""
-        return {"world_size": self.world_size, "ulysses": self.ulysses, "cfg_parallel": self.cfg_parallel,
+        """The degrees used, for ``--report``, named as other video generators name them: ``world_size`` =
+        ``cfg_degree x data_parallel_degree x ulysses_degree`` (integers; the data-parallel ranks are the
+        replicas), and whether the DiTs are sharded (``fsdp``)."""
+        return {"world_size": self.world_size, "ulysses_degree": self.ulysses,
+                "cfg_degree": 2 if self.cfg_parallel else 1, "data_parallel_degree": self.replicas,
                 "fsdp": self.fsdp}
 
     @classmethod
@@ -356,10 +377,15 @@ def processes(device: str | None = None, *, ulysses: int | None = None, cfg_para
         return
     owner = not dist.is_initialized()  # a group made by the caller stays the caller's
     init_process_group(dev, env, timeout=timeout)
+    failed = False
     try:
-        yield Parallelism.build(ulysses=ulysses, cfg_parallel=cfg_parallel, fsdp=fsdp, guidance=guidance), dev
+        with watch_peers():  # any rank's failure ends every rank (swift_model.generation.failures)
+            yield Parallelism.build(ulysses=ulysses, cfg_parallel=cfg_parallel, fsdp=fsdp, guidance=guidance), dev
+    except BaseException as exc:
+        failed = failure_of(exc) is not None
+        raise
     finally:
-        if owner:
+        if owner and not failed:  # after a rank failed, peers may be stuck in collectives: no teardown handshake
             dist.destroy_process_group()
 
 
@@ -428,6 +454,6 @@ def distribute(pipe, par: Parallelism) -> None:
     """
     check_pipeline(pipe, par)
     if par.fsdp:
-        for dit in (pipe.stage1, pipe.stage2):  # weights still in host memory: only the shards reach the device
-            fsdp_shard_blocks(dit, dist.group.WORLD, device=pipe.device)
+        for dit in pipe.dits().values():  # weights still in host memory: only the shards reach the device
+            fsdp_shard_blocks(dit, dist.group.WORLD, device=pipe.device, prefetch=True)
     pipe.parallel = par

@@ -1,7 +1,8 @@
 """The memory plan of a generation (stages layer): which weights live on the device in each phase.
 
 ``generate`` runs as five phases (:data:`PHASES`): ``text_encoding`` (UMT5 and, for Wan2.1 I2V, CLIP),
-``stage1`` (the Stage I DiT; the Stage I VAE encodes the conditioning image), ``bridge`` (Stage I VAE decode,
+``stage1`` (the Stage I DiT, or a two-expert Stage I's experts ``stage1`` and ``stage1_2`` taking turns on
+the device: :data:`TURNS`; the Stage I VAE encodes the conditioning image), ``bridge`` (Stage I VAE decode,
 Stage II VAE encode), ``stage2`` (the Stage II DiT, segment by segment) and ``decode`` (the Stage II VAE).
 A :class:`MemoryPlan` says, per phase and component (:data:`COMPONENTS`), where the component's weights are:
 
@@ -12,7 +13,7 @@ A :class:`MemoryPlan` says, per phase and component (:data:`COMPONENTS`), where 
 
 Profiles (:data:`PROFILES`):
 
-- ``fast``: everything resident for the whole run (141 GB cards, repeated runs);
+- ``fast``: everything resident for the whole run (80 GB cards; repeated runs);
 - ``balanced`` (the default): one DiT on the device at a time, each encoder and VAE only in the phases that
   use it; whatever a phase does not use is evicted before the phase starts;
 - ``24gb``: as ``balanced``, but both DiTs stream their blocks and the text encoder runs on the CPU.
@@ -29,20 +30,26 @@ from __future__ import annotations
 import dataclasses
 
 PHASES = ("text_encoding", "stage1", "bridge", "stage2", "decode")
-COMPONENTS = ("text_encoder", "image_encoder", "stage1", "stage2", "vae1", "vae2")
+COMPONENTS = ("text_encoder", "image_encoder", "stage1", "stage2", "vae1", "vae2", "stage1_2")
 PLACEMENTS = ("device", "cpu", "stream")
 
 # The components each phase runs.
 USES: dict[str, tuple[str, ...]] = {
     "text_encoding": ("text_encoder", "image_encoder"),
-    "stage1": ("stage1", "vae1"),
+    "stage1": ("stage1", "stage1_2", "vae1"),
     "bridge": ("vae1", "vae2"),
     "stage2": ("stage2",),
     "decode": ("vae2",),
 }
 
-# The DiTs: the components that can stream their blocks.
-DITS = ("stage1", "stage2")
+# The DiTs: the components that can stream their blocks. "stage1_2" is the low-noise expert of a two-expert
+# Stage I (Wan2.2-I2V-A14B; "stage1" is then its high-noise expert); absent otherwise.
+DITS = ("stage1", "stage2", "stage1_2")
+
+# Components of one phase that take turns on the device: under every profile that does not keep everything
+# resident, only the one running is there (or streams), and each switch is a copy counted in the phase's
+# h2d_bytes (Residency.switch). Under `fast` all of them stay resident.
+TURNS: tuple[tuple[str, ...], ...] = (("stage1", "stage1_2"),)
 
 
 
@@ -64,6 +71,9 @@ class MemoryProfile:
             windows at 2560x1408 hold 14080. The smaller the chunk, the smaller the FFN's transient ([chunk,
             ffn_dim] twice) and the smaller the matmuls: 4096 rows still keep a GPU's matmul units busy on
             5120-wide weights.
+        device_goal_gib: the device peak (GiB, as ``swift-i2v plan`` estimates it) the profile plans for; the VAE
+            passes size their tiles to fit under it beside what the phase keeps resident
+            (:mod:`swift_model.generation.vae_budget`). ``None``: the VAEs' fixed tiles.
     """
 
     name: str
@@ -72,6 +82,7 @@ class MemoryProfile:
     stream_dits: bool
     text_encoder_on_cpu: bool
     token_chunk: int
+    device_goal_gib: float | None = None
 
 
 def _profiles(*profiles: MemoryProfile) -> dict[str, MemoryProfile]:
@@ -80,14 +91,18 @@ def _profiles(*profiles: MemoryProfile) -> dict[str, MemoryProfile]:
 
 # The profiles, by name (the CLI's --memory choices, in this order).
 PROFILES: dict[str, MemoryProfile] = _profiles(
-    MemoryProfile("fast", "everything on the GPU for the whole run (141 GB cards, repeated runs; the default "
-                  "with --fsdp, where each rank holds its weight shards)", everything_resident=True,
-                  stream_dits=False, text_encoder_on_cpu=False, token_chunk=32768),
+    MemoryProfile("fast", "everything on the GPU for the whole run (80 GB cards: about 68 GiB at 2560x1408 "
+                  "with the presets, estimated; repeated runs; the default with --fsdp, where each rank holds its "
+                  "weight shards)", everything_resident=True,
+                  stream_dits=False, text_encoder_on_cpu=False, token_chunk=32768,
+                  device_goal_gib=72.0),  # an 80 GB card, less the CUDA context and library workspaces
     MemoryProfile("balanced", "one DiT on the GPU at a time, each encoder and VAE only while it runs (the default)",
-                  everything_resident=False, stream_dits=False, text_encoder_on_cpu=False, token_chunk=16384),
+                  everything_resident=False, stream_dits=False, text_encoder_on_cpu=False, token_chunk=16384,
+                  device_goal_gib=60.0),
     # UMT5-XXL (~11 GB in bf16) runs once per prompt: on the CPU
     MemoryProfile("24gb", "as balanced, with the DiT blocks streamed from CPU memory and the text encoder on the "
-                  "CPU", everything_resident=False, stream_dits=True, text_encoder_on_cpu=True, token_chunk=4096),
+                  "CPU", everything_resident=False, stream_dits=True, text_encoder_on_cpu=True, token_chunk=4096,
+                  device_goal_gib=22.0),
 )
 DEFAULT_PROFILE = "balanced"
 
@@ -181,6 +196,13 @@ class MemoryPlan:
         if self.sharded_dits and component in DITS:
             return "cpu"
         return "device" if self.settings.everything_resident else "cpu"
+
+    def turns(self, component: str) -> tuple[str, ...]:
+        """The components ``component`` takes turns on the device with (:data:`TURNS`, itself included), or
+        ``()`` when it takes none (a component of no group, or a profile that keeps everything resident)."""
+        if self.settings.everything_resident:
+            return ()
+        return next((group for group in TURNS if component in group), ())
 
     def runs_on_cpu(self, phase: str, component: str) -> bool:
         """Whether ``component`` computes on the CPU in ``phase`` (it is used there and placed on the CPU)."""

@@ -29,24 +29,34 @@ import time
 
 import torch
 
-from swift_kernels import plan_attention
-
 from ..io.video import check_output_path, image_to_tensor, read_image, write_mp4
 from ..nets import vae_parallel
 from ..nets.encoders import ImageEncoder, TextEncoder, load_prompt_embeds
-from ..nets.spec import STAGE2_KINDS, ModelSpec, stage2_extra_channels
+from ..nets.spec import STAGE2_KINDS, ModelSpec, check_boundary_ratio, check_experts, stage2_extra_channels
 from ..nets.vae import WanVAE
 from ..nets.vae import default_dtype as default_vae_dtype
 from ..nets.vae import parse_dtype as parse_vae_dtype
 from .bridge import hybrid_reference, reference_video
+from .compiling import check_compiler, compile_backend, compile_dits, compile_report, compile_totals
 from .csg import CSGPlan, flow_steps, flow_update, gaussian, run_csg
 from .distributed import Parallelism, check_sizes
+from .experts import expert_plan
 from .memory import PHASES, MemoryPlan
 from .request import GenerationRequest, check_size
 from .residency import Residency
 from .stage1 import stage1_conditioning, stage1_model_input
+from .vae_budget import fit_vae_tiles
+from .window_model import WindowGraphs, WindowModel, cuda_graphs_unavailable
 
 __all__ = ["Conditioning", "GenerationResult", "GenerationState", "PreparedRun", "SwiftI2VPipeline"]
+
+# The parts a pipeline can be built with (``parts=``): each DiT with what only its stage uses (Stage I: the text
+# and CLIP encoders). Both VAEs are in every part: ``prepare`` checks sizes and works out latent shapes with both,
+# Stage I encodes the image with the Stage I VAE and the bridge runs both. A pipeline of one part runs its phases
+# only (one worker per stage, each holding one DiT: swift_model.batch.ray_pipeline).
+PARTS = ("stage1", "stage2")
+# phase -> the part it needs (the bridge needs the VAEs alone, which every part holds)
+PHASE_PARTS = {"text_encoding": "stage1", "stage1": "stage1", "bridge": None, "stage2": "stage2", "decode": "stage2"}
 
 # The key of each phase in GenerationResult.seconds (and --report).
 SECONDS_KEYS = {"text_encoding": "encode_prompt", "stage1": "stage1", "bridge": "bridge", "stage2": "stage2",
@@ -173,6 +183,16 @@ def _default_device():
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _check_parts(parts) -> tuple[str, ...]:
+    """``parts`` as a tuple in :data:`PARTS` order; ``ValueError`` unless a non-empty subset of :data:`PARTS`."""
+    if isinstance(parts, str):
+        parts = (parts,)
+    parts = tuple(parts)
+    if not parts or any(p not in PARTS for p in parts):
+        raise ValueError(f"parts must be a non-empty subset of {PARTS}, got {parts!r}")
+    return tuple(p for p in PARTS if p in parts)
+
+
 class SwiftI2VPipeline:
     """The two-stage image-to-video pipeline.
 
@@ -181,6 +201,8 @@ class SwiftI2VPipeline:
             latents; or Wan2.2-TI2V style, input ``z`` channels with the image latent as frame 0).
         stage2: the Stage II ``WanDiT`` (input ``2*z2`` channels for ``stage2_kind="swift"``: latents
             concatenated with ``z_ref``; ``z2`` channels for ``"refine"``).
+            Either DiT may be ``None`` (not both): a pipeline of one part (:data:`PARTS`) runs that part's phases
+            only (then the text and CLIP encoders belong with Stage I).
         vae1, vae2: the :class:`~swift_model.nets.vae.WanVAE` of each stage.
         text_encoder: a :class:`~swift_model.nets.encoders.TextEncoder` (optional when prompt embeddings are given).
         image_encoder: a CLIP :class:`~swift_model.nets.encoders.ImageEncoder` for Stage I DiTs with image tokens.
@@ -190,6 +212,15 @@ class SwiftI2VPipeline:
             :class:`~swift_model.generation.memory.MemoryPlan`: what each phase keeps on the device (see
             :mod:`swift_model.generation.memory`).
         random_weights: a flag carried into reports (the tiny demo models).
+        stage1_2, boundary_ratio: a two-expert Stage I (Wan2.2-I2V-A14B): ``stage1`` is then its high-noise expert,
+            ``stage1_2`` its low-noise expert, and each Stage I step runs the one diffusers runs
+            (:mod:`swift_model.generation.experts`: ``stage1`` while ``t >= boundary_ratio * 1000``); both or
+            neither. Under every memory profile but ``fast`` one expert is on the device at a time.
+        compile: compile both DiTs regionally (one compiled block reused by every block, :mod:`.compiling`):
+            ``True`` (inductor) or a torch.compile backend name; ``False`` (default) runs eagerly.
+        cuda_graphs: capture the Stage II window call in CUDA graphs, once per window shape, and replay it for
+            every window of every step (:mod:`.window_model`); ``ValueError`` where that cannot apply (not a CUDA
+            device, the ``24gb`` profile's streamed blocks, several processes).
 
     Several processes (``torchrun``): :func:`swift_model.generation.distributed.distribute` sets ``parallel`` (a
     :class:`~swift_model.generation.distributed.Parallelism`); every rank then calls :meth:`generate` with the same
@@ -204,90 +235,147 @@ class SwiftI2VPipeline:
 
     def __init__(self, stage1, stage2, vae1: WanVAE, vae2: WanVAE, text_encoder: TextEncoder | None = None,
                  image_encoder: ImageEncoder | None = None, *, stage2_kind: str = "swift", device=None,
-                 memory="balanced", random_weights: bool = False) -> None:
+                 memory="balanced", random_weights: bool = False, compile=False, cuda_graphs: bool = False,
+                 stage1_2=None, boundary_ratio: float | None = None) -> None:
         if stage2_kind not in STAGE2_KINDS:
             raise ValueError(f"stage2_kind must be one of {STAGE2_KINDS}, got {stage2_kind!r}")
-        self.stage1, self.stage2 = stage1.eval(), stage2.eval()
+        self.compile_backend = compile_backend(compile)
+        if stage1 is None and stage2 is None:
+            raise ValueError("a pipeline needs at least one of the DiTs (stage1, stage2)")
+        if (stage1_2 is None) != (boundary_ratio is None) or (stage1_2 is not None and stage1 is None):
+            raise ValueError("a two-expert Stage I needs stage1 (the high-noise expert), stage1_2 (the low-noise "
+                             "expert) and boundary_ratio")
+        self.stage1_2 = None if stage1_2 is None else stage1_2.eval()
+        self.boundary_ratio = None if boundary_ratio is None else check_boundary_ratio(boundary_ratio)
+        # a DiT given as None: a pipeline of one part (PARTS), whose phases of the other part refuse to run
+        self.stage1 = None if stage1 is None else stage1.eval()
+        self.stage2 = None if stage2 is None else stage2.eval()
+        self.parts = tuple(p for p, dit in zip(PARTS, (self.stage1, self.stage2)) if dit is not None)
         self.vae1, self.vae2 = vae1, vae2
         self.text_encoder, self.image_encoder = text_encoder, image_encoder
         self.stage2_kind = stage2_kind
         self.device = torch.device(device) if device is not None else _default_device()
         self.memory = MemoryPlan.of(memory)
-        for dit in (self.stage1, self.stage2):
+        for dit in self.dits().values():
             dit.inference_chunk_tokens = self.memory.token_chunk
         self.residency = Residency(self.memory, self.device)
         self.random_weights = random_weights
+        self.cuda_graphs = False
+        self.use_cuda_graphs(cuda_graphs)
         self._check_models()
         self.residency.place_initial(self.components())
+        compile_dits(self.dits().values(), self.compile_backend, self.device)
 
     # -- construction ---------------------------------------------------------------------------------
+
+    def use_cuda_graphs(self, enabled: bool = True) -> None:
+        """Capture the Stage II window call in CUDA graphs from the next run on (``enabled``), or run it eagerly:
+        the constructor's ``cuda_graphs``. ``ValueError`` (one line saying why) where it cannot apply."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"cuda_graphs must be a bool, got {type(enabled).__name__}")
+        why_not = cuda_graphs_unavailable(self.device, self.memory, self.parallel) if enabled else None
+        if why_not is not None:
+            raise ValueError(why_not)
+        self.cuda_graphs = enabled
 
     def components(self) -> dict:
         """The modules the memory plan places, by component name (``None`` when absent)."""
         return dict(text_encoder=None if self.text_encoder is None else self.text_encoder.model,
                     image_encoder=None if self.image_encoder is None else self.image_encoder.model,
-                    stage1=self.stage1, stage2=self.stage2, vae1=self.vae1.model, vae2=self.vae2.model)
+                    stage1=self.stage1, stage2=self.stage2, vae1=self.vae1.model, vae2=self.vae2.model,
+                    stage1_2=self.stage1_2)
+
+    def dits(self) -> dict:
+        """The DiTs present, by component name: ``stage1``, ``stage2`` and a two-expert Stage I's ``stage1_2``."""
+        dits = dict(stage1=self.stage1, stage2=self.stage2, stage1_2=self.stage1_2)
+        return {name: dit for name, dit in dits.items() if dit is not None}
 
     def _check_models(self) -> None:
-        c1, c2 = self.stage1.config, self.stage2.config
         z1, z2 = self.vae1.z_dim, self.vae2.z_dim
-        if c1.in_channels not in (z1, 2 * z1 + 4) or c1.out_channels != z1:
+        c1 = None if self.stage1 is None else self.stage1.config
+        if self.stage1_2 is not None:
+            check_experts(c1, self.stage1_2.config)
+        if c1 is not None and (c1.in_channels not in (z1, 2 * z1 + 4) or c1.out_channels != z1):
             raise ValueError(f"stage1 checkpoint of the wrong kind: a DiT with in/out channels {c1.in_channels}/{c1.out_channels} "
                              f"does not fit a {z1}-channel VAE (expected in {2 * z1 + 4} or {z1}, out {z1})")
         want = 2 * z2 if self.stage2_kind == "swift" else z2
-        if c2.in_channels != want or c2.out_channels != z2:
+        c2 = None if self.stage2 is None else self.stage2.config
+        if c2 is not None and (c2.in_channels != want or c2.out_channels != z2):
             raise ValueError(f"stage2 checkpoint of the wrong kind for stage2_kind={self.stage2_kind!r}: in/out channels "
                              f"{c2.in_channels}/{c2.out_channels}, expected {want}/{z2} for a {z2}-channel VAE")
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, *, seed: int = 0, device=None, memory="balanced", vae_dtype=None,
-                  dtype=torch.float32, materialize=None, random_weights: bool = True) -> "SwiftI2VPipeline":
+                  dtype=torch.float32, materialize=None, random_weights: bool = True,
+                  parts=PARTS, compile=False) -> "SwiftI2VPipeline":
         """The pipeline of ``spec``'s models built by :meth:`ModelSpec.build <swift_model.nets.spec.ModelSpec.build>`
         (random weights from ``seed``, or meta modules given storage by ``materialize``). ``vae_dtype``:
-        ``"bf16"``/``"fp32"`` (default: bf16 on a GPU, fp32 on the CPU)."""
+        ``"bf16"``/``"fp32"`` (default: bf16 on a GPU, fp32 on the CPU). ``parts``: the parts to keep
+        (:data:`PARTS`; the weights are those of the whole pipeline). ``compile``: as the class takes it."""
+        parts = _check_parts(parts)
         dev = torch.device(device) if device is not None else _default_device()
+        check_compiler(compile_backend(compile), dev)  # before the models are built
         vae_dtype = parse_vae_dtype(vae_dtype) or default_vae_dtype(dev)
         m = spec.build(seed=seed, dtype=dtype, vae_dtype=vae_dtype, materialize=materialize)
-        return cls(m.stage1, m.stage2, m.vae1, m.vae2, m.text_encoder, m.image_encoder, stage2_kind=spec.stage2_kind,
-                   device=dev, memory=memory, random_weights=random_weights)
+        # everything is built, then a part's models dropped: the seeded weights match the whole pipeline's
+        s1 = "stage1" in parts
+        return cls(m.stage1 if s1 else None, m.stage2 if "stage2" in parts else None, m.vae1, m.vae2,
+                   m.text_encoder if s1 else None, m.image_encoder if s1 else None, stage2_kind=spec.stage2_kind,
+                   stage1_2=m.stage1_2 if s1 else None, boundary_ratio=spec.boundary_ratio if s1 else None,
+                   device=dev, memory=memory, random_weights=random_weights, compile=compile)
 
     @classmethod
     def tiny(cls, *, seed: int = 0, stage2_kind: str = "swift", device=None, memory="balanced",
-             vae_dtype=None) -> "SwiftI2VPipeline":
+             vae_dtype=None, parts=PARTS, compile=False) -> "SwiftI2VPipeline":
         """The whole pipeline on tiny random-weight models (:meth:`ModelSpec.tiny
         <swift_model.nets.spec.ModelSpec.tiny>`; for demos and tests, the output is noise-like). ``memory``: the
         memory profile (see the class); ``vae_dtype``: ``"bf16"``/``"fp32"`` (default: bf16 on a GPU, fp32 on the
-        CPU)."""
-        return cls.from_spec(ModelSpec.tiny(stage2_kind), seed=seed, device=device, memory=memory, vae_dtype=vae_dtype)
+        CPU); ``parts``: the parts to keep (:data:`PARTS`), with the whole pipeline's weights; ``compile``: as the
+        class takes it."""
+        return cls.from_spec(ModelSpec.tiny(stage2_kind), seed=seed, device=device, memory=memory, vae_dtype=vae_dtype,
+                             parts=parts, compile=compile)
 
     @classmethod
     def from_pretrained(cls, stage1: str, stage2: str, *, stage1_lora: str | None = None, lora_scale: float = 1.0,
                         stage2_kind: str = "refine", text_encoder: str | None = None, load_text_encoder: bool = True,
-                        device=None, dtype=None, memory="balanced", vae_dtype=None) -> "SwiftI2VPipeline":
+                        device=None, dtype=None, memory="balanced", vae_dtype=None, stage1_lora_2: str | None = None,
+                        parts=PARTS, compile=False) -> "SwiftI2VPipeline":
         """Load both stages from diffusers-format or original Wan folders.
 
         Args:
-            stage1: Stage I folder (e.g. Wan2.1-I2V-14B): DiT, VAE, and, when present, text and image encoders.
+            stage1: Stage I folder (e.g. Wan2.1-I2V-14B): DiT, VAE, and, when present, text and image encoders; a
+                Wan2.2-I2V-A14B folder loads both experts (diffusers: ``transformer/``, ``transformer_2/`` and the
+                ``boundary_ratio`` of ``model_index.json``; original: ``high_noise_model/``, ``low_noise_model/``).
             stage2: Stage II folder (Wan2.2-TI2V-5B for ``"refine"``, SwiftI2V's own weights for ``"swift"``).
-            stage1_lora: an optional LoRA (e.g. a 4-step distillation LoRA) merged into Stage I.
+            stage1_lora: an optional LoRA (e.g. a 4-step distillation LoRA) merged into Stage I (into the
+                high-noise expert of two).
+            stage1_lora_2: the low-noise expert's LoRA of a two-expert Stage I (e.g. the low-noise half of
+                LightX2V's 4-step pair); merged with ``lora_scale`` too.
             stage2_kind: ``"refine"`` (public 5B, training-free) or ``"swift"`` (widened input).
             text_encoder: folder of the UMT5 encoder + tokenizer (default: ``stage1``'s).
             load_text_encoder: False to run from precomputed prompt embeddings only.
             memory: the memory profile (see the class); it also decides where each model is loaded to.
             vae_dtype: dtype of both VAEs, ``"bf16"``/``"fp32"`` (default: bf16 on a GPU, fp32 on the CPU).
+            parts: the parts to load (:data:`PARTS`): ``("stage1",)`` reads the Stage I DiT, its encoders and the
+                VAEs; ``("stage2",)`` the Stage II DiT and the VAEs (every header is checked either way).
+            compile: as the class takes it (checked before any weight is read).
         """
         from ..loading.checkpoint import load_dit
         from ..loading.preflight import check_checkpoints
 
+        compile_backend(compile)
         for name, p in (("stage1", stage1), ("stage2", stage2)):
             if not isinstance(p, (str, os.PathLike)) or not os.path.exists(p):
                 raise ValueError(f"{name} checkpoint not found: {p}")
+        parts = _check_parts(parts)
+        load_text_encoder = load_text_encoder and "stage1" in parts
         plan = MemoryPlan.of(memory)
         # Every component is located, every config parsed and every weight header (names, shapes, dtypes, the
         # LoRA's keys) checked before the first weight is read: a broken file costs milliseconds, not a 14B load.
         checked = check_checkpoints(stage1, stage2, stage1_lora=stage1_lora, text_encoder=text_encoder,
-                                    need_text_encoder=load_text_encoder)
+                                    need_text_encoder=load_text_encoder, stage1_lora_2=stage1_lora_2)
         dev = torch.device(device) if device is not None else _default_device()
+        check_compiler(compile_backend(compile), dev)  # before any weight is read
         if dtype is None:
             dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
         vae_dtype = parse_vae_dtype(vae_dtype) or default_vae_dtype(dev)
@@ -295,27 +383,40 @@ class SwiftI2VPipeline:
         def load_dev(component):
             return dev if plan.initial(component) == "device" else torch.device("cpu")
 
-        s1 = load_dit(checked.stage1, device=load_dev("stage1"), dtype=dtype, lora=stage1_lora,
-                      lora_scale=lora_scale, stage="stage1")
+        s1 = s2 = image = None
+        if "stage1" in parts:
+            s1 = load_dit(checked.stage1, device=load_dev("stage1"), dtype=dtype, lora=stage1_lora,
+                          lora_scale=lora_scale, stage="stage1")
+        s1_2 = None
+        if "stage1" in parts and checked.stage1_2 is not None:  # the low-noise expert, with its own LoRA or none
+            s1_2 = load_dit(checked.stage1_2, device=load_dev("stage1_2"), dtype=dtype, lora=stage1_lora_2,
+                            lora_scale=lora_scale, stage="stage1")
         # A public checkpoint used as the method's network is widened (the extra channels start at zero),
         # decided from the headers so that the weights are read once.
-        s2 = load_dit(checked.stage2, device=load_dev("stage2"), dtype=dtype,
-                      extra_in_channels=stage2_extra_channels(checked.stage2.config, stage2_kind))
+        if "stage2" in parts:
+            s2 = load_dit(checked.stage2, device=load_dev("stage2"), dtype=dtype,
+                          extra_in_channels=stage2_extra_channels(checked.stage2.config, stage2_kind))
         vae1 = WanVAE.from_pretrained(stage1, device=load_dev("vae1"), dtype=vae_dtype)
         vae2 = WanVAE.from_pretrained(stage2, device=load_dev("vae2"), dtype=vae_dtype)
         text = None
         if load_text_encoder:
             text = TextEncoder.from_pretrained(text_encoder or stage1, device="cpu", dtype=dtype)
-        image = None
-        if getattr(s1.config, "image_dim", None):
+        if s1 is not None and getattr(s1.config, "image_dim", None):
             image = ImageEncoder.from_pretrained(stage1, device="cpu", dtype=dtype)
-        return cls(s1, s2, vae1, vae2, text, image, stage2_kind=stage2_kind, device=dev, memory=plan)
+        return cls(s1, s2, vae1, vae2, text, image, stage2_kind=stage2_kind, device=dev, memory=plan, stage1_2=s1_2,
+                   boundary_ratio=checked.boundary_ratio if s1_2 is not None else None,
+                   compile=compile)
 
     # -- requests -------------------------------------------------------------------------------------
 
     def phase(self, name: str):
         """A context in which the body runs as phase ``name`` of the memory plan (what the phase does not keep
-        is evicted first, what it uses is brought to the device)."""
+        is evicted first, what it uses is brought to the device). ``ValueError`` when the phase needs a part
+        (:data:`PHASE_PARTS`) this pipeline was built without."""
+        part = PHASE_PARTS.get(name)
+        if part is not None and part not in self.parts:
+            raise ValueError(f"phase {name!r} needs the {part} DiT, which this pipeline was built without "
+                             f"(parts={self.parts}); build it with parts including {part!r}")
         return self.residency.phase(name, self.components())
 
     def check_inputs(self, frames: int, width: int, height: int) -> None:
@@ -337,7 +438,10 @@ class SwiftI2VPipeline:
         if kind != self.stage2_kind:
             raise ValueError(f"this pipeline's Stage II DiT is built for stage2_kind={self.stage2_kind!r}, got {kind!r}")
         self.check_inputs(r.frames, r.width, r.height)
-        self._check_conditioning_inputs(r)
+        if self.cuda_graphs and self.parallel.distributed:
+            raise ValueError(cuda_graphs_unavailable(self.device, self.memory, self.parallel))
+        if self.stage1 is not None:  # the conditioning is made where Stage I runs (a Stage II part is handed it)
+            self._check_conditioning_inputs(r)
         output = None if r.output is None else check_output_path(r.output)
         image = read_image(r.image) if isinstance(r.image, (str, os.PathLike)) else r.image
         if image is None:
@@ -348,10 +452,12 @@ class SwiftI2VPipeline:
         T, hh, ww = stage2_shape[1:]
         csg = CSGPlan(T, r.segment_blocks, r.neighbors, block_tokens=(hh // 2) * (ww // 2),
                       anchor_attends="anchor" if r.shared_anchor else "all")
+        stage1_shape = self.vae1.latent_shape(r.frames, h1, w1)
+        fit_vae_tiles(self, stage1_shape, stage2_shape)  # the VAE passes' tiles from the memory profile's budget
         return PreparedRun(
             request=r, stage2_kind=kind, image_low=image_to_tensor(image, w1, h1),
             image_full=image_to_tensor(image, r.width, r.height),
-            stage1_shape=self.vae1.latent_shape(r.frames, h1, w1), stage2_shape=stage2_shape,
+            stage1_shape=stage1_shape, stage2_shape=stage2_shape,
             schedule1=flow_steps(r.steps, r.shift),
             schedule2=flow_steps(r.steps, r.shift, start_sigma=r.start_sigma if kind == "refine" else 1.0),
             csg=csg, output=output, progress=progress and self.parallel.is_main,
@@ -367,6 +473,9 @@ class SwiftI2VPipeline:
                 raise ValueError("no text encoder loaded: pass prompt_embeds (a tensor or a safetensors file)")
         if r.guided and r.negative_prompt_embeds is None and self.text_encoder is None:
             raise ValueError("guidance needs a negative prompt: load a text encoder or pass negative_prompt_embeds")
+        if r.guidance_scale_2 is not None and self.stage1_2 is None:
+            raise ValueError("guidance_scale_2 is the guidance of a two-expert Stage I's low-noise expert, and this "
+                             "Stage I has one DiT: use guidance_scale")
         image_dim = getattr(self.stage1.config, "image_dim", None)
         if r.image_embeds is not None:
             e = r.image_embeds
@@ -406,6 +515,7 @@ class SwiftI2VPipeline:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         self.residency.h2d_bytes.clear()
+        self._compile_mark = compile_totals(self.dits().values())  # this run's compilation is reported
         seconds: dict[str, float] = {}
         state = GenerationState()
         t_start = time.perf_counter()
@@ -421,6 +531,34 @@ class SwiftI2VPipeline:
 
     __call__ = generate
 
+    # what one request of generate_many may fail with and leave the next ones able to run (out of memory is a
+    # RuntimeError); anything else is a bug that stops the loop
+    REQUEST_ERRORS = (ValueError, TypeError, OSError, RuntimeError, MemoryError)
+
+    def generate_many(self, requests, *, progress: bool = True):
+        """Run ``requests`` (an iterable of :class:`~swift_model.generation.request.GenerationRequest`) one after
+        another with the models loaded once, yielding for each, in order, its :class:`GenerationResult` or the
+        exception it failed with (:attr:`REQUEST_ERRORS`: a missing or unreadable image, a size the models cannot
+        make, out of memory...), so one bad request does not stop the others. ``progress``: one bar over the
+        requests (the per-stage bars stay off). The text encoder is kept for the next request.
+
+        A generator: each request runs when the next item is asked for.
+        """
+        requests = list(requests) if not isinstance(requests, (list, tuple)) else requests
+        bar = _tqdm(progress and self.parallel.is_main, total=len(requests), desc="videos", unit="video")
+        try:
+            for request in requests:
+                try:
+                    outcome = self.generate(request=request, progress=False)
+                except self.REQUEST_ERRORS as exc:
+                    if self.device.type == "cuda":  # an out-of-memory request leaves cached blocks behind
+                        torch.cuda.empty_cache()
+                    outcome = exc
+                bar.update(1)
+                yield outcome
+        finally:
+            bar.close()
+
     def run_info(self, run: PreparedRun) -> dict:
         """What a report says about ``run`` on this pipeline: the settings, sizes, plan and layout."""
         r = run.request
@@ -428,7 +566,8 @@ class SwiftI2VPipeline:
                     stage1_size=[r.width // 4, r.height // 4], latent_frames=run.stage2_shape[1],
                     max_window_tokens=run.csg.max_window_tokens, device=str(self.device),
                     random_weights=self.random_weights, memory=self.memory.profile,
-                    h2d_bytes=dict(self.residency.h2d_bytes), **self.parallel.report())
+                    h2d_bytes=dict(self.residency.h2d_bytes), **self.parallel.report(),
+                    compile=compile_report(self.dits().values(), getattr(self, "_compile_mark", None)))
 
     def run_phase(self, name: str, run: PreparedRun, state: GenerationState) -> None:
         """Run phase ``name`` (:data:`~swift_model.generation.memory.PHASES`) of ``run``: its method reads the
@@ -486,18 +625,29 @@ class SwiftI2VPipeline:
             if not ti2v:
                 image_cond = image_cond.to(dtype)  # cast once, not per step
             clip = None if cond.clip_fea is None else cond.clip_fea.to(dev, dtype)
-            cache, neg_cache = self._context_caches(dit, cond, clip, r.guided)
             x = gaussian((1, *run.stage1_shape), r.seed, 1, dev, torch.float32)
             numel = x.numel()
             steps = _tqdm(run.progress, iterable=run.schedule1, desc="stage I", unit="step")
-            for i, (t, sigma, sigma_next) in enumerate(steps):
+            # each step's expert and guidance, as diffusers picks them (one expert: stage1 throughout)
+            experts = expert_plan(run.schedule1, self.boundary_ratio, r.guidance_scale, r.guidance_scale_2)
+            current = None
+            for i, ((t, sigma, sigma_next), (k, scale)) in enumerate(zip(steps, experts)):
+                if k != current:
+                    # this step's expert onto the device (under every profile but fast the other one leaves
+                    # first: the copy is counted in the phase's h2d_bytes), with its own prompt caches
+                    name = ("stage1", "stage1_2")[k]
+                    cache = neg_cache = None  # the previous expert's caches go before the next expert comes in
+                    self.residency.switch(name, self.components())
+                    dit = self.dits()[name]
+                    cache, neg_cache = self._context_caches(dit, cond, clip, r.guided)
+                    current = k
                 inp, tt = stage1_model_input(x, ti2v, image_cond, t, dtype)
                 v = self.parallel.velocities(
                     lambda c: dit(inp, tt, None, context_cache=c, sp_group=self.parallel.sp_group).float(),
                     cache, neg_cache, r.guided)
                 g = {}
                 if r.guided:
-                    v, g = v[0], dict(v_uncond=v[1], guidance=r.guidance_scale)
+                    v, g = v[0], dict(v_uncond=v[1], guidance=scale)
                 x = flow_update(x, v, sigma, sigma_next, mode=r.step_mode, seed=r.seed, offset=(i + 1) * numel, **g)
             if ti2v:
                 x[:, :, :1] = image_cond
@@ -546,39 +696,16 @@ class SwiftI2VPipeline:
         state.stage2_latents = z2
         return z2
 
-    def _window_model(self, run: PreparedRun, cache, neg_cache, channels: int):
-        """The CSG loop's model: the Stage II DiT on one window (or the whole clip), both guidance branches when
-        guided, with the shared anchor's keys and values computed once per conditioning."""
-        dit, plan, guided = self.stage2, run.csg, run.request.guided
-        dtype = next(dit.parameters()).dtype
-        anchors = {}  # shared anchor: its keys and values per conditioning, computed on the first call
-        attention_plans = {}  # per window layout, built on its first call and reused by its steps
-        sp = self.parallel.sp_group
-
-        def call(inp, tt, positions, layout, ctx):
-            attention = attention_plans.get(layout)
-            if attention is None:
-                attention = attention_plans[layout] = plan_attention(layout, device=self.device)
-            anchor = None
-            if plan.anchor_attends == "anchor" and sp is None:  # the anchor's cache is for unsplit sequences
-                anchor = anchors.get(id(ctx))
-                if anchor is None:
-                    # the CSG loop never writes the anchor block: every window's anchor input is the one cached,
-                    # so the calls need not compare it (no device data read per call)
-                    A = plan.anchor_blocks
-                    anchor = anchors[id(ctx)] = dit.precompute_anchor(inp[:, :, :A], ctx, positions[:A],
-                                                                      check_latents=False)
-            return dit(inp, tt, None, attention_plan=attention, frame_positions=positions, context_cache=ctx,
-                       anchor_cache=anchor, sp_group=sp)[:, :channels].float()
-
-        def model_fn(inp, ref, tt, positions, layout):
-            # "swift": inp is the model input cat([state, z_ref window]) already in the DiT's dtype, written
-            # by the sampler step itself (run_csg(fuse_ref=True)); "refine": inp is the state. The timesteps and
-            # positions come known on the host (run_csg(host_inputs=True)).
-            inp = inp.to(dtype)
-            return self.parallel.velocities(lambda c: call(inp, tt, positions, layout, c), cache, neg_cache, guided)
-
-        return model_fn
+    def _window_model(self, run: PreparedRun, cache, neg_cache, channels: int) -> WindowModel:
+        """The CSG loop's model (:class:`~swift_model.generation.window_model.WindowModel`): the Stage II DiT on one
+        window (or the whole clip), both guidance branches when guided, the shared anchor's keys and values
+        computed once per conditioning; prepared now for every window and step (the calls copy nothing from the
+        host), and captured in CUDA graphs with ``cuda_graphs``."""
+        r = run.request
+        graphs = WindowGraphs(self.stage2, channels) if self.cuda_graphs else None
+        shape = (1, channels, *run.stage2_shape[1:])
+        return WindowModel(self.stage2, run.csg, run.schedule2, joint=r.joint, latent_shape=shape,
+                           parallel=self.parallel, cond=cache, uncond=neg_cache if r.guided else None, graphs=graphs)
 
     def run_decode(self, run: PreparedRun, state: GenerationState) -> torch.Tensor | None:
         """Phase ``decode``: the Stage II latents decoded tile by tile and blended on the host, written to

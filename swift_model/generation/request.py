@@ -67,6 +67,10 @@ class GenerationRequest:
         seed: a non-negative int; the same seed gives the same video. step_mode: ``"renoise"`` or ``"euler"``.
         guidance_scale: classifier-free guidance in both stages (``None`` or 1.0: off, the default: the 4-step
             models are distilled without it; stored as ``None``); costs a second DiT call per step.
+        guidance_scale_2: the guidance of a two-expert Stage I's low-noise expert (diffusers'
+            ``guidance_scale_2``; ``None``: ``guidance_scale``, as diffusers). Needs ``guidance_scale`` (the
+            guidance is on or off for the whole run: diffusers too runs no unconditional branch when its first
+            scale is off) and a two-expert Stage I (the pipeline checks that).
         segment_blocks: ``M``, latent frames per CSG segment (default 2); neighbors: ``(NL, NR)``, an int or
             ``"NL,NR"``, clean neighbour latent frames each segment sees (default ``(1, 0)``; stored as a pair).
         joint: denoise all segments at once (clip-mode attention) instead of one window at a time.
@@ -93,6 +97,7 @@ class GenerationRequest:
     seed: int = 0
     step_mode: str = "renoise"
     guidance_scale: float | None = None
+    guidance_scale_2: float | None = None
     segment_blocks: int = 2
     neighbors: Any = (1, 0)
     joint: bool = False
@@ -132,6 +137,14 @@ class GenerationRequest:
             if isinstance(g, bool) or not isinstance(g, (int, float)) or not g > 0:
                 raise ValueError(f"guidance_scale must be a positive float or None, got {g!r}")
             object.__setattr__(self, "guidance_scale", None if float(g) == 1.0 else float(g))
+        g2 = self.guidance_scale_2
+        if g2 is not None:
+            if isinstance(g2, bool) or not isinstance(g2, (int, float)) or not g2 > 0:
+                raise ValueError(f"guidance_scale_2 must be a positive float or None, got {g2!r}")
+            if self.guidance_scale is None:
+                raise ValueError("guidance_scale_2 needs guidance_scale: with guidance off the low-noise expert "
+                                 "would ignore it (set guidance_scale > 1, or leave guidance_scale_2 out)")
+            object.__setattr__(self, "guidance_scale_2", float(g2))
         s = self.start_sigma
         if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s <= 1:
             raise ValueError(f"start_sigma must be a number in (0, 1], got {s!r}")
@@ -157,5 +170,6 @@ class GenerationRequest:
         """The settings (not the inputs) as JSON-serialisable values, for reports."""
         return dict(frames=self.frames, width=self.width, height=self.height, steps=self.steps, shift=self.shift,
                     seed=self.seed, step_mode=self.step_mode, guidance_scale=self.guidance_scale,
+                    guidance_scale_2=self.guidance_scale_2,
                     segment_blocks=self.segment_blocks, neighbors=list(self.neighbors), joint=self.joint,
                     start_sigma=self.start_sigma, shared_anchor=self.shared_anchor)

@@ -275,6 +275,9 @@ class Residency:
         self.resident: dict[str, list[str]] = {}
         self.streamers: dict[str, BlockStreamer] = {}
         self.current: str | None = None
+        self._moved = 0  # bytes the current phase has copied in as whole modules (phase start and switches)
+        self._streamed: dict[str, int] = {}  # each streamer's h2d_bytes when the current phase started using it
+        self._turn: dict[tuple[str, ...], str | None] = {}  # turn group -> its member on the device now
 
     def place_initial(self, components: Mapping[str, nn.Module | None]) -> None:
         """Put every component where the plan keeps it outside any phase (all on the device under ``fast``)."""
@@ -287,37 +290,88 @@ class Residency:
         """Run the body as phase ``phase`` of the plan (see the class docstring); yields the phase's name."""
         if phase not in PHASES:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-        cpu = torch.device("cpu")
         present = {n: m for n, m in components.items() if m is not None}
         # evict first, so the phase's own weights never meet the previous phase's on the device
         self.evict(phase, present)
-        moved = 0
+        self.current, self._moved, self._streamed, self._turn = phase, 0, {}, {}
+        deferred = self._deferred(phase, present)
         for name, m in present.items():
-            where = self.plan.placement(phase, name)
-            if where == "device":
-                moved += move_module(m, self.device)
-            elif where == "stream":
-                moved += move_module(m, self.device, skip="blocks")
-                s = self.streamers.get(name)
-                if s is None or s.blocks != list(m.blocks):
-                    if s is not None:
-                        s.close()
-                    move_module(m.blocks, cpu)
-                    s = self.streamers[name] = BlockStreamer(m.blocks, self.device, self.plan.stream_blocks)
-                s.resume()
-        streamed = {n: s.h2d_bytes for n, s in self.streamers.items()}
-        # what this phase keeps on the device (whole, or a streamed DiT's resident part), as the tensors say
-        self.resident[phase] = [n for n, m in present.items()
-                                if any(tensor_device(t).type == self.device.type for t in m.parameters())]
-        self.current = phase
+            if name in deferred:
+                move_module(m, torch.device("cpu"))  # comes in when the phase switches to it
+            else:
+                self._moved += self._bring(phase, name, m)
+        self._note_resident(phase, present)
         try:
             yield phase
         finally:
+            moved = self._moved
             for name, s in self.streamers.items():
-                moved += s.h2d_bytes - streamed.get(name, s.h2d_bytes)
+                moved += s.h2d_bytes - self._streamed.get(name, s.h2d_bytes)
                 s.suspend()
             self.h2d_bytes[phase] = self.h2d_bytes.get(phase, 0) + moved
             self.current = None
+
+    def _deferred(self, phase: str, present: Mapping[str, nn.Module]) -> set[str]:
+        """The components of ``phase`` that take turns (:meth:`MemoryPlan.turns`) with another one present and used
+        in the phase: none of them comes in when the phase starts, each when :meth:`switch` names it."""
+        deferred = set()
+        for name in present:
+            group = self.plan.turns(name)
+            members = [n for n in group if n in present and self.plan.placement(phase, n) != "cpu"]
+            if len(members) > 1:
+                deferred.update(members)
+                self._turn[group] = None
+        return deferred
+
+    def _bring(self, phase: str, name: str, m: nn.Module) -> int:
+        """Bring component ``name`` in as ``phase`` places it (whole, or its blocks streamed); the bytes of whole
+        tensors copied (a streamer counts its blocks itself)."""
+        where = self.plan.placement(phase, name)
+        if where == "device":
+            return move_module(m, self.device)
+        if where != "stream":
+            return 0
+        moved = move_module(m, self.device, skip="blocks")
+        s = self.streamers.get(name)
+        if s is None or s.blocks != list(m.blocks):
+            if s is not None:
+                s.close()
+            move_module(m.blocks, torch.device("cpu"))
+            s = self.streamers[name] = BlockStreamer(m.blocks, self.device, self.plan.stream_blocks)
+        self._streamed.setdefault(name, s.h2d_bytes)
+        s.resume()
+        return moved
+
+    def _note_resident(self, phase: str, present: Mapping[str, nn.Module], keep: bool = False) -> None:
+        """What ``phase`` keeps on the device (whole, or a streamed DiT's resident part), as the tensors say;
+        ``keep``: add to what the phase had before (a switch: each expert counts as resident in the phase)."""
+        now = [n for n, m in present.items()
+               if any(tensor_device(t).type == self.device.type for t in m.parameters())]
+        before = self.resident.get(phase, []) if keep else []
+        self.resident[phase] = before + [n for n in now if n not in before]
+
+    def switch(self, name: str, components: Mapping[str, nn.Module | None]) -> None:
+        """Inside a phase: make component ``name`` the one of its turn group (:data:`~.memory.TURNS`, e.g. the
+        two experts of a two-expert Stage I) on the device. The member there before leaves first (whole to the
+        CPU, or its streaming stops and frees its slots), then ``name`` comes in as the phase places it; the
+        bytes copied count in the phase's :attr:`h2d_bytes`. A no-op for the member already there, and under a
+        profile where nothing takes turns (``fast``: every member stays resident) or with one member present."""
+        if self.current is None:
+            raise RuntimeError("Residency.switch() is for use inside a phase")
+        group = self.plan.turns(name)
+        if group not in self._turn or self._turn[group] == name:
+            return
+        for other in group:
+            m = components.get(other)
+            if other != name and m is not None:
+                if other in self.streamers:
+                    self.streamers[other].suspend()
+                move_module(m, torch.device("cpu"))
+        if self.device.type == "cuda" and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the expert that left makes room for the one that comes
+        self._moved += self._bring(self.current, name, components[name])
+        self._turn[group] = name
+        self._note_resident(self.current, {n: m for n, m in components.items() if m is not None}, keep=True)
 
     def evict(self, phase: str, components: Mapping[str, nn.Module | None]) -> None:
         """Move to the CPU every component that ``phase`` keeps there (the first step of :meth:`phase`; the

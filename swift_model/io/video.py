@@ -14,6 +14,9 @@ from typing import Iterable
 import numpy as np
 import torch
 
+# The name of a video being written starts with this (hidden); ``<prefix><16 hex digits>.mp4``.
+TEMP_PREFIX = ".swift-i2v-"
+
 
 def read_image(path: str):
     """The image at ``path`` as an RGB ``PIL.Image``; ``ValueError`` when it is missing or unreadable."""
@@ -76,7 +79,7 @@ def _new_temp_file(folder: str) -> str:
     renamed from it is then readable as any other file the user writes (``mkstemp`` would force 0o600).
     """
     for _ in range(100):
-        tmp = os.path.join(folder, f".swift-i2v-{secrets.token_hex(8)}.mp4")
+        tmp = os.path.join(folder, f"{TEMP_PREFIX}{secrets.token_hex(8)}.mp4")
         try:
             os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
         except FileExistsError:
@@ -131,3 +134,70 @@ def read_mp4(path: str) -> np.ndarray:
 
     with imageio.get_reader(path, format="FFMPEG") as reader:
         return np.stack([np.asarray(f) for f in reader])
+
+
+# -- reading training videos ----------------------------------------------------------------------------------
+
+
+def resample_indices(count: int, source_fps: float, fps: float | None) -> list[int]:
+    """The source frame of each of ``count`` output frames at ``fps``: the frame shown at the output frame's time
+    (``k / fps`` seconds), i.e. source index ``floor(k * source_fps / fps + 1e-6)``. ``fps=None`` keeps every source
+    frame. Only downsampling (``fps <= source_fps``): a slower source would repeat frames, which teaches a model
+    frozen motion, so it is a ``ValueError``."""
+    if fps is None:
+        return list(range(count))
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not fps > 0:
+        raise TypeError(f"fps must be a positive number or None, got {fps!r}")
+    if not source_fps > 0:
+        raise ValueError("its frame rate is unknown")
+    if fps > source_fps * 1.002:  # 29.97 (30000/1001) sources pass a 29.97 or 30 fps target
+        raise ValueError(f"its frame rate {source_fps:g} fps is below the output's {fps:g} fps")
+    step = max(1.0, source_fps / fps)  # a rate within the tolerance above takes every frame
+    return [int(k * step + 1e-6) for k in range(count)]
+
+
+def read_video_frames(path, count: int, fps: float | None = None):
+    """``count`` frames of the video at ``path``, resampled to ``fps`` (``None``: the source's own frames), as uint8
+    ``[count, H, W, 3]`` in display orientation, and the source's frame rate: ``(frames, source_fps)``.
+
+    Any size, aspect ratio, codec and frame rate ffmpeg decodes is read; a rotation tag (phones) is applied, so
+    the frames stand as the video is shown. Frames are taken from the start. ``ValueError`` (its reason, without
+    the path: the caller names the file) when the video cannot be decoded, is shorter than ``count`` frames at
+    ``fps``, or runs at a lower frame rate than ``fps``.
+    """
+    import contextlib
+    import io
+
+    import imageio.v2 as imageio
+
+    def unreadable(exc: BaseException) -> ValueError:
+        return ValueError(f"cannot read the video: {' '.join(str(exc).split())[:200] or type(exc).__name__}")
+
+    try:
+        # imageio prints a note when a rotation tag changes the frame size: the rotation is wanted, the note is not
+        with contextlib.redirect_stdout(io.StringIO()):
+            reader = imageio.get_reader(os.fspath(path), format="FFMPEG")
+    except Exception as exc:  # noqa: BLE001 -- whatever the decoder says, the video is unusable
+        raise unreadable(exc) from None
+    with reader:
+        source_fps = float(reader.get_meta_data().get("fps") or 0.0)
+        wanted = resample_indices(count, source_fps, fps)
+        last, keep = wanted[-1], set(wanted)
+        picked: dict[int, np.ndarray] = {}
+        seen = 0
+        try:
+            for index, frame in enumerate(reader):
+                seen = index + 1
+                if index in keep:
+                    picked[index] = np.asarray(frame)
+                if index >= last:
+                    break
+        except Exception as exc:  # noqa: BLE001 -- a stream that breaks part-way is unusable too
+            raise unreadable(exc) from None
+    if len(picked) < len(keep):
+        at = f" at {fps:g} fps" if fps is not None else ""
+        raise ValueError(f"too short: {seen} frames, needs {last + 1} for {count} frames{at}")
+    frames = [picked[i] for i in wanted]
+    if frames[0].ndim != 3 or frames[0].shape[2] < 3:
+        raise ValueError(f"unexpected frame shape {frames[0].shape}")
+    return np.stack([f[..., :3] for f in frames]), source_fps

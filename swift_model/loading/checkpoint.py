@@ -45,6 +45,7 @@ from ..io.files import (DEFAULT_STAGE, WEIGHT_SUFFIXES, CheckpointError, Checkpo
                     read_json, weight_files)
 from ..io.keys import (WAN_TO_DIFFUSERS, block_index, detect_format, diffusers_to_wan_name, format_keys,
                    is_legacy_unused_key, strip_export_prefix, to_diffusers_keys, to_wan_keys, wan_to_diffusers_name)
+from .experts import check_one_dit
 from .lora import LoraDeltas
 
 __all__ = [
@@ -132,6 +133,8 @@ def _resolve(path, stage: str):
             if _is_dit_config(cfg):  # a sidecar config of another component is not ours
                 return p, [p], cfg, side, None, None
         return p, [p], None, None, None, None
+    if not (p / "config.json").exists():
+        check_one_dit(p, stage=stage)  # a two-expert folder is never half-loaded as its transformer/ alone
     if not (p / "config.json").exists() and (p / "transformer" / "config.json").exists():
         p = p / "transformer"  # a diffusers pipeline folder
     cfg_path = p / "config.json"

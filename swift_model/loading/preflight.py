@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 from ..io.files import CheckpointError, CheckpointNotFoundError, read_json
 from ..nets.encoders import CLIP_VIT_H, UMT5_XXL, locate_image_encoder, locate_text_encoder
-from ..nets.spec import ModelSpec, stage2_config
+from ..nets.spec import ModelSpec, check_experts, stage2_config
 from ..nets.vae import locate_vae, public_config
 from .checkpoint import DiTCheckpoint, inspect_dit
+from .experts import check_image_encoder_used, stage1_experts
 from .lora import check_lora
 
 
@@ -36,6 +37,8 @@ class CheckedCheckpoints:
     vae2: tuple[str, str] | None
     text_encoder: tuple[str, str, str] | None
     image_encoder: tuple[str, str] | None
+    stage1_2: DiTCheckpoint | None = None  # a two-expert Stage I's low-noise expert (stage1: its high-noise one)
+    boundary_ratio: float | None = None  # its hand-over ratio
 
 
 def _located(locate, path, stage: str, what: str):
@@ -56,25 +59,43 @@ def _located(locate, path, stage: str, what: str):
 
 
 def check_checkpoints(stage1=None, stage2=None, *, stage1_lora=None, text_encoder=None,
-                      need_text_encoder: bool = True) -> CheckedCheckpoints:
+                      need_text_encoder: bool = True, stage1_lora_2=None) -> CheckedCheckpoints:
     """Check the checkpoint arguments of a generation without reading any weight.
 
     Args:
-        stage1: Stage I folder or file (its DiT; its VAE and image encoder when it is a folder).
-        stage2: Stage II folder or file (its DiT; its VAE when it is a folder).
-        stage1_lora: a LoRA file for Stage I: its keys and shapes are checked against the Stage I model.
+        stage1: Stage I folder or file (its DiT, or the two experts of Wan2.2-I2V-A14B with their hand-over ratio:
+            :func:`~swift_model.loading.experts.stage1_experts`; its VAE and image encoder when it is a folder).
+        stage2: Stage II folder or file (its DiT; its VAE when it is a folder); a two-expert folder is refused.
+        stage1_lora: a LoRA file for Stage I (the high-noise expert of two): its keys and shapes are checked
+            against that model.
+        stage1_lora_2: a LoRA file for a two-expert Stage I's low-noise expert (refused for one expert).
         text_encoder: the UMT5 folder (default: ``stage1``).
         need_text_encoder: False when prompt embeddings replace the text encoder.
 
     Returns a :class:`CheckedCheckpoints`; raises as loading would, naming stage, file and key.
     """
-    s1 = inspect_dit(stage1, stage="stage1") if stage1 is not None else None
+    experts = stage1_experts(stage1, stage="stage1") if stage1 is not None else None
+    s1 = inspect_dit(experts.high, stage="stage1") if experts is not None else None
+    s1_2 = inspect_dit(experts.low, stage="stage1") if experts is not None and experts.low is not None else None
+    if s1_2 is not None:
+        try:
+            check_experts(s1.config, s1_2.config)
+        except ValueError as exc:
+            raise CheckpointError(str(exc), file=experts.low, stage="stage1") from None
     s2 = inspect_dit(stage2, stage="stage2") if stage2 is not None else None
-    if stage1_lora is not None:
-        if s1 is None:
-            raise ValueError("stage1_lora needs stage1")
-        params = {n: tuple(p.shape) for n, p in s1.meta_model().named_parameters()}
-        check_lora(stage1_lora, params, stage="stage1")
+    for where, dit, label in ((stage1, s1, "stage1"), (stage2, s2, "stage2")):
+        if dit is not None:  # a CLIP encoder the DiT would not use is refused, not silently left out
+            check_image_encoder_used(where, takes_image_tokens=label == "stage1" and dit.config.has_image_input,
+                                     stage=label)
+    for lora, dit, what in ((stage1_lora, s1, "stage1_lora"), (stage1_lora_2, s1_2, "stage1_lora_2")):
+        if lora is None:
+            continue
+        if dit is None:
+            raise ValueError(f"{what} needs stage1" if s1 is None else
+                             f"{what} is the LoRA of a two-expert Stage I's low-noise expert, and {stage1} holds "
+                             "one DiT: pass its LoRA as stage1_lora")
+        params = {n: tuple(p.shape) for n, p in dit.meta_model().named_parameters()}
+        check_lora(lora, params, stage="stage1")
     vae1 = _located(locate_vae, stage1, "stage1", "VAE") if stage1 is not None else None
     vae2 = _located(locate_vae, stage2, "stage2", "VAE") if stage2 is not None else None
     text = None
@@ -85,7 +106,8 @@ def check_checkpoints(stage1=None, stage2=None, *, stage1_lora=None, text_encode
     image = None
     if s1 is not None and s1.config.has_image_input:
         image = _located(locate_image_encoder, stage1, "stage1", "image encoder")
-    return CheckedCheckpoints(s1, s2, vae1, vae2, text, image)
+    return CheckedCheckpoints(s1, s2, vae1, vae2, text, image, s1_2,
+                              experts.boundary_ratio if experts is not None else None)
 
 
 def checkpoint_spec(stage1, stage2, *, stage2_kind: str = "refine", text_encoder=None,
@@ -116,4 +138,5 @@ def checkpoint_spec(stage1, stage2, *, stage2_kind: str = "refine", text_encoder
     text = hf_config(found.text_encoder, UMT5_XXL) if found.text_encoder is not None else None
     image = hf_config(found.image_encoder, CLIP_VIT_H) if found.image_encoder is not None else None
     return ModelSpec(c1, c2, vae(found.vae1, c1.out_channels), vae(found.vae2, c2.out_channels), text, image,
-                     stage2_kind)
+                     stage2_kind, stage1_2=None if found.stage1_2 is None else found.stage1_2.config,
+                     boundary_ratio=found.boundary_ratio)

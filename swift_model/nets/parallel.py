@@ -351,7 +351,8 @@ def fsdp_ignored_params(block: torch.nn.Module, index: int,
 
 def fsdp_shard_blocks(model: torch.nn.Module, group: dist.ProcessGroup | None = None, *,
                       reshard_after_forward: bool = True, mp_policy=None,
-                      keep_whole: Callable[[str], bool] | None = None, device=None) -> torch.nn.Module:
+                      keep_whole: Callable[[str], bool] | None = None, device=None,
+                      prefetch: bool = False) -> torch.nn.Module:
     """Shard every transformer block of ``model`` (its ``blocks``) over ``group`` with FSDP2, in place.
 
     Each block becomes an FSDP2 module (``torch.distributed.fsdp.fully_shard``): its weights live sharded
@@ -389,6 +390,14 @@ def fsdp_shard_blocks(model: torch.nn.Module, group: dist.ProcessGroup | None = 
             that no rank ever holds the whole model on its GPU): each block's shard is moved there as it is
             sharded, then the rest of the model (the root's parameters, the parameters left whole). Default:
             where the parameters are.
+        prefetch: overlap each block's all-gather with the previous block's compute (inference). Each block on
+            its own would be an FSDP root whose all-gather waits for the work queued before it; so the model
+            becomes the root (``fully_shard(model)`` with its own parameters left whole: nothing more is
+            sharded), every block prefetches the next one's all-gather in its forward
+            (``set_modules_to_forward_prefetch``), and the root is initialised at once, so a block method called
+            before the model's first forward (``context_kv``) finds the blocks already under it. Two gathered
+            blocks are then alive at a time. Training shards the root itself (``swift_model.training``) and
+            leaves this off.
 
     Returns ``model`` (its blocks now ``FSDPModule``\\ s). Untested on a GPU.
     """
@@ -418,4 +427,20 @@ def fsdp_shard_blocks(model: torch.nn.Module, group: dist.ProcessGroup | None = 
         for t in list(mod._parameters.values()) + list(mod._buffers.values()):
             if t is not None and not isinstance(t, DTensor) and t.device != device:
                 t.data = t.data.to(device)
+    if prefetch:
+        _prefetch_blocks(model, mesh, policy)
     return model
+
+
+def _prefetch_blocks(model: torch.nn.Module, mesh, policy) -> None:
+    """The root and forward prefetch of :func:`fsdp_shard_blocks` (``prefetch=True``)."""
+    from torch.distributed.fsdp import fully_shard
+
+    own = {p for name, p in model.named_parameters() if not name.startswith("blocks.")}
+    fully_shard(model, mesh=mesh, reshard_after_forward=False, mp_policy=policy, ignored_params=own or None)
+    blocks = list(model.blocks)
+    for block, following in zip(blocks, blocks[1:]):
+        block.set_modules_to_forward_prefetch([following])
+    # FSDP2 takes the first module to run as the root; precompute_context runs the blocks' context_kv before the
+    # model's forward, so the root is initialised now (FSDPState._lazy_init: no public call does only this)
+    model._get_fsdp_state()._lazy_init()

@@ -35,6 +35,35 @@ def stage2_extra_channels(config: WanDiTConfig, kind: str) -> int:
     return config.in_channels if kind == "swift" and config.in_channels == config.out_channels else 0
 
 
+# Stage I presets of two-expert models (Wan2.2 A14B: a high-noise and a low-noise transformer of one architecture)
+# -> the boundary ratio of their published pipeline config (model_index.json "boundary_ratio" of the diffusers
+# release; the original release's i2v-A14B config sets the same 0.900).
+TWO_EXPERT_PRESETS = {"wan2.2-i2v-a14b": 0.9}
+
+
+def check_boundary_ratio(value, where: str = "boundary_ratio") -> float:
+    """``value`` as a float in ``[0, 1]`` (the fraction of the 1000 training timesteps at which a two-expert
+    Stage I hands over from its high-noise to its low-noise expert); ``TypeError``/``ValueError`` naming
+    ``where`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{where} must be a number in [0, 1], got {type(value).__name__}")
+    if not 0.0 <= float(value) <= 1.0:
+        raise ValueError(f"{where} must be in [0, 1], got {value!r}")
+    return float(value)
+
+
+def check_experts(high: WanDiTConfig, low: WanDiTConfig) -> None:
+    """``ValueError`` unless two Stage I experts take the same inputs (the conditioning is prepared once for both):
+    the same input/output channels, patch, text and image widths, heads (Ulysses splits both alike) and head dim."""
+    fields = ("in_channels", "out_channels", "patch_size", "text_dim", "image_dim", "freq_dim", "num_heads")
+    diff = [f"{f} {getattr(high, f)} vs {getattr(low, f)}" for f in fields if getattr(high, f) != getattr(low, f)]
+    if high.dim // high.num_heads != low.dim // low.num_heads:
+        diff.append(f"head dim {high.dim // high.num_heads} vs {low.dim // low.num_heads}")
+    if diff:
+        raise ValueError("the two Stage I experts (high-noise, low-noise) must take the same inputs: "
+                         + "; ".join(diff))
+
+
 def stage2_config(config: WanDiTConfig, kind: str) -> WanDiTConfig:
     """The Stage II architecture the pipeline builds for ``kind`` from a checkpoint's ``config``."""
     extra = stage2_extra_channels(config, kind)
@@ -51,6 +80,7 @@ class Models:
     vae2: WanVAE
     text_encoder: TextEncoder | None
     image_encoder: ImageEncoder | None
+    stage1_2: WanDiT | None = None  # Stage I's low-noise expert (two-expert models), else None
 
 
 # materialize(module, dtype) -> module: gives a module built on the meta device its storage (dtype: cast the
@@ -64,7 +94,9 @@ class ModelSpec:
 
     ``stage1`` / ``stage2``: the DiT configs as the pipeline builds them (Stage II widened for ``"swift"``);
     ``vae1`` / ``vae2``: ``AutoencoderKLWan`` arguments; ``text_encoder``: ``UMT5Config`` arguments or ``None``
-    (prompt embeddings given); ``image_encoder``: ``CLIPVisionConfig`` arguments or ``None``.
+    (prompt embeddings given); ``image_encoder``: ``CLIPVisionConfig`` arguments or ``None``; ``stage1_2``: the
+    config of Stage I's low-noise expert for a two-expert model (Wan2.2-I2V-A14B; ``stage1`` is then the
+    high-noise one) and ``boundary_ratio`` its hand-over ratio (both ``None`` for one expert).
     """
 
     stage1: WanDiTConfig
@@ -74,6 +106,15 @@ class ModelSpec:
     text_encoder: dict | None
     image_encoder: dict | None
     stage2_kind: str
+    stage1_2: WanDiTConfig | None = None
+    boundary_ratio: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.stage1_2 is None) != (self.boundary_ratio is None):
+            raise ValueError("a two-expert Stage I needs both stage1_2 and boundary_ratio (one expert: neither)")
+        if self.stage1_2 is not None:
+            check_boundary_ratio(self.boundary_ratio)
+            check_experts(self.stage1, self.stage1_2)
 
     @classmethod
     def tiny(cls, stage2_kind: str = "swift") -> "ModelSpec":
@@ -89,10 +130,13 @@ class ModelSpec:
     def preset(cls, stage1: str = "wan2.1-i2v-14b", stage2: str = "wan2.2-ti2v-5b", *, stage2_kind: str = "refine",
                text_encoder: bool = True) -> "ModelSpec":
         """Built-in presets (``WanDiTConfig.preset`` names) with the public VAEs and encoders; ``text_encoder=False``
-        for a run from prompt embeddings."""
+        for a run from prompt embeddings. A two-expert Stage I preset (:data:`TWO_EXPERT_PRESETS`:
+        ``wan2.2-i2v-a14b``) gives both experts, of the same architecture, and the published boundary ratio."""
         c1, c2 = WanDiTConfig.preset(stage1), WanDiTConfig.preset(stage2)
+        ratio = TWO_EXPERT_PRESETS.get(str(stage1).lower())
         return cls(c1, stage2_config(c2, stage2_kind), public_config(c1.out_channels), public_config(c2.out_channels),
-                   dict(UMT5_XXL) if text_encoder else None, dict(CLIP_VIT_H) if c1.image_dim else None, stage2_kind)
+                   dict(UMT5_XXL) if text_encoder else None, dict(CLIP_VIT_H) if c1.image_dim else None, stage2_kind,
+                   stage1_2=None if ratio is None else c1, boundary_ratio=ratio)
 
     def build(self, *, seed: int = 0, dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype = torch.float32,
               materialize: Materialize | None = None) -> Models:
@@ -116,8 +160,11 @@ class ModelSpec:
                 return build()
 
         s1, s2 = make(lambda: (WanDiT(self.stage1), WanDiT(self.stage2)), seed)
+        experts = ()
+        if self.stage1_2 is not None:  # drawn after the other two, so a one-expert spec builds as before
+            experts = (make(lambda: WanDiT(self.stage1_2), seed + 2),)
         dits = []
-        for dit in (s1, s2):
+        for dit in (s1, s2, *experts):
             if dtype != torch.float32:
                 dit.to_dtype(dtype)
             dits.append(dit if materialize is None else materialize(dit, None))
@@ -138,4 +185,4 @@ class ModelSpec:
         if self.image_encoder is not None:
             model = own(make(lambda: CLIPVisionModel(CLIPVisionConfig(**self.image_encoder)), seed), dtype)
             image = ImageEncoder(model, int(model.config.image_size))
-        return Models(*dits, *vaes, text, image)
+        return Models(*dits[:2], *vaes, text, image, stage1_2=dits[2] if experts else None)

@@ -6,8 +6,10 @@ checkpoint's ``latents_mean``/``latents_std``, size checks, and a decoder that s
 are causal: one latent frame at a time, with a cache of the previous frames' features) and is tiled in space
 (overlapping tiles are blended with linear ramps, :mod:`.vae_tiling`). The decode is tile-major: one tile
 runs through every latent frame with its own cache, its pixels go to the host, and its cache is freed before
-the next tile, so the device working set is one tile's caches and one frame's activations, whatever the size
-and length of the video; the blend happens in a host buffer. Encodes are tiled the same way above 1280x720.
+the next tile, so the device working set is one tile's caches and one frame's activations, whatever the
+length of the video; the blend happens in a host buffer. Encodes are tiled the same way above 1280x720. The
+tiles are fixed squares, or, given a device budget (:meth:`WanVAE.set_tile_budget`), the cheapest tiling that
+fits it (:mod:`.vae_geometry`): a whole frame where it fits, decoded as the library's plain causal pass.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Iterator
 import torch
 
 from ..io.files import read_json, read_tensors
-from .vae_tiling import Tile, TileBlender, spatial_tiles
+from .vae_geometry import MAX_TENSOR_ELEMENTS, PeakBytes, fit_tiles
+from .vae_tiling import Tile, TileBlender, check_tile, spatial_tiles, to_uint8
 
 # Architecture of the public VAEs (diffusers config values), used when building from an original Wan file.
 WAN21_CONFIG = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, temperal_downsample=[False, True, True])
@@ -172,6 +175,14 @@ def parse_dtype(name) -> torch.dtype | None:
 # supports in one piece; a 2560x1408 encode (the bridge's) does not need to.
 ENCODE_TILE_MIN_PIXELS = 1280 * 720
 
+# The tile a pass's working set per latent pixel is measured on (WanVAE.work_bytes_per_pixel): the working set
+# is proportional to the tile's area (an 8x8 tile reads it about 1% high: the edges' padding), and the causal
+# caches are full from the third latent frame on. Cached per architecture, dtype and pass: (bytes, elements of
+# the largest tensor) per latent pixel.
+_MEASURE_SIDE = 8
+_MEASURE_FRAMES = 3
+_WORK_PER_PIXEL: dict = {}
+
 
 def _chunk_to_device(module, args, kwargs):
     """Forward pre-hook of the VAE encoder: its input chunk moves to the encoder's device and dtype."""
@@ -200,11 +211,20 @@ class WanVAE:
         dtype: cast the model to this dtype (``torch.bfloat16``/``torch.float32``, or ``"bf16"``/``"fp32"``);
             ``None`` keeps the model's dtype. Latents in and out stay float32 either way.
         encode_tile_min_pixels: encodes of more pixels per frame than this are tiled.
+        max_tile: with a budget (:meth:`set_tile_budget`), the longest tile side (latent pixels) either pass may
+            use, or ``None``.
+
+    Tile geometry: without a budget, the tiles are the fixed squares above. With one
+    (:meth:`set_tile_budget`, which the pipeline sets from its memory profile), each pass takes the cheapest
+    tiling whose tiles' estimated working set fits the budget
+    (:func:`~swift_model.nets.vae_geometry.fit_tiles`): a whole frame when it fits (a plain causal pass in
+    temporal chunks of whole frames: no overlap, no blend), else as few and as large tiles as the budget allows,
+    each blended as before.
     """
 
     def __init__(self, model, tile_latent: int = 32, tile_overlap: int = 8, *, dtype=None,
                  encode_tile_min_pixels: int = ENCODE_TILE_MIN_PIXELS, encode_tile_latent: int | None = None,
-                 encode_tile_overlap: int | None = None) -> None:
+                 encode_tile_overlap: int | None = None, max_tile: int | None = None) -> None:
         from diffusers import AutoencoderKLWan
         from diffusers.models.autoencoders.autoencoder_kl_wan import WanCausalConv3d
 
@@ -212,8 +232,10 @@ class WanVAE:
             raise TypeError(f"model must be a diffusers AutoencoderKLWan, got {type(model).__name__}")
         encode_tile_latent = 2 * tile_latent if encode_tile_latent is None else encode_tile_latent
         encode_tile_overlap = 2 * tile_overlap if encode_tile_overlap is None else encode_tile_overlap
-        spatial_tiles(1, 1, tile_latent, tile_overlap)  # checks the tile arguments
-        spatial_tiles(1, 1, encode_tile_latent, encode_tile_overlap)
+        check_tile(tile_latent, tile_overlap)  # checks the tile arguments
+        check_tile(encode_tile_latent, encode_tile_overlap)
+        if max_tile is not None:
+            check_tile(max_tile, 0)
         dtype = parse_dtype(dtype)
         if dtype is not None and next(model.parameters()).dtype != dtype:
             # nn.Module.to: diffusers' own ``to`` warns about modules to keep in float32, of which this
@@ -234,6 +256,10 @@ class WanVAE:
         self.encode_tile_min_pixels = encode_tile_min_pixels
         self.encode_tile_latent = encode_tile_latent
         self.encode_tile_overlap = encode_tile_overlap
+        # Tiles from a device budget (set_tile_budget); None: the fixed tiles above.
+        self.max_tile = max_tile
+        self.decode_budget: int | None = None
+        self.encode_budget: int | None = None
         # Our own tiling replaces the library's (whose decode keeps every tile's output on the device).
         model.disable_tiling()
         # The encoder gets its input in chunks the library cuts from the clip (1 or 4 frames): each chunk moves
@@ -348,13 +374,86 @@ class WanVAE:
 
     def spatial_tiles(self, latent_h: int, latent_w: int) -> list[Tile]:
         """The tiles (row-major, :class:`~swift_model.nets.vae_tiling.Tile`, in latent pixels) that a decode of a
-        ``latent_h x latent_w`` latent runs through."""
-        return spatial_tiles(latent_h, latent_w, self.tile_latent, self.tile_overlap)
+        ``latent_h x latent_w`` latent runs through (fixed squares, or fitted to the decode budget)."""
+        return spatial_tiles(latent_h, latent_w, self.tile_shape("decode", latent_h, latent_w), self.tile_overlap)
 
     def encode_spatial_tiles(self, latent_h: int, latent_w: int) -> list[Tile]:
         """The tiles of a tiled encode of a video whose latent is ``latent_h x latent_w`` (pixel crops of
-        ``tile * spatial_factor``)."""
-        return spatial_tiles(latent_h, latent_w, self.encode_tile_latent, self.encode_tile_overlap)
+        ``tile * spatial_factor``; fixed squares, or fitted to the encode budget)."""
+        return spatial_tiles(latent_h, latent_w, self.tile_shape("encode", latent_h, latent_w),
+                             self.encode_tile_overlap)
+
+    # -- tiles from a device budget -------------------------------------------------------------------
+
+    def set_tile_budget(self, *, decode: int | None = None, encode: int | None = None) -> None:
+        """Fit the tiles of the decode and of a tiled encode to device budgets (bytes a tile's working set may
+        take; ``None``: the fixed tiles). The bytes per latent pixel of each budgeted pass are estimated here,
+        once per architecture and dtype (:meth:`work_bytes_per_pixel`), so later passes do no host work for
+        it."""
+        for name, v in (("decode", decode), ("encode", encode)):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+                raise ValueError(f"set_tile_budget: {name} must be an int (bytes) or None, got {v!r}")
+            if v is not None:
+                self.work_bytes_per_pixel(name)
+        self.decode_budget, self.encode_budget = decode, encode
+
+    def tile_shape(self, kind: str, latent_h: int, latent_w: int):
+        """The tile side (an int: the fixed squares) or ``(tile_h, tile_w)`` (fitted to the budget) of a
+        ``kind`` pass (``"decode"``/``"encode"``) over a ``latent_h x latent_w`` latent."""
+        decode = _check_kind(kind) == "decode"
+        budget = self.decode_budget if decode else self.encode_budget
+        if budget is None:
+            return self.tile_latent if decode else self.encode_tile_latent
+        per_pixel = self.work_bytes_per_pixel(kind)
+        if budget < per_pixel:
+            raise ValueError(f"VAE {kind}: a device budget of {budget / 2**30:.2f} GiB holds no tile "
+                             f"({per_pixel / 2**20:.2f} MiB per latent pixel)")
+        # no tensor of the pass past 32-bit indexing (MAX_TENSOR_ELEMENTS), whatever the budget
+        largest = self.largest_elements_per_pixel(kind)
+        max_pixels = min(int(budget // per_pixel), int(MAX_TENSOR_ELEMENTS // largest))
+        return fit_tiles(latent_h, latent_w, overlap=self.tile_overlap if decode else self.encode_tile_overlap,
+                         max_pixels=max_pixels, max_side=self.max_tile)
+
+    def work_bytes_per_pixel(self, kind: str) -> float:
+        """The estimated device bytes per latent pixel of one tile's working set in a ``kind`` pass (``"decode"``,
+        ``"encode"``): its causal caches and one temporal chunk's activations, both proportional to the tile's
+        area. Measured on a copy of the architecture on the ``meta`` device (no memory, no data), an
+        :data:`_MEASURE_SIDE`-square tile over :data:`_MEASURE_FRAMES` latent frames, once per architecture, dtype
+        and pass in a process. An estimate: fragmentation and library workspaces are not counted."""
+        key = self._work_key(kind)
+        if key not in _WORK_PER_PIXEL:
+            _WORK_PER_PIXEL[key] = self._measure_work(kind)
+        return _WORK_PER_PIXEL[key][0]
+
+    def largest_elements_per_pixel(self, kind: str) -> float:
+        """The elements per latent pixel of the largest tensor a ``kind`` pass makes on the device (measured with
+        :meth:`work_bytes_per_pixel`): a tile of ``n`` latent pixels makes one of about ``n`` times that."""
+        self.work_bytes_per_pixel(kind)
+        return _WORK_PER_PIXEL[self._work_key(kind)][1]
+
+    def _work_key(self, kind: str) -> tuple:
+        return (_check_kind(kind), str(self.dtype), repr(sorted(dict(self.model.config).items())))
+
+    @torch.no_grad()
+    def _measure_work(self, kind: str) -> tuple[float, float]:
+        """``(bytes, elements of the largest tensor)`` per latent pixel of a ``kind`` pass (see
+        :meth:`work_bytes_per_pixel`)."""
+        with torch.device("meta"):
+            model = type(self.model).from_config(dict(self.model.config))
+        meta = WanVAE(model, dtype=self.dtype)
+        n, T = _MEASURE_SIDE, _MEASURE_FRAMES
+        if kind == "decode":
+            z = torch.empty(1, self.z_dim, T, n, n, device="meta")
+            with PeakBytes("meta") as peak:
+                for _ in meta._tile_frames(z, Tile(0, 0, 0, 0, n, 0, n)):
+                    pass
+        else:
+            # the clip on the host, as the bridge's: the encoder's pre-hook moves each chunk to the device
+            video = torch.zeros(1, 3, self.num_frames(T), n * self.spatial_factor, n * self.spatial_factor,
+                                dtype=self.dtype)
+            with PeakBytes("meta") as peak:
+                meta.model.encode(video)
+        return peak.peak / (n * n), peak.largest / (n * n)
 
     def num_frames(self, latent_frames: int) -> int:
         """Pixel frames of ``latent_frames`` latent frames (``1 + 4 * (T - 1)``)."""
@@ -406,37 +505,44 @@ class WanVAE:
         the cache is dropped before the next tile, so the device holds one tile's cache and one frame's
         activations, whatever the size or length of the video.
         """
-        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
-
         self._check_latents(z)
         B, _, T, h, w = z.shape
         tiles = list(tiles)
         self._check_tiles(tiles, h, w, "decode_tiles")
-        model, dev, dt = self.model, self.device, self.dtype
         sf, F = self.spatial_factor, self.num_frames(T)
         bar = _progress(progress, len(tiles) * T, "decode", "tile-frame")
         try:
             for tile in tiles:
-                zt = z[:, :, :, tile.y0:tile.y1, tile.x0:tile.x1]
-                cache = [None] * self._num_dec_convs
                 out = torch.empty(B, 3, F, tile.height * sf, tile.width * sf)
                 f0 = 0
-                for t in range(T):
-                    x = model.post_quant_conv(self.denormalize(zt[:, :, t:t + 1].to(dev, torch.float32)).to(dt))
-                    px = model.decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=(t == 0))
-                    if self.patch > 1:
-                        px = unpatchify(px, patch_size=self.patch)
-                    px = px.float().clamp_(-1, 1)
+                for px in self._tile_frames(z, tile):
                     out[:, :, f0:f0 + px.shape[2]] = px  # to the host now: the device keeps no frames
                     f0 += px.shape[2]
-                    del x, px
+                    del px
                     bar.update(1)
-                del cache  # free this tile's causal caches before the next tile starts
                 if f0 != F:
                     raise RuntimeError(f"VAE decode: {T} latent frames gave {f0} frames, expected {F}")
                 yield tile, out
         finally:
             bar.close()
+
+    def _tile_frames(self, z: torch.Tensor, tile: Tile) -> Iterator[torch.Tensor]:
+        """The pixels of ``tile`` of normalised latents ``z``, one latent frame at a time (float32 on the VAE's
+        device, clamped to ``[-1, 1]``: 1 frame, then 4 per latent frame), with one causal cache that is freed
+        when the tile ends."""
+        from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
+
+        model, dev, dt = self.model, self.device, self.dtype
+        zt = z[:, :, :, tile.y0:tile.y1, tile.x0:tile.x1]
+        cache = [None] * self._num_dec_convs
+        for t in range(z.shape[2]):
+            x = model.post_quant_conv(self.denormalize(zt[:, :, t:t + 1].to(dev, torch.float32)).to(dt))
+            px = model.decoder(x, feat_cache=cache, feat_idx=[0], first_chunk=(t == 0))
+            del x
+            if self.patch > 1:
+                px = unpatchify(px, patch_size=self.patch)
+            yield px.float().clamp_(-1, 1)
+        del cache  # free this tile's causal caches before the next tile starts
 
     def _decode_blended(self, z: torch.Tensor, *, uint8: bool, progress: bool) -> torch.Tensor:
         self._check_latents(z)
@@ -526,14 +632,45 @@ class WanVAE:
         holds the uint8 video and a float32 band of one tile row, not a float32 copy of the video.
         """
         self._check_latents(z)
+        spans = self._frame_spans(z.shape[2], chunk)
+        tiles = self.spatial_tiles(z.shape[3], z.shape[4])
+        if len(tiles) == 1:
+            # One tile is the whole frame: a plain causal decode in temporal chunks of whole frames, nothing to
+            # blend, so each chunk goes out as uint8 as soon as it is decoded (the host holds one chunk).
+            yield from self._whole_frames_uint8(z[:1], tiles[0], chunk, progress)
+            return
         video = self._decode_blended(z[:1], uint8=True, progress=progress)[0]
-        for f0, f1 in self._frame_spans(z.shape[2], chunk):
+        for f0, f1 in spans:
             yield video[f0:f1]
+
+    def _whole_frames_uint8(self, z: torch.Tensor, tile: Tile, chunk: int, progress: bool) -> Iterator[torch.Tensor]:
+        """uint8 chunks ``[f, H, W, 3]`` of ``chunk`` latent frames of the first sample, decoded whole-frame."""
+        bar = _progress(progress, z.shape[2], "decode", "frame")
+        pending = []
+        try:
+            for t, px in enumerate(self._tile_frames(z, tile)):
+                pending.append(to_uint8(px[0].cpu()))  # the bytes the blender would store for this frame
+                bar.update(1)
+                if len(pending) == chunk or t == z.shape[2] - 1:
+                    yield torch.cat(pending, 0)
+                    pending = []
+        finally:
+            bar.close()
 
     def decode_uint8(self, z: torch.Tensor, chunk: int = 1, *, progress: bool = False) -> torch.Tensor:
         """Decoded video of the first sample as uint8 frames ``[F, H, W, 3]`` on the CPU."""
         self._check_latents(z)
+        self._frame_spans(1, chunk)  # checks chunk
+        tiles = self.spatial_tiles(z.shape[3], z.shape[4])
+        if len(tiles) == 1:  # whole frames: the frames as they are decoded, in one chunk
+            return next(self._whole_frames_uint8(z[:1], tiles[0], z.shape[2], progress))
         return self._decode_blended(z[:1], uint8=True, progress=progress)[0]
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in ("decode", "encode"):
+        raise ValueError(f"VAE pass must be 'decode' or 'encode', got {kind!r}")
+    return kind
 
 
 def _progress(enabled: bool, total: int, desc: str, unit: str):

@@ -81,20 +81,40 @@ def spans(size: int, tile: int, overlap: int) -> list[tuple[int, int]]:
     return [(s, s + tile) for s in starts]
 
 
-def spatial_tiles(height: int, width: int, tile: int, overlap: int) -> list[Tile]:
+def _pair(tile):
+    return tile if isinstance(tile, tuple) and len(tile) == 2 else (tile, tile)
+
+
+def check_tile(tile, overlap: int, split: tuple[bool, bool] = (True, True)) -> tuple[int, int]:
+    """``(tile_h, tile_w)`` of ``tile`` (a side, or a pair of sides, in latent pixels), checked with ``overlap``:
+    ``ValueError`` naming the argument unless the sides are positive ints and ``0 <= overlap < side`` for each
+    side that is ``split`` (a side that covers the whole latent has no neighbour to overlap)."""
+    pair = _pair(tile)
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in pair):
+        raise ValueError(f"VAE tiling: tile must be a positive int or a pair of them, got {tile!r}")
+    shortest = min((v for v, s in zip(pair, split) if s), default=None)
+    if (isinstance(overlap, bool) or not isinstance(overlap, int) or overlap < 0
+            or (shortest is not None and overlap >= shortest)):
+        raise ValueError(f"VAE tiling: overlap must be an int in [0, tile={shortest}), got {overlap!r}")
+    return pair
+
+
+def spatial_tiles(height: int, width: int, tile, overlap: int) -> list[Tile]:
     """The tiles covering a ``height x width`` latent, row-major, with their blend overlaps.
 
     Args:
         height, width: latent size (latent pixels).
-        tile: tile side (latent pixels); a side that fits in one tile is not split.
-        overlap: overlap of neighbouring tiles (latent pixels), ``0 <= overlap < tile``.
+        tile: tile side (latent pixels), or ``(tile_h, tile_w)`` for rectangular tiles; a side that fits in one
+            tile is not split.
+        overlap: overlap of neighbouring tiles (latent pixels), ``0 <= overlap < tile`` (each side).
     """
-    for name, v in (("height", height), ("width", width), ("tile", tile)):
-        if not isinstance(v, int) or v < 1:
+    for name, v in (("height", height), ("width", width)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"VAE tiling: {name} must be a positive int, got {v!r}")
-    if not isinstance(overlap, int) or not 0 <= overlap < tile:
-        raise ValueError(f"VAE tiling: overlap must be an int in [0, tile={tile}), got {overlap!r}")
-    ys, xs = spans(height, tile, overlap), spans(width, tile, overlap)
+    # a side the latent fits in is not split: its overlap is never used, so it need not be shorter than it
+    th, tw = check_tile(tile, overlap, split=(False, False))
+    tile_h, tile_w = check_tile(tile, overlap, split=(height > th, width > tw))
+    ys, xs = spans(height, tile_h, overlap), spans(width, tile_w, overlap)
     out = []
     for i, (y0, y1) in enumerate(ys):
         for j, (x0, x1) in enumerate(xs):

@@ -63,11 +63,16 @@ class PlanResult:
 
     def to_json(self) -> dict:
         """``{"profile", "phases": {name: {"peak_bytes", "flops", "h2d_bytes"}}, "peak_bytes", "flops",
-        "world_size", "parallel": {"ulysses", "cfg_parallel", "fsdp"}}`` (figures per rank: rank 0's)."""
+        "world_size", "parallel": {...}}`` (figures per rank: rank 0's). ``parallel`` names the degrees as
+        ``generate --report`` does (``world_size``, ``ulysses_degree``, ``cfg_degree``, ``data_parallel_degree``,
+        ``fsdp``), and keeps the earlier ``ulysses`` and ``cfg_parallel``."""
         par = self.parallel
+        cfg = 2 if par["cfg_parallel"] else 1
+        degrees = dict(world_size=par["world_size"], ulysses_degree=par["ulysses"], cfg_degree=cfg,
+                       data_parallel_degree=par["world_size"] // (par["ulysses"] * cfg), fsdp=par["fsdp"])
         return dict(profile=self.profile, phases={k: dict(v) for k, v in self.phases.items()},
                     peak_bytes=self.peak_bytes, flops=self.flops, world_size=par["world_size"],
-                    parallel=dict(ulysses=par["ulysses"], cfg_parallel=par["cfg_parallel"], fsdp=par["fsdp"]))
+                    parallel=dict(degrees, ulysses=par["ulysses"], cfg_parallel=par["cfg_parallel"]))
 
 
 # -------------------------------------------------------------------------------------------------------------
@@ -179,7 +184,7 @@ def _fake_pipeline(spec, plan, device, dtype, vae_dtype, degrees, guided: bool, 
                                           fsdp=degrees["fsdp"], guidance=guided)
         if degrees["fsdp"]:
             with fake_mode:
-                for dit in (pipe.stage1, pipe.stage2):
+                for dit in pipe.dits().values():
                     shards += ShardedBlocksModel(dit, degrees["world_size"], pipe.device).shards
     return pipe, shards
 
@@ -188,7 +193,7 @@ def _replays(pipe: SwiftI2VPipeline, counters: Counters) -> list[Replay]:
     """Replay wrappers on the pipeline's repeated calls: every DiT block (one record set per DiT), the VAEs'
     encoders and decoders."""
     replays = []
-    for dit in (pipe.stage1, pipe.stage2):
+    for dit in pipe.dits().values():  # each expert of a two-expert Stage I has its own records
         shared: dict = {}
         replays += [Replay(b, counters, shared) for b in dit.blocks]
     for vae in (pipe.vae1, pipe.vae2):
@@ -210,7 +215,7 @@ def _run_phases(pipe, run, counters: Counters, wanted, device: str, fake_mode, f
         if device != "cpu":
             # the sharded DiTs are where the sharding put them (as after distribute() in a real run)
             pipe.residency.place_initial({c: m for c, m in pipe.components().items()
-                                          if not (fsdp and c in ("stage1", "stage2"))})
+                                          if not (fsdp and c in pipe.dits())})
         pipe.residency.h2d_bytes.clear()
         for name in PHASES:
             if name not in wanted:

@@ -166,9 +166,12 @@ class Replay:
             self.misses += 1
             before = [[_signature(e) for e in lst] for lst in lists]
             live0, flops0 = tracker.live_bytes, self.counters.flops()
-            # the input storages are held while the call runs, so that their ids stay theirs
+            # the input storages are held while the call runs, so that their ids stay theirs; not those in list
+            # arguments, which the call may replace and free as it goes (the VAE's causal caches: holding the old
+            # ones would count a second set of caches in the call's peak)
+            in_lists = {id(e) for lst in lists for e in lst if isinstance(e, torch.Tensor)}
             held = [(i, t.untyped_storage()) for i, t in enumerate(pytree.tree_leaves((args, kwargs)))
-                    if isinstance(t, torch.Tensor)]
+                    if isinstance(t, torch.Tensor) and id(t) not in in_lists]
             with tracker.section() as sec:
                 out = self.inner(*args, **kwargs)
             leaves, spec = pytree.tree_flatten(out)

@@ -36,6 +36,8 @@ class TrainConfig:
     Timesteps: one noise level per window, ``sigmoid(N(logit_mean, logit_std))`` or uniform, shifted by
     ``timestep_shift``. Execution: ``compute_dtype`` ("auto": bf16 on a GPU with fp32 master weights and fp32
     gradient reduction, fp32 on a CPU), FSDP2 per block, Ulysses degree, activation checkpointing,
+    ``offload_optimizer`` (one process: fp32 master weights, gradient sums and AdamW state in host memory, the
+    step on the host, the network on the device in the compute dtype: :mod:`swift_model.training.offload`),
     ``torch.compile`` of the blocks. Bookkeeping: log, checkpoint and held-out evaluation intervals.
     """
 
@@ -69,6 +71,7 @@ class TrainConfig:
     fsdp: bool = True
     ulysses: int = 1
     activation_checkpointing: bool = True
+    offload_optimizer: bool = False
     compile: bool = False
     attention_backend: str = "auto"
     log_every: int = 10
@@ -111,6 +114,9 @@ class TrainConfig:
             raise ValueError("use --tiny or --init, not both")
         if not self.tiny and not self.init:
             raise ValueError("train needs --init (a Stage II checkpoint to widen or continue) or --tiny")
+        if self.offload_optimizer and self.ulysses > 1:
+            raise ValueError("config field 'offload_optimizer' runs in one process; it cannot be combined with "
+                             f"ulysses={self.ulysses}")
         if self.eval_every and not self.eval_data:
             raise ValueError("config field 'eval_every' needs 'eval_data' (a prepared data folder of held-out clips)")
         return self

@@ -1,11 +1,15 @@
 """``swift-i2v prepare``: videos and captions -> Stage II training data (see :mod:`swift_model.training.dataset`).
 
-For each video (resized and centre-cropped to the output size, cut to its first ``frames = 4k + 1`` frames):
+For each video (resampled to ``fps``, by default the 16 fps the pipeline generates at; resized to cover the
+output size and centre-cropped; its first ``frames = 4k + 1`` frames at that rate; a rotation tag is applied):
 the Stage II latents ``z`` of the full-size clip, the stage-transition reference ``z_ref``
 (:mod:`swift_model.training.transition`) and the caption's prompt embeddings (the text encoder, or one
 ``--prompt-embeds`` file for every clip). One shard per clip; a video already done is not redone; a video that
-cannot be read or is too short is skipped with its reason in the manifest and one warning. Under ``torchrun``
-the videos are split over the ranks (video ``i`` on rank ``i % world``) and rank 0 writes the manifest.
+cannot be read, is too short, runs at a lower frame rate than ``fps`` or is smaller than the output (it would be
+upscaled; ``allow_upscale`` keeps it) is skipped with its reason in the manifest and one warning. Under ``torchrun``
+the videos are split over the ranks (video ``i`` on rank ``i % world``); each rank leaves a completion marker
+when its clips are done, and rank 0 writes the manifest once all markers are there. No rank waits in a collective
+with a fixed timeout while another works (ranks' work is uneven: skipped videos, clips done by an earlier run).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from .transition import remaining_steps, stage_transition_reference
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi")
 LATENT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+MARKERS = ".ranks"  # the data folder's subfolder of the ranks' completion markers (torchrun)
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,8 @@ class PrepareSettings:
     shift: float = 5.0
     seed: int = 0
     latent_dtype: str = "float32"
+    fps: int = 16  # the clips' frame rate: sources are resampled to it (0: every source frame, as it comes)
+    allow_upscale: bool = False  # keep sources smaller than the output (upscaled) instead of skipping them
     stage1: str = "tiny"  # where Stage I (DiT, VAE, encoders) came from
     stage1_lora: str | None = None
     stage2_vae: str = "tiny"  # where the Stage II VAE came from
@@ -47,7 +54,7 @@ class PrepareSettings:
 
     def check(self) -> None:
         """``ValueError``/``TypeError`` naming the setting that cannot work."""
-        for name in ("frames", "width", "height", "transition_steps", "seed"):
+        for name in ("frames", "width", "height", "transition_steps", "seed", "fps"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise TypeError(f"--{name.replace('_', '-')} must be an int, got {v!r}")
@@ -59,6 +66,8 @@ class PrepareSettings:
             raise ValueError(f"--transition-steps must be >= 0, got {self.transition_steps}")
         if self.seed < 0:
             raise ValueError(f"--seed must be >= 0, got {self.seed}")
+        if self.fps < 0:
+            raise ValueError(f"--fps must be >= 0 (0: every source frame), got {self.fps}")
         if self.latent_dtype not in LATENT_DTYPES:
             raise ValueError(f"--latent-dtype must be one of {sorted(LATENT_DTYPES)}, got {self.latent_dtype!r}")
         if self.width % 4 or self.height % 4:
@@ -110,6 +119,9 @@ def load_prepare_models(*, stage1=None, stage2=None, stage1_lora=None, lora_scal
 
     checked = check_checkpoints(stage1, None, stage1_lora=stage1_lora, text_encoder=text_encoder,
                                 need_text_encoder=need_text_encoder)
+    if checked.stage1_2 is not None:  # never half-loaded: the references would come from the high-noise expert alone
+        raise ValueError(f"{stage1} is a two-expert Stage I (Wan2.2-I2V-A14B); prepare's Stage I references run one "
+                         "DiT and do not take two experts yet: use a one-DiT Stage I (e.g. Wan2.1-I2V-14B)")
     if need_stage2:
         locate_vae(os.fspath(stage2))  # the Stage II VAE must be there (its DiT is not needed here)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -174,27 +186,20 @@ def clip_id(video: str) -> str:
     return f"{safe}-{zlib.crc32(video.encode()):08x}"
 
 
-def read_frames(path, count: int):
-    """The first ``count`` frames of a video as uint8 ``[count, H, W, 3]``; ``ValueError`` when it cannot be read
-    or is shorter."""
-    import imageio.v2 as imageio
-    import numpy as np
+def read_frames(path, count: int, fps: int = 0, *, min_size: tuple[int, int] | None = None):
+    """The first ``count`` frames of a video at ``fps`` (0: every source frame) as uint8 ``[count, H, W, 3]``
+    (:func:`~swift_model.io.video.read_video_frames`). ``min_size=(width, height)``: a video smaller than that
+    (which would be upscaled to cover it) is refused too. ``ValueError`` with the reason."""
+    from ..io.video import read_video_frames
 
-    frames = []
-    try:
-        with imageio.get_reader(os.fspath(path), format="FFMPEG") as reader:
-            for frame in reader:
-                frames.append(np.asarray(frame))
-                if len(frames) == count:
-                    break
-    except Exception as exc:  # noqa: BLE001 -- whatever the decoder says, the video is unusable
-        msg = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise ValueError(f"cannot read the video: {msg}") from None
-    if len(frames) < count:
-        raise ValueError(f"too short: {len(frames)} frames, needs {count}")
-    if frames[0].ndim != 3 or frames[0].shape[2] < 3:
-        raise ValueError(f"unexpected frame shape {frames[0].shape}")
-    return np.stack([f[..., :3] for f in frames])
+    frames, _ = read_video_frames(path, count, fps or None)
+    if min_size is not None:
+        width, height = min_size
+        h, w = frames.shape[1:3]
+        if w < width or h < height:
+            raise ValueError(f"{w}x{h} is smaller than the output {width}x{height} (it would be upscaled; "
+                             "--allow-upscale keeps such videos)")
+    return frames
 
 
 def _to_clip(frames, width: int, height: int) -> torch.Tensor:
@@ -277,6 +282,12 @@ def prepare(videos, out, models: PrepareModels, settings: PrepareSettings, *, ca
     from tqdm.auto import tqdm
 
     C2 = models.vae2.z_dim
+    token = _run_token(rank, world)
+    if world > 1 and rank == 0:  # earlier runs' markers (every rank of those runs has finished)
+        (root / MARKERS).mkdir(exist_ok=True)
+        for old_marker in (root / MARKERS).iterdir():
+            if not old_marker.name.startswith(token):
+                old_marker.unlink(missing_ok=True)
     mine = [n for i, n in enumerate(names) if i % world == rank]
     done = made = skipped = 0
     for name in tqdm(mine, desc="prepare", unit="clip", disable=not progress or rank != 0, dynamic_ncols=True):
@@ -293,7 +304,8 @@ def prepare(videos, out, models: PrepareModels, settings: PrepareSettings, *, ca
         try:
             if caption is None and fixed is None:
                 raise ValueError(f"no caption for it in {captions}")
-            frames = read_frames(Path(os.fspath(videos)) / name, settings.frames)
+            frames = read_frames(Path(os.fspath(videos)) / name, settings.frames, settings.fps,
+                                 min_size=None if settings.allow_upscale else (settings.width, settings.height))
         except ValueError as exc:
             _warn(f"skipped {name}: {exc}")
             atomic_write_json(skip_file, {"video": name, "reason": str(exc)})
@@ -317,18 +329,65 @@ def prepare(videos, out, models: PrepareModels, settings: PrepareSettings, *, ca
             skip_file.unlink()
         made += 1
 
+    mine_done = {"made": made, "already_done": done, "skipped": skipped}
+    _, T, h, w = models.vae2.latent_shape(settings.frames, settings.height, settings.width)
+    result = _finish(root, token, rank, world, mine_done,
+                     lambda: _collect(root, names, wanted, (C2, T, h, w), text_dim))
+    result["_this_rank"] = mine_done
+    return result
+
+
+def _finish(root: Path, token: str, rank: int, world: int, mine_done: dict, collect) -> dict:
+    """The end of a run on every rank: rank 0 waits for every rank's completion marker, then writes the manifest
+    (``collect()``) and a marker saying so; the other ranks wait for that marker and read the manifest."""
+    if world > 1:
+        markers = root / MARKERS
+        markers.mkdir(exist_ok=True)
+        atomic_write_json(markers / f"{token}-rank{rank}.json", mine_done)
+        if rank == 0:
+            _wait_for([markers / f"{token}-rank{r}.json" for r in range(1, world)], "the other ranks' clips")
+    if rank != 0:
+        _wait_for([root / MARKERS / f"{token}-manifest.json"], "rank 0's manifest")
+        return json.loads((root / MANIFEST).read_text())
+    result = collect()
+    atomic_write_json(root / MANIFEST, result)
+    if world > 1:
+        atomic_write_json(root / MARKERS / f"{token}-manifest.json", {})
+        for r in range(world):  # every rank has finished its clips: the markers have served
+            (root / MARKERS / f"{token}-rank{r}.json").unlink(missing_ok=True)
+    return result
+
+
+def _run_token(rank: int, world: int) -> str:
+    """A name for this run's completion markers, the same on every rank (one collective, at the start, before
+    the ranks' work differs), so a marker left by an earlier, interrupted run is never taken for this one's."""
+    if world == 1:
+        return "single"
+    import secrets
+
     import torch.distributed as dist
 
-    if world > 1:
-        dist.barrier()
-    _, T, h, w = models.vae2.latent_shape(settings.frames, settings.height, settings.width)
-    result = _collect(root, names, wanted, (C2, T, h, w), text_dim)
-    if rank == 0:
-        atomic_write_json(root / MANIFEST, result)
-    if world > 1:
-        dist.barrier()
-    result["_this_rank"] = {"made": made, "already_done": done, "skipped": skipped}
-    return result
+    box = [secrets.token_hex(8) if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _wait_for(paths: list[Path], what: str, poll_s: float = 0.5, report_s: float = 300.0) -> None:
+    """Wait until every file of ``paths`` exists: no deadline (the ranks' work is uneven: skipped clips, clips
+    done by an earlier run), unlike a collective's fixed timeout; a rank that dies ends the job through torchrun.
+    A line every ``report_s`` seconds says what is awaited."""
+    import time
+
+    start = last = time.monotonic()
+    while True:
+        missing = [p for p in paths if not p.exists()]
+        if not missing:
+            return
+        now = time.monotonic()
+        if now - last >= report_s:
+            _warn(f"still waiting for {what} after {now - start:.0f} s ({len(missing)} to come)")
+            last = now
+        time.sleep(poll_s)
 
 
 def _collect(root: Path, names, wanted, latent, text_dim) -> dict:

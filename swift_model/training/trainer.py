@@ -21,6 +21,9 @@ micro-batch):
   group and the mean over the data-parallel ranks.
 - Activation checkpointing per block (``WanDiT.checkpoint_blocks`` with the unfused block boundary), optional
   ``torch.compile`` of each block, AdamW, optional EMA of the weights.
+- ``offload_optimizer`` (one process, no FSDP): the fp32 master network, its gradient sums, AdamW and the EMA in
+  host memory, the network on the device in the compute dtype (:mod:`swift_model.training.offload`); what a
+  run needs per rank is estimated before it starts (:mod:`swift_model.training.memory`).
 
 Checkpoints (``RUN_DIR/checkpoints/step-NNNNNNN``) are ``torch.distributed.checkpoint`` folders with the
 model, the optimiser, the EMA, the data position and each rank's RNG state; a run started again on the same
@@ -115,7 +118,9 @@ def init_distributed(device: torch.device, *, single_rank: bool = False, backend
         return True
     backend = backend or ("nccl" if device.type == "cuda" else "gloo")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT)
+        # NCCL binds this rank's communicator to its own GPU at once (device_id), not to GPU 0 at first use
+        bound = dict(device_id=device) if backend == "nccl" and device.index is not None else {}
+        dist.init_process_group(backend, timeout=COLLECTIVE_TIMEOUT, **bound)
         return True
     if single_rank:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=COLLECTIVE_TIMEOUT)
@@ -292,26 +297,53 @@ class Trainer:
             raise ValueError(f"the clips have {T} latent frames: no segment to train after the anchor")
         self.block_tokens = (h // 2) * (w // 2)
         self.dtype = compute_dtype(config, self.device)
-        sharded = self.topology.distributed and config.fsdp
-        if self.dtype != torch.float32 and not sharded:
-            raise ValueError(f"compute_dtype {self.dtype} with fp32 master weights needs FSDP (fsdp = true; one "
-                             "process initialises a one-rank group for it)")
-        self.model = build_model(config, C, self.data.text_dim, self.device)
-        self.model_config = self.model.config
-        if sharded:
-            shard_model(self.model, self.dtype)
+        self.offload = None
+        if config.offload_optimizer:
+            if self.topology.world > 1:
+                raise ValueError(f"offload_optimizer runs in one process, not {self.topology.world}: on several "
+                                 "GPUs FSDP shards the optimiser state instead")
+            self._build_offloaded(C)
+        else:
+            self._build_on_device(C)
         if config.compile:
             for blk in self.model.blocks:
                 blk.compile()
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        # the parameters the optimiser steps: the model's, or with offload_optimizer the host master's
+        self.params = [p for p in self.master.parameters() if p.requires_grad]
+        self.names = [n for n, p in self.master.named_parameters() if p.requires_grad]
+        # the host step of offload_optimizer runs PyTorch's fused CPU AdamW (one pass over each tensor: about ten
+        # times the per-tensor loop's speed); elsewhere the per-tensor loop
+        fused = {"fused": True} if self.offload is not None else {"foreach": False}
         self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2),
-                                           eps=config.adam_eps, weight_decay=config.weight_decay, foreach=False)
+                                           eps=config.adam_eps, weight_decay=config.weight_decay, **fused)
         self.ema = [p.detach().clone() for p in self.params] if config.ema else None
         self.step = 0
         self._perms: dict[int, torch.Tensor] = {}
         self._writer = None
         self._resume_or_start()
+
+    def _build_on_device(self, latent_channels: int) -> None:
+        """The fp32 model on the device, sharded by FSDP2 when a process group is in use."""
+        config = self.config
+        sharded = self.topology.distributed and config.fsdp
+        if self.dtype != torch.float32 and not sharded:
+            raise ValueError(f"compute_dtype {self.dtype} with fp32 master weights needs FSDP (fsdp = true; one "
+                             "process initialises a one-rank group for it) or offload_optimizer = true")
+        self.model = build_model(config, latent_channels, self.data.text_dim, self.device)
+        self.model_config = self.model.config
+        if sharded:
+            shard_model(self.model, self.dtype)
+        self.master = self.model
+
+    def _build_offloaded(self, latent_channels: int) -> None:
+        """The fp32 master model in host memory and its compute-dtype copy on the device, joined by
+        :class:`~swift_model.training.offload.HostOffload` (gradients down as made, weights up after a step)."""
+        from .offload import HostOffload, device_copy
+
+        self.master = build_model(self.config, latent_channels, self.data.text_dim, torch.device("cpu"))
+        self.model_config = self.master.config
+        self.model = device_copy(self.master, self.device, self.dtype)
+        self.offload = HostOffload(self.master, self.model)
 
     # -- data -------------------------------------------------------------------------------------------
 
@@ -355,8 +387,11 @@ class Trainer:
         reduce-scatter for the sharded ones, an all-reduce here for the rest); returns the step's loss (the
         mean over micro-batches and data-parallel ranks)."""
         cfg, top = self.config, self.topology
-        for p in self.params:
-            p.grad = None
+        if self.offload is not None:
+            self.offload.zero_grad()
+        else:
+            for p in self.params:
+                p.grad = None
         total = torch.zeros((), dtype=torch.float64)
         for micro in range(cfg.grad_accum):
             batch, ctx = self.micro_batch(step, micro)
@@ -366,6 +401,8 @@ class Trainer:
             loss = flow_matching_loss(out, batch)
             # FSDP averages over all ranks; the Ulysses ranks hold partial sums to be added, not averaged
             (loss * (top.sp / cfg.grad_accum)).backward()
+            if self.offload is not None:
+                self.offload.collect()
             total += loss.detach().double().cpu() / cfg.grad_accum
         self._reduce_replicated()
         if top.distributed and top.world > 1:
@@ -392,8 +429,9 @@ class Trainer:
 
     def grad_norm(self) -> float:
         """The global L2 norm of the reduced gradients (sharded pieces summed over the ranks)."""
-        sharded = torch.zeros((), dtype=torch.float64, device=self.device)
-        whole = torch.zeros((), dtype=torch.float64, device=self.device)
+        where = self.params[0].device if self.params else self.device  # the host's, with offload_optimizer
+        sharded = torch.zeros((), dtype=torch.float64, device=where)
+        whole = torch.zeros((), dtype=torch.float64, device=where)
         for p in self.params:
             if p.grad is None:
                 continue
@@ -419,6 +457,8 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
+        if self.offload is not None:
+            self.offload.push()
         if self.ema is not None:
             with torch.no_grad():
                 for e, p in zip(self.ema, self.params):
@@ -508,7 +548,7 @@ class Trainer:
     def _state(self) -> dict:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        msd, osd = get_state_dict(self.model, self.optimizer)
+        msd, osd = get_state_dict(self.master, self.optimizer)
         state = {"model": msd, "optim": osd,
                  "trainer": {"step": self.step, "seed": self.config.seed, "clips": len(self.data),
                              "clip_ids": zlib.crc32(",".join(c.id for c in self.data.clips).encode())}}
@@ -564,7 +604,9 @@ class Trainer:
                 state["rng"][self._rng_key()]["cuda"] = torch.cuda.get_rng_state(self.device)
         with quiet_single_process_dcp():
             dcp.load(state, checkpoint_id=str(folder), no_dist=not self.topology.distributed)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        set_state_dict(self.master, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        if self.offload is not None:
+            self.offload.push()
         tr = state["trainer"]
         if tr["clips"] != len(self.data) or tr["clip_ids"] != zlib.crc32(",".join(c.id for c in self.data.clips).encode()):
             raise ValueError(f"the data changed since {folder} was written ({tr['clips']} clips then, {len(self.data)} "
@@ -590,7 +632,9 @@ class Trainer:
         if run_file.is_file():
             old = json.loads(run_file.read_text())
             mine = {k: v for k, v in wanted["config"].items() if k not in EXECUTION_FIELDS}
-            theirs = {k: v for k, v in old.get("config", {}).items() if k not in EXECUTION_FIELDS}
+            # fields added since that run was written read as their defaults
+            theirs = {**{k: v for k, v in TrainConfig().to_dict().items() if k not in EXECUTION_FIELDS},
+                      **{k: v for k, v in old.get("config", {}).items() if k not in EXECUTION_FIELDS}}
             if mine != theirs or old.get("model") != wanted["model"]:
                 diff = ", ".join(f"{k} {theirs.get(k)!r} -> {v!r}" for k, v in mine.items() if theirs.get(k) != v)
                 raise ValueError(f"{self.run_dir} holds a run with other settings ({diff or 'another model'}): use "
@@ -659,11 +703,18 @@ def model_config_from_dict(d: dict) -> WanDiTConfig:
 def distributed_run(device: torch.device, single_rank: bool, backend: str | None = None):
     """Initialise the process group for a run (:func:`init_distributed`) and destroy it afterwards if this call
     created it."""
+    from ..generation.failures import failure_of, watch_peers
+
     created = not dist.is_initialized() and init_distributed(device, single_rank=single_rank, backend=backend)
+    failed = False
     try:
-        yield
+        with watch_peers():  # any rank's failure ends every rank, with one error line
+            yield
+    except BaseException as exc:
+        failed = failure_of(exc) is not None
+        raise
     finally:
-        if created:
+        if created and not failed:  # after a rank failed, peers may be stuck in collectives: no teardown handshake
             dist.destroy_process_group()
 
 
@@ -671,7 +722,7 @@ def train(config: TrainConfig, data_dir, run_dir, *, device=None, progress: bool
     """Run (or resume) a training run on every rank; returns the last log record."""
     config.check()
     device = torch.device(device) if device is not None else default_device()
-    needs_group = config.fsdp and compute_dtype(config, device) != torch.float32
+    needs_group = config.fsdp and not config.offload_optimizer and compute_dtype(config, device) != torch.float32
     with distributed_run(device, single_rank=needs_group):
         trainer = Trainer(config, data_dir, run_dir, device=device, progress=progress)
         return trainer.run()

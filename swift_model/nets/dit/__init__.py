@@ -34,7 +34,8 @@ The package, one job per module: :mod:`.layers` (norms, MLPs, attention projecti
 :mod:`.blocks` (:class:`WanBlock` and what a call hands every block), :mod:`.conditioning` (the embedders, the
 timestep modulation, :class:`FrameTimesteps`), :mod:`.caches` (:class:`ContextCache`, :class:`AnchorCache` and the
 anchor-cache check), :mod:`.sequence` (a call's attention plan and RoPE frame positions), :mod:`.model`
-(:class:`WanDiT` and the checkpoint-loader hook).
+(:class:`WanDiT` and the checkpoint-loader hook), :mod:`.compiled` (regional compilation: one compiled block
+reused by every block, :func:`compile_blocks`).
 
 Host-known inputs: ``timestep`` as :class:`FrameTimesteps`, ``frame_positions`` as a sequence of ints and an
 anchor cache built with ``precompute_anchor(..., check_latents=False)`` let a call run without reading device data
@@ -46,7 +47,8 @@ from __future__ import annotations
 from . import model as _model
 from .blocks import BLOCK_BOUNDARIES, AttentionSpec, BlockInputs, WanBlock
 from .caches import AnchorCache, ContextCache
-from .conditioning import FrameTimesteps, Modulation, sinusoidal_embedding
+from .compiled import CompileStats, compile_blocks
+from .conditioning import DeviceFrameTimesteps, FrameTimesteps, Modulation, sinusoidal_embedding
 from .layers import FP32_PARAM_PATTERNS, keeps_fp32
 from .model import WanDiT, register_pretrained_loader
 
@@ -55,12 +57,15 @@ __all__ = [
     "AttentionSpec",
     "BLOCK_BOUNDARIES",
     "BlockInputs",
+    "CompileStats",
     "ContextCache",
+    "DeviceFrameTimesteps",
     "FP32_PARAM_PATTERNS",
     "FrameTimesteps",
     "Modulation",
     "WanBlock",
     "WanDiT",
+    "compile_blocks",
     "keeps_fp32",
     "register_pretrained_loader",
     "sinusoidal_embedding",

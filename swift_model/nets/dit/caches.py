@@ -10,7 +10,7 @@ import torch
 
 from swift_kernels import CSGLayout
 
-from .conditioning import FrameTimesteps
+from .conditioning import DeviceFrameTimesteps, FrameTimesteps
 from .sequence import position_tuple
 
 
@@ -75,8 +75,11 @@ def starts_with_shared_anchor(layout: CSGLayout | None, blocks: int) -> bool:
 
 
 def _anchor_timestep_is_zero(timestep, latents: torch.Tensor, blocks: int, block_tokens: int) -> bool:
-    """Whether the call's anchor blocks carry timestep 0: on the host for :class:`FrameTimesteps`, else by reading
-    the tensor (``ValueError`` unless it is per token or per frame)."""
+    """Whether the call's anchor blocks carry timestep 0: on the host for :class:`FrameTimesteps` (and the host
+    structure of :class:`DeviceFrameTimesteps`, whose caller keeps its device values to that structure), else by
+    reading the tensor (``ValueError`` unless it is per token or per frame)."""
+    if isinstance(timestep, DeviceFrameTimesteps):
+        timestep = timestep.frames
     if isinstance(timestep, FrameTimesteps):
         return all(v == 0 for v in timestep.values[:blocks])
     t = torch.as_tensor(timestep, device=latents.device)

@@ -5,8 +5,10 @@
 - :class:`Modulation`: the timestep-dependent AdaLN modulation in the layout the fused ops read;
 - :class:`FrameTimesteps`: one timestep per latent frame as Python floats, so the modulation is built without
   reading device data (no ``torch.unique``, no device-to-host copy);
-- :func:`timestep_modulation`: a call's ``timestep`` argument (tensor, number or :class:`FrameTimesteps`)
-  turned into its :class:`Modulation`.
+- :class:`DeviceFrameTimesteps`: per-frame timesteps whose structure (which frames share a value) is known on
+  the host and whose values live in a device tensor: a CUDA graph's static input, refilled on the device per step;
+- :func:`timestep_modulation`: a call's ``timestep`` argument (tensor, number or one of the two above) turned into
+  its :class:`Modulation`.
 """
 
 from __future__ import annotations
@@ -197,11 +199,40 @@ class FrameTimesteps:
         return per_frame.repeat_interleave(block_tokens)[None, :].expand(batch, -1).contiguous()
 
 
+@dataclass(frozen=True, eq=False)
+class DeviceFrameTimesteps:
+    """Per-frame timesteps with the structure of ``frames`` and their distinct values read from a device tensor.
+
+    ``frames`` (host) says how many latent frames there are, which frames share a value (its
+    :meth:`FrameTimesteps.distinct` rows) and what the host checks see (e.g. a clean anchor at 0); ``values`` is a
+    float32 ``[K]`` tensor on the call's device holding the K distinct values in the order of those rows. The
+    modulation reads ``values`` on the device, so a call captured in a CUDA graph can be replayed with another
+    step's timesteps copied into ``values`` (a device-to-device copy, no host round trip). The caller keeps
+    ``values`` consistent with the structure: its row ``i`` is the value of every frame of row ``i``.
+    """
+
+    frames: FrameTimesteps
+    values: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.frames, FrameTimesteps):
+            raise TypeError(f"DeviceFrameTimesteps.frames must be a FrameTimesteps, got {type(self.frames).__name__}")
+        distinct = len(self.frames.distinct()[0])
+        v = self.values
+        if not isinstance(v, torch.Tensor) or v.dtype != torch.float32 or tuple(v.shape) != (distinct,):
+            raise ValueError(f"DeviceFrameTimesteps.values must be a float32 tensor [{distinct}] (one per distinct "
+                             f"timestep of frames), got {getattr(v, 'dtype', type(v).__name__)} "
+                             f"{tuple(getattr(v, 'shape', ()))}")
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+
 TimeEmbedding = Callable[[torch.Tensor], "tuple[torch.Tensor, torch.Tensor]"]
 
 
 def timestep_modulation(timestep, batch: int, frames: int, block_tokens: int, device, time: TimeEmbedding,
-                        indexed: bool = True) -> Modulation:
+                        indexed: bool = True, host_cache: dict | None = None) -> Modulation:
     """The :class:`Modulation` of a call's ``timestep`` (see ``WanDiT.forward``).
 
     Args:
@@ -211,13 +242,17 @@ def timestep_modulation(timestep, batch: int, frames: int, block_tokens: int, de
         device: where the modulation lives.
         time: the timestep embedding ``t [N] -> (temb [N, dim], e [N, 6, dim])`` (``WanDiT._time``).
         indexed: per-token timesteps as ``[K, dim]`` tables plus a row index (True) or expanded per token.
+        host_cache: where the device copies of host-known inputs (the distinct values, the row index) are kept
+            between calls, keyed by those host values: a call whose inputs were seen before (or prepared ahead,
+            ``WanDiT.prepare_call``) copies nothing from the host. ``None``: copied on every call.
 
     Per-token timesteps take few distinct values (0 on conditioning tokens, the step's t elsewhere): each value is
     embedded once. With a tensor the values are found by ``torch.unique`` (reading the tensor); with
-    :class:`FrameTimesteps` on the host. One value everywhere takes the cheaper per-sample layout.
+    :class:`FrameTimesteps` on the host; with :class:`DeviceFrameTimesteps` the structure on the host and the
+    values on the device. One value everywhere takes the cheaper per-sample layout.
     """
-    if isinstance(timestep, FrameTimesteps):
-        return _frame_modulation(timestep, batch, frames, block_tokens, device, time, indexed)
+    if isinstance(timestep, (FrameTimesteps, DeviceFrameTimesteps)):
+        return _frame_modulation(timestep, batch, frames, block_tokens, device, time, indexed, host_cache)
     L = frames * block_tokens
     try:
         t = torch.as_tensor(timestep, device=device)
@@ -247,18 +282,47 @@ def timestep_modulation(timestep, batch: int, frames: int, block_tokens: int, de
     return Modulation(temb, e, inv, indexed=indexed)
 
 
-def _frame_modulation(timestep: FrameTimesteps, batch: int, frames: int, block_tokens: int, device,
-                      time: TimeEmbedding, indexed: bool) -> Modulation:
-    """:func:`timestep_modulation` of host-known per-frame timesteps: the same numbers as the per-token tensor
-    :meth:`FrameTimesteps.token_timesteps`, without reading any device data."""
+def _frame_modulation(timestep, batch: int, frames: int, block_tokens: int, device, time: TimeEmbedding,
+                      indexed: bool, host_cache: dict | None) -> Modulation:
+    """:func:`timestep_modulation` of per-frame timesteps with a host-known structure: the same numbers as the
+    per-token tensor :meth:`FrameTimesteps.token_timesteps`, without reading any device data."""
     if len(timestep) != frames:
-        raise ValueError(f"timestep (FrameTimesteps) has {len(timestep)} values, the latents have {frames} latent "
-                         f"frames (one value per frame)")
-    values, rows = timestep.distinct()
-    temb, e = time(torch.tensor(values, dtype=torch.float32, device=device))
-    if len(values) == 1:
+        raise ValueError(f"timestep ({type(timestep).__name__}) has {len(timestep)} values, the latents have "
+                         f"{frames} latent frames (one value per frame)")
+    if isinstance(timestep, DeviceFrameTimesteps):
+        if timestep.values.device != torch.device(device):
+            raise ValueError(f"DeviceFrameTimesteps.values live on {timestep.values.device}, the model on {device}")
+        values, index = timestep.values, frame_timestep_tensors(timestep.frames, batch, block_tokens, device,
+                                                                host_cache)[1]
+    else:
+        values, index = frame_timestep_tensors(timestep, batch, block_tokens, device, host_cache)
+    temb, e = time(values)
+    if index is None:
         return Modulation(temb.expand(batch, -1), e.expand(batch, -1, -1), None)
-    # each frame's row over the frame's tokens, from the F rows copied to the device
-    frame_rows = torch.tensor(rows, dtype=torch.int64, device=device)
-    inv = frame_rows[:, None].expand(frames, block_tokens).reshape(1, frames * block_tokens)
-    return Modulation(temb, e, inv.expand(batch, -1).contiguous(), indexed=indexed)
+    return Modulation(temb, e, index, indexed=indexed)
+
+
+def frame_timestep_tensors(timestep: FrameTimesteps, batch: int, block_tokens: int, device,
+                           host_cache: dict | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The device tensors a call with host-known per-frame timesteps reads: the distinct values (float32 ``[K]``)
+    and each token's row among them (int64 ``[batch, frames * block_tokens]``; ``None`` when ``K == 1``).
+
+    Both are copies of host numbers (a host-to-device copy each, which waits for the device); with ``host_cache``
+    they are made once per distinct input and reused, so calls in a loop copy nothing once prepared.
+    """
+    values, rows = timestep.distinct()
+    key = ("frame_timesteps", values, rows, batch, block_tokens, str(device))
+    if host_cache is not None and key in host_cache:
+        return host_cache[key]
+    t = torch.tensor(values, dtype=torch.float32, device=device)
+    index = None
+    if len(values) > 1:
+        # each frame's row over the frame's tokens, from the F rows copied to the device
+        frame_rows = torch.tensor(rows, dtype=torch.int64, device=device)
+        inv = frame_rows[:, None].expand(len(rows), block_tokens).reshape(1, len(rows) * block_tokens)
+        index = inv.expand(batch, -1).contiguous()
+    if host_cache is not None:
+        if len(host_cache) > 256:  # bounded: a long-lived model sees many schedules
+            host_cache.clear()
+        host_cache[key] = (t, index)
+    return t, index

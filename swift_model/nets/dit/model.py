@@ -18,7 +18,8 @@ from ..config import WanDiTConfig
 from ..parallel import check_heads, gather_tokens, group_rank, group_size, shard_sizes, token_range
 from .blocks import BLOCK_BOUNDARIES, AttentionSpec, BlockInputs, WanBlock
 from .caches import AnchorCache, ContextCache, check_anchor_cache
-from .conditioning import FrameTimesteps, Modulation, _ConditionEmbedder, timestep_modulation
+from .conditioning import (FrameTimesteps, Modulation, _ConditionEmbedder, frame_timestep_tensors,
+                           timestep_modulation)
 from .layers import keeps_fp32
 from .sequence import frame_position_tuple, position_tuple, resolve_sequence
 
@@ -46,6 +47,9 @@ class WanDiT(nn.Module):
         self.proj_out = nn.Linear(d, config.out_channels * math.prod(config.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, d) / d**0.5)
         self._rope_cache: dict[Any, torch.Tensor] = {}
+        # device copies of host-known call inputs (per-frame timesteps' values and row index), keyed by the host
+        # values: a call in a loop copies nothing from the host once its inputs were seen (or prepare_call ran)
+        self._host_inputs: dict[Any, Any] = {}
         # Per-token timesteps: pass the modulation to the fused ops as [K, dim] tables of the K distinct
         # timestep values plus a per-token row index (True), or expanded to [B, L, dim] per token (False; the
         # same numbers, ~6 x B*L*dim*4 more bytes read per block: kept as the reference layout).
@@ -173,7 +177,7 @@ class WanDiT(nn.Module):
     @torch.no_grad()
     def precompute_anchor(self, latents: torch.Tensor, context_cache: ContextCache,
                           frame_positions: Sequence[int] | torch.Tensor | None = None, *,
-                          check_latents: bool = True) -> AnchorCache:
+                          check_latents: bool = True, attention_plan: AttentionPlan | None = None) -> AnchorCache:
         """The keys and values of a shared anchor that attends only itself, to pass as
         ``forward(..., anchor_cache=...)`` to every call whose sequence starts with it (CSG windows and whole
         clips laid out with ``anchor_attends="anchor"``): those calls then skip the anchor's tokens, and the
@@ -188,6 +192,8 @@ class WanDiT(nn.Module):
                 of device data). Pass ``False`` when the calls bring this anchor input by construction (the CSG
                 loop never modifies the anchor block): the layout, positions, timesteps, conditioning and shapes
                 are still checked, on the host with :class:`FrameTimesteps` and positions given as a sequence.
+            attention_plan: the anchor's own (dense) attention plan, built ahead; default: looked up (built on
+                first use, a host-to-device copy).
 
         The anchor runs at timestep 0 (it is clean, :meth:`FrameTimesteps.zeros`), attending only itself. Memory:
         two ``[B, A*P, dim]`` tensors per block (an estimate for Wan2.2-TI2V-5B at 2560x1408 in bf16:
@@ -203,7 +209,7 @@ class WanDiT(nn.Module):
         positions = tuple(range(A)) if frame_positions is None else frame_position_tuple(frame_positions)
         kv: list = []
         output = self.forward(latents, FrameTimesteps.zeros(A), frame_positions=positions,
-                              context_cache=context_cache, _record_kv=kv)
+                              context_cache=context_cache, attention_plan=attention_plan, _record_kv=kv)
         return AnchorCache(kv=kv, output=output, latents=latents.clone(), positions=positions,
                            context_cache=context_cache, check_latents=check_latents)
 
@@ -214,7 +220,8 @@ class WanDiT(nn.Module):
     def _modulation(self, timestep, B: int, F_: int, P: int, device) -> Modulation:
         """The modulation of ``timestep`` for ``B`` samples of ``F_`` latent frames of ``P`` tokens
         (:func:`~swift_model.nets.dit.conditioning.timestep_modulation`)."""
-        return timestep_modulation(timestep, B, F_, P, device, self._time, indexed=self.indexed_modulation)
+        return timestep_modulation(timestep, B, F_, P, device, self._time, indexed=self.indexed_modulation,
+                                   host_cache=self._host_inputs)
 
     def _rope(self, grid: tuple[int, int, int], positions: tuple | torch.Tensor | None, device) -> torch.Tensor:
         """The RoPE table of ``grid`` at the frame ``positions`` (a tuple, or a CPU tensor read here), cached."""
@@ -227,6 +234,31 @@ class WanDiT(nn.Module):
                 self._rope_cache.clear()
             self._rope_cache[key] = tab
         return tab
+
+    @property
+    def host_input_cache(self) -> dict:
+        """The device copies of host-known call inputs (per-frame timesteps' values and row index) the calls reuse,
+        keyed by the host values (filled by the calls and by :meth:`prepare_call`)."""
+        return self._host_inputs
+
+    def prepare_call(self, latent_shape: Sequence[int], frame_positions: Sequence[int] | None = None,
+                     timesteps: Sequence[FrameTimesteps] = ()) -> torch.Tensor:
+        """Build ahead what a call on latents of ``latent_shape`` (``[B, C, F, H, W]``) at ``frame_positions``
+        (default ``0..F-1``) with each of ``timesteps`` copies from the host to the device: its RoPE table and the
+        timesteps' distinct values and row index. The calls then copy nothing from the host (a host-to-device
+        copy waits for the device), so a loop of them never stalls; returns the RoPE table (float32 ``[L, ...]``).
+        """
+        if len(latent_shape) != 5:
+            raise ValueError(f"latent_shape must be [B, C, F, H, W], got {tuple(latent_shape)}")
+        B, _, Fr, Hl, Wl = (int(v) for v in latent_shape)
+        pt, ph, pw = self.config.patch_size
+        grid = (Fr // pt, Hl // ph, Wl // pw)
+        positions = None if frame_positions is None else frame_position_tuple(frame_positions, grid[0])
+        for t in timesteps:
+            if not isinstance(t, FrameTimesteps) or len(t) != grid[0]:
+                raise ValueError(f"timesteps must be FrameTimesteps of {grid[0]} frames, got {t!r}")
+            frame_timestep_tensors(t, B, grid[1] * grid[2], self.device, self._host_inputs)
+        return self._rope(grid, positions, self.device)
 
     # -- forward ---------------------------------------------------------------------------------------
 
@@ -246,6 +278,7 @@ class WanDiT(nn.Module):
         attention_backend: str | None = None,
         sp_group: "torch.distributed.ProcessGroup | None" = None,
         anchor_cache: AnchorCache | None = None,
+        rope_table: torch.Tensor | None = None,
         _record_kv: list | None = None,
     ) -> torch.Tensor:
         """Velocity prediction for ``latents``.
@@ -257,7 +290,9 @@ class WanDiT(nn.Module):
                 ``[B, F]`` (per latent frame), float or int; a scalar is broadcast. Or a :class:`FrameTimesteps`:
                 one value per latent frame known on the host, the same bits as the per-token tensor
                 (:meth:`FrameTimesteps.token_timesteps`) with no read of device data (a per-token tensor's
-                distinct values are found with ``torch.unique``: a synchronisation on a GPU).
+                distinct values are found with ``torch.unique``: a synchronisation on a GPU). Or a
+                :class:`~swift_model.nets.dit.conditioning.DeviceFrameTimesteps`: that structure with the values
+                read from a device tensor (a CUDA graph's static input).
             context: ``[B, L_text, text_dim]`` text embeddings (or a list of ``[L_i, text_dim]``), padded with
                 zeros / truncated to ``text_len``. Not needed with ``context_cache``.
             clip_fea: ``[B, 257, image_dim]`` CLIP image tokens (Wan2.1 I2V class only).
@@ -287,6 +322,8 @@ class WanDiT(nn.Module):
                 its keys, values and output come from the cache (the same numbers up to rounding; a mismatch
                 of layout, anchor input, positions, timesteps or conditioning is a ``ValueError``; the anchor
                 input is compared unless the cache was built with ``check_latents=False``). Not with ``sp_group``.
+            rope_table: the RoPE table of this call's frame positions (:meth:`prepare_call` returns it), used
+                instead of the model's own lookup: a CUDA graph passes a static buffer it refills per window.
 
         Returns:
             ``[B, C_out, F, H, W]`` in ``latents.dtype``.
@@ -301,7 +338,13 @@ class WanDiT(nn.Module):
         plan, layout, positions = resolve_sequence(
             Fp, P, device, attention_plan=attention_plan, layout=layout, block_mask=block_mask,
             mask_block_tokens=block_tokens, frame_positions=frame_positions)
-        freqs = self._rope((Fp, Hp, Wp), positions, device)
+        if rope_table is None:
+            freqs = self._rope((Fp, Hp, Wp), positions, device)
+        elif not isinstance(rope_table, torch.Tensor) or rope_table.shape[0] != L or rope_table.device != device:
+            raise ValueError(f"rope_table must be a tensor of {L} rows (one per token) on {device}, got "
+                             f"{tuple(getattr(rope_table, 'shape', ()))} on {getattr(rope_table, 'device', None)}")
+        else:
+            freqs = rope_table
         sp_group, sp_sizes = self._sequence_parallel(sp_group, L)
         anchor_tokens = 0
         if anchor_cache is not None:

@@ -112,7 +112,7 @@ def test_one_dispatch_style_every_command_names_its_function():
 
     parser = build_parser()
     commands = parser._subparsers._group_actions[0].choices
-    assert set(commands) == {"generate", "demo", "plan", "prepare", "train", "export", "train-lora"}
+    assert set(commands) == {"generate", "demo", "batch", "plan", "prepare", "train", "export", "train-lora"}
     for name, sub in commands.items():
         func = sub.get_default("func")
         assert callable(func) and func.__module__.startswith("swift_model.cli."), name

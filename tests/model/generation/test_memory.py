@@ -22,7 +22,7 @@ def test_profiles_as_the_issue_defines_them():
             assert fast.placement(phase, comp) == "device"
             used = comp in USES[phase]
             assert bal.placement(phase, comp) == ("device" if used else "cpu")
-            want = "cpu" if not used else ("stream" if comp in ("stage1", "stage2") else
+            want = "cpu" if not used else ("stream" if comp in ("stage1", "stage1_2", "stage2") else
                                            "cpu" if comp == "text_encoder" else "device")
             assert small.placement(phase, comp) == want
         # balanced and 24gb never hold both DiTs on the device in one phase

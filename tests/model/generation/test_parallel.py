@@ -413,7 +413,8 @@ def test_torchrun_generate_equals_one_process(tmp_path):
     if np.array_equal(one_frames, two_frames):
         assert np.array_equal(one, two), "the same frames encoded to different videos"
     report = json.loads((run / "two.json").read_text())
-    assert (report["world_size"], report["ulysses"], report["cfg_parallel"], report["fsdp"]) == (2, 2, False, False)
+    degrees = ("world_size", "ulysses_degree", "cfg_degree", "data_parallel_degree", "fsdp")
+    assert tuple(report[k] for k in degrees) == (2, 2, 1, 1, False)
     assert sorted(p.name for p in run.iterdir()) == ["in.png", "one.mp4", "two.json", "two.mp4"]
 
 

@@ -243,7 +243,9 @@ def test_plan_json_and_table_name_the_layout(capsys):
     assert main(["plan", "--tiny", "--json", "--world-size", "4", "--fsdp", "--guidance", "3", "--cfg-parallel"]
                 + size) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["world_size"] == 4 and out["parallel"] == {"ulysses": 2, "cfg_parallel": True, "fsdp": True}
+    assert out["world_size"] == 4 and out["parallel"] == {
+        "world_size": 4, "ulysses_degree": 2, "cfg_degree": 2, "data_parallel_degree": 1, "fsdp": True,
+        "ulysses": 2, "cfg_parallel": True}
     assert out["profile"] == "fast"  # --fsdp's default, as generate
     assert main(["plan", "--tiny", "--world-size", "2"] + size) == 0
     table = capsys.readouterr().out

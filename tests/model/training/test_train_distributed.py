@@ -238,7 +238,7 @@ def test_prepare_on_two_ranks_equals_one_process(two_ranks, tmp_path):
     assert [c["id"] for c in two["clips"]] == [c["id"] for c in one["clips"]]
     assert two["skipped"] == one["skipped"]
     assert "cannot read the video" in two["skipped"][0]["reason"]
-    assert two["skipped"][1]["reason"] == "too short: 5 frames, needs 9"
+    assert two["skipped"][1]["reason"] == "too short: 5 frames, needs 9 for 9 frames at 16 fps"
     for c in one["clips"]:
         a, b = load_file(str(out / "prepare" / "data" / c["file"])), load_file(str(tmp_path / "data" / c["file"]))
         for key in ("z", "z_ref", "prompt_embeds"):

@@ -10,6 +10,13 @@
   x 2 bytes x 30 blocks), and one block's recomputation; ``SWIFT_I2V_TRAIN_WINDOWS=k`` packs only the first k
   windows. Peak memory and step time are written as JSON to ``$SWIFT_I2V_RESULTS`` (a folder) when it is set,
   for ``benchmarks/results/``.
+- The same step as ``offload_optimizer`` runs it: the bf16 network on the GPU, fp32 master weights, gradient sums
+  and AdamW in host memory (about 85 GiB of it), the step on the host.
+
+The real-size steps are skipped, with the reason, where their estimate (``helpers.step_5b_estimate``: the bf16
+network times the states kept on the GPU, plus the activations counted on fake tensors) does not fit the GPU's
+memory less the reserve of ``swift_model.training.memory``: the bf16-AdamW step needs about 91 GiB (an H200, not
+an 80 GB H100), the offloaded one about 63 GiB.
 """
 
 from __future__ import annotations
@@ -22,13 +29,22 @@ import time
 import pytest
 import torch
 
-from helpers import fake_prepared_data
+from helpers import STEP_5B_LATENTS, fake_prepared_data, step_5b_estimate
 from swift_model import WanDiT, WanDiTConfig
 from swift_model.training.packing import TrainingWindows, count_segments, flow_matching_loss, sample_sigmas, window_inputs
 from swift_model.training.trainer import train
 from swift_model.training.config import make_config
+from swift_model.training.memory import format_bytes, shortfall
 
 pytestmark = pytest.mark.gpu
+
+
+def _skip_unless_fits(device, need: int, what: str) -> None:
+    """Skip (with the reason) when ``need`` estimated bytes do not fit ``device``'s memory less the reserve."""
+    props = torch.cuda.get_device_properties(device)
+    why = shortfall(need, props.total_memory)
+    if why:
+        pytest.skip(f"{what} {why} ({props.name})")
 
 
 def test_tiny_trainer_bf16_fsdp_on_gpu(gpu_device, tmp_path):
@@ -42,7 +58,9 @@ def test_tiny_trainer_bf16_fsdp_on_gpu(gpu_device, tmp_path):
 
 
 def test_5b_training_step_real_size_packed_clip(gpu_device):
-    T, h, w, C = 21, 88, 160, 48
+    if not os.environ.get("SWIFT_I2V_TRAIN_WINDOWS"):
+        _skip_unless_fits(gpu_device, step_5b_estimate(4), "the 5B step with bf16 weights, gradients and AdamW")
+    C, T, h, w = STEP_5B_LATENTS
     cfg = WanDiTConfig.preset("wan2.2-ti2v-5b").widened_input(C)
     with torch.device("meta"):
         model = WanDiT(cfg)
@@ -98,3 +116,62 @@ def test_compiled_blocks_give_the_eager_gradients_on_gpu(gpu_device, tmp_path):
     assert abs(compiled.forward_backward(0) - eager.forward_backward(0)) < 1e-5
     for p, q in zip(compiled.params, eager.params):
         assert (p.grad - q.grad).abs().max() <= 1e-3 * q.grad.abs().max()
+
+
+def test_5b_offloaded_training_step_on_one_gpu(gpu_device):
+    """Two training steps of the 5B Stage II as ``offload_optimizer`` runs them, at the real size: the device's
+    peak stays within the estimate (plus 5% of the device for what it does not count), the master weights move
+    and the bf16 device weights are their rounding."""
+    from swift_model.training.offload import HostOffload, device_copy
+
+    need = step_5b_estimate(1)
+    _skip_unless_fits(gpu_device, need, "the offloaded 5B step")
+    C, T, h, w = STEP_5B_LATENTS
+    cfg = WanDiTConfig.preset("wan2.2-ti2v-5b").widened_input(C)
+    with torch.device("meta"):
+        master = WanDiT(cfg)
+    master.to_empty(device="cpu").reset_parameters(torch.Generator().manual_seed(0))
+    master.train().requires_grad_(True)
+    master.block_boundary, master.checkpoint_blocks = "unfused", True
+    before = master.proj_out.weight.detach().clone()
+    model = device_copy(master, gpu_device, torch.bfloat16)
+    offload = HostOffload(master, model)
+    optimizer = torch.optim.AdamW([p for p in master.parameters() if p.requires_grad], lr=1e-5, fused=True)
+    P = (h // 2) * (w // 2)
+    segments = tuple(range(count_segments(T, 2)))
+    layout = TrainingWindows(T, P, 2, (1, 0), segments).layout
+    g = torch.Generator().manual_seed(1)
+    z, z_ref, noise = (torch.randn(1, C, T, h, w, generator=g) for _ in range(3))
+    batch = window_inputs(z, z_ref, layout, sample_sigmas((1, len(segments)), g, shift=5.0), noise).to(gpu_device)
+    ctx = torch.randn(1, 512, cfg.text_dim, device=gpu_device)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        offload.zero_grad()
+        loss = flow_matching_loss(model(batch.inputs, batch.timesteps, ctx, layout=layout), batch)
+        loss.backward()
+        offload.collect()
+        optimizer.step()
+        offload.push()
+        times.append(time.perf_counter() - t0)
+        assert torch.isfinite(loss)
+    peak = torch.cuda.max_memory_allocated()
+    total = torch.cuda.get_device_properties(gpu_device).total_memory
+    result = {"what": "two Stage II training steps, 5B preset widened to 96 input channels, offload_optimizer "
+                      "(bf16 network on the GPU, fp32 master weights and fused AdamW on the host)",
+              "tokens": layout.num_tokens, "step_seconds": times, "peak_memory_gib": peak / 2**30,
+              "estimate_gib": need / 2**30, "loss": float(loss), "device": torch.cuda.get_device_name(),
+              "torch": torch.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    print(json.dumps(result))
+    folder = os.environ.get("SWIFT_I2V_RESULTS")
+    if folder:
+        with open(os.path.join(folder, "train-step-5b-offload.json"), "w") as f:
+            json.dump(result, f, indent=2)
+    assert peak <= need + 0.05 * total, f"peak {format_bytes(peak)} above the estimate {format_bytes(need)}"
+    assert not torch.equal(before, master.proj_out.weight.detach())
+    masters = dict(master.named_parameters())
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach().cpu(), masters[name].detach().to(p.dtype)), name
