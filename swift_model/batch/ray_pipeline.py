@@ -20,6 +20,10 @@ batch goes on. An actor whose process dies is restarted by Ray and its unfinishe
 renamed into place whole (a rerun of a job replaces it with the same file) and the record is written by the
 driver alone when the job's row comes back, so a crash leaves neither a second video nor a second record.
 
+An actor over several devices (``gpus_per_actor`` K > 1, or ``processes_per_actor`` K on the CPU) is rank 0 of
+a process group of K processes on its node (:class:`~swift_model.batch.actor_group.ActorGroup`) that run each
+of its jobs together, every DiT call split over the K ranks with Ulysses (our ``torchrun`` path).
+
 Every machine of the cluster needs this package (and the checkpoints at the same paths); the images, the job
 file's folder and ``out_dir`` must be on storage every machine sees at the same path.
 """
@@ -37,6 +41,7 @@ import torch
 
 from ..generation.failures import one_line
 from ..generation.pipeline import Conditioning, GenerationState, SwiftI2VPipeline
+from .actor_group import ActorGroup
 from .results import ResultsLog, make_record, remove_temp_files
 from .runner import BatchSummary, job_request, pending_jobs
 
@@ -81,6 +86,28 @@ class ModelSource:
         build = SwiftI2VPipeline.tiny if self.tiny else SwiftI2VPipeline.from_pretrained
         return build(**self.kwargs, device=device, parts=parts)
 
+    def check_processes(self, processes: int) -> None:
+        """``ValueError`` when ``processes`` ranks cannot split these models' DiT calls with Ulysses (they must
+        divide the attention heads of both DiTs), from the configs alone, before any actor starts."""
+        if processes == 1:
+            return
+        from ..nets.spec import ModelSpec
+
+        kw = self.kwargs
+        if self.tiny:
+            spec = ModelSpec.tiny(kw.get("stage2_kind", "swift"))
+        else:
+            from ..loading.preflight import checkpoint_spec
+
+            spec = checkpoint_spec(kw["stage1"], kw["stage2"], stage2_kind=kw.get("stage2_kind", "refine"),
+                                   text_encoder=kw.get("text_encoder"),
+                                   load_text_encoder=kw.get("load_text_encoder", True))
+        for name, cfg in (("Stage I", spec.stage1), ("Stage II", spec.stage2)):
+            if cfg.num_heads % processes:
+                raise ValueError(f"{processes} processes per actor split each DiT call's attention heads, and the "
+                                 f"{name} DiT has {cfg.num_heads} heads: use a number of processes (GPUs) per "
+                                 "actor that divides the heads of both DiTs")
+
 
 @dataclasses.dataclass(frozen=True)
 class RayOptions:
@@ -90,10 +117,13 @@ class RayOptions:
         address: the cluster to join (``ray.init(address=...)``); ``None``: ``RAY_ADDRESS`` when set, else a
             local cluster started (and stopped) for this batch.
         stage1_actors, stage2_actors: the size of each actor pool (each actor holds one DiT).
-        gpus_per_actor: GPUs each actor reserves: ``None`` is 1 on a cluster with GPUs and 0 (the CPU) without;
-            a fraction packs several actors on one GPU. More than 1 (an actor running torch.distributed over
-            several GPUs of its node) is not supported: ``ValueError``.
-        cpus_per_actor: CPUs each actor reserves (on the CPU it computes with that many threads).
+        gpus_per_actor: GPUs each actor reserves: ``None`` is 1 on a cluster with GPUs (K with
+            ``processes_per_actor`` K) and 0 (the CPU) without; a fraction packs several actors on one GPU; an
+            integer K > 1 makes the actor a group of K processes on its node, one per GPU, that run each job
+            together (:class:`~swift_model.batch.actor_group.ActorGroup`).
+        processes_per_actor: the processes of each actor's group: ``None`` is K for ``gpus_per_actor`` K > 1,
+            else 1; K > 1 on the CPU (``gpus_per_actor`` 0 or a cluster without GPUs) is K gloo processes.
+        cpus_per_actor: CPUs each process of an actor reserves (on the CPU it computes with that many threads).
 
     An actor whose process dies is restarted and its unfinished jobs run again by Ray Data's own actor fault
     tolerance (its defaults: ``max_restarts=-1``, ``max_task_retries=-1``; passing other values goes through
@@ -106,6 +136,7 @@ class RayOptions:
     stage2_actors: int = 1
     gpus_per_actor: float | None = None
     cpus_per_actor: float = 1.0
+    processes_per_actor: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("stage1_actors", "stage2_actors"):
@@ -116,12 +147,27 @@ class RayOptions:
         if g is not None:
             if isinstance(g, bool) or not isinstance(g, (int, float)) or g < 0:
                 raise ValueError(f"gpus_per_actor must be a number >= 0, got {g!r}")
-            if g > 1:
-                raise ValueError(f"--gpus-per-actor {g:g}: an actor over several GPUs (torch.distributed inside an "
-                                 "actor) is not supported; use one GPU per actor and more actors")
+            if g > 1 and g != int(g):
+                raise ValueError(f"--gpus-per-actor {g:g}: an actor over several GPUs runs one process per GPU, so "
+                                 "above 1 it takes a whole number")
+        k = self.processes_per_actor
+        if k is not None:
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+                raise ValueError(f"processes_per_actor must be an int >= 1, got {k!r}")
+            if g is not None and 0 < g and k != max(1, g):
+                raise ValueError(f"--processes-per-actor {k} with --gpus-per-actor {g:g}: an actor on GPUs runs one "
+                                 "process per GPU (leave --processes-per-actor out, or use --gpus-per-actor 0 for "
+                                 "processes on the CPU)")
         c = self.cpus_per_actor
         if isinstance(c, bool) or not isinstance(c, (int, float)) or not c > 0:
             raise ValueError(f"cpus_per_actor must be a number > 0, got {c!r}")
+
+    @property
+    def processes(self) -> int:
+        """The processes of each actor: ``processes_per_actor``, else one per GPU of ``gpus_per_actor`` above 1,
+        else 1 (what the cluster has does not change it: without GPUs the K processes run on the CPU)."""
+        g = self.gpus_per_actor
+        return self.processes_per_actor or (int(g) if g is not None and g > 1 else 1)
 
 
 # -- what flows between the pools ---------------------------------------------------------------------------
@@ -155,16 +201,36 @@ def unpack_handoff(blob: bytes) -> GenerationState:
 
 
 class _Worker:
-    """What both actors share: their part of the pipeline, built once on the actor's device."""
+    """What both actors share: their part of the pipeline, built once on the actor's device, or on each of the
+    ``processes`` ranks of its group (:class:`~swift_model.batch.actor_group.ActorGroup`; ``pid_dir``: see
+    there)."""
 
     parts: tuple[str, ...] = ()
 
-    def __init__(self, source: ModelSource, device: str, threads: int, out_dir: str) -> None:
+    def __init__(self, source: ModelSource, device: str, threads: int, out_dir: str, processes: int = 1,
+                 pid_dir: str | None = None) -> None:
         self.out_dir = out_dir  # the job's request names its video there (job_request), as the plain batch's
         if device == "cpu":
             # the actor's CPUs, whatever the node has (and the same computation as a one-thread process)
             torch.set_num_threads(max(1, threads))
-        self.pipe = source.load(self.parts, device)
+        self.group = None
+        if processes > 1:
+            self.group = ActorGroup(source, self.parts, processes, device, threads, pid_dir=pid_dir)
+            self.pipe = self.group.pipe
+        else:
+            self.pipe = source.load(self.parts, device)
+
+    def run_phases(self, job, phases, state: GenerationState):
+        """Run ``phases`` of ``job`` from ``state`` (in this process, or on every rank of the group); the
+        prepared run."""
+        request = job_request(job, self.out_dir)
+        if self.group is not None:
+            return self.group.run(request, phases, state)
+        with torch.no_grad():
+            run = self.pipe.prepare(request)
+            for phase in phases:
+                self.pipe.run_phase(phase, run, state)
+        return run
 
     def failed(self, job, exc: BaseException, seconds: float) -> str:
         """The JSON error record of ``job`` for ``exc`` when it is a failure of the job itself (the errors
@@ -188,11 +254,8 @@ class Stage1Worker(_Worker):
         t0 = time.perf_counter()
         handoff, record = b"", ""
         try:
-            with torch.no_grad():
-                run = self.pipe.prepare(job_request(job, self.out_dir))
-                state = GenerationState()
-                for phase in STAGE1_PHASES:
-                    self.pipe.run_phase(phase, run, state)
+            state = GenerationState()
+            self.run_phases(job, STAGE1_PHASES, state)
             handoff = pack_handoff(state)
         except Exception as exc:  # noqa: BLE001 - failed() keeps a job's own failure, re-raises the rest
             record = self.failed(job, exc, time.perf_counter() - t0)
@@ -209,9 +272,9 @@ class Stage2Worker(_Worker):
 
     parts = ("stage2",)
 
-    def __init__(self, source: ModelSource, device: str, threads: int, out_dir: str,
-                 crash_once: str | None = None) -> None:
-        super().__init__(source, device, threads, out_dir)
+    def __init__(self, source: ModelSource, device: str, threads: int, out_dir: str, processes: int = 1,
+                 pid_dir: str | None = None, crash_once: str | None = None) -> None:
+        super().__init__(source, device, threads, out_dir, processes, pid_dir)
         self.crash_once = crash_once
 
     def __call__(self, row: dict) -> dict:
@@ -220,11 +283,8 @@ class Stage2Worker(_Worker):
         job = pickle.loads(row["job"])
         t0 = time.perf_counter()
         try:
-            with torch.no_grad():
-                run = self.pipe.prepare(job_request(job, self.out_dir))
-                state = unpack_handoff(row["handoff"])
-                for phase in STAGE2_PHASES:  # decode writes the mp4: a temporary file renamed when complete
-                    self.pipe.run_phase(phase, run, state)
+            # decode writes the mp4 (rank 0 of a group): a temporary file renamed when complete
+            run = self.run_phases(job, STAGE2_PHASES, unpack_handoff(row["handoff"]))
             record = json.dumps(make_record(job, "ok", run.output, row["seconds"] + time.perf_counter() - t0))
         except Exception as exc:  # noqa: BLE001 - failed() keeps a job's own failure, re-raises the rest
             record = self.failed(job, exc, row["seconds"] + time.perf_counter() - t0)
@@ -264,44 +324,49 @@ def _connect(ray, address: str | None) -> bool:
 
 
 def build_dataset(ray, jobs, out_dir: str, source: ModelSource, options: RayOptions, *,
-                  crash_once: str | None = None):
+                  crash_once: str | None = None, pid_dir: str | None = None):
     """The Ray Data pipeline of ``jobs``: one block per job (records stream back job by job, and a retried task
     reruns one job), then the Stage I pool, then the Stage II pool."""
     from ray.data import ActorPoolStrategy
 
-    gpus, have = options.gpus_per_actor, ray.cluster_resources().get("GPU", 0)
+    gpus, have, k = options.gpus_per_actor, ray.cluster_resources().get("GPU", 0), options.processes_per_actor
     if gpus is None:
-        gpus = 1 if have > 0 else 0
+        gpus = (k or 1) if have > 0 else 0
     elif gpus > 0 and have == 0:  # no actor could ever start: say so instead of waiting
         raise ValueError(f"--gpus-per-actor {gpus:g}: the Ray cluster has no GPU (--gpus-per-actor 0 computes on "
                          "the CPU)")
+    processes = options.processes
     device = "cuda" if gpus > 0 else "cpu"
     threads = int(options.cpus_per_actor)
-    # A dead actor is restarted and its jobs rerun by Ray Data's defaults for actor pools (RayOptions).
-    remote = dict(num_cpus=options.cpus_per_actor, num_gpus=gpus)
+    # A dead actor is restarted and its jobs rerun by Ray Data's defaults for actor pools (RayOptions). The CPUs
+    # of an actor's group are reserved for every one of its processes.
+    remote = dict(num_cpus=options.cpus_per_actor * processes, num_gpus=gpus)
     # the driver's bar over videos says what Ray Data's per-operator bars would
     ray.data.DataContext.get_current().enable_progress_bars = False
     items = [{"id": job.id, "job": pickle.dumps(job)} for job in jobs]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map(Stage1Worker, fn_constructor_args=(source, device, threads, out_dir),
+    ds = ds.map(Stage1Worker, fn_constructor_args=(source, device, threads, out_dir, processes, pid_dir),
                 compute=ActorPoolStrategy(size=options.stage1_actors), **remote)
-    return ds.map(Stage2Worker, fn_constructor_args=(source, device, threads, out_dir, crash_once),
+    return ds.map(Stage2Worker,
+                  fn_constructor_args=(source, device, threads, out_dir, processes, pid_dir, crash_once),
                   compute=ActorPoolStrategy(size=options.stage2_actors), **remote)
 
 
 def run_ray_batch(jobs, out_dir, source: ModelSource, options: RayOptions | None = None, *,
-                  progress: bool = True, crash_once: str | None = None) -> BatchSummary:
+                  progress: bool = True, crash_once: str | None = None, pid_dir: str | None = None) -> BatchSummary:
     """Run ``jobs`` (:class:`~swift_model.batch.jobs.Job` s) on a Ray cluster and record each in
     ``<out_dir>/results.jsonl`` as it comes back (in the order the jobs finish); returns the
     :class:`~swift_model.batch.runner.BatchSummary`. Jobs recorded ok with their video in ``out_dir`` are
-    skipped, as by the plain batch. ``ValueError`` when Ray is missing or the models cannot be found;
+    skipped, as by the plain batch. ``ValueError`` when Ray is missing, the models cannot be found or
+    their heads cannot be split over the processes of an actor;
     ``RuntimeError`` when the pipeline itself fails (an actor that cannot start, an error that is not the
     job's own): the jobs recorded so far stay recorded, a rerun resumes.
-    ``crash_once``: see :class:`Stage2Worker`."""
+    ``crash_once``: see :class:`Stage2Worker`; ``pid_dir``: see :class:`~swift_model.batch.actor_group.ActorGroup`."""
     t0 = time.perf_counter()
     options = options or RayOptions()
-    ray = _import_ray()
     source.check()
+    source.check_processes(options.processes)  # before any cluster: the heads are in the configs
+    ray = _import_ray()
     out_dir = os.path.abspath(os.fspath(out_dir))
     os.makedirs(out_dir, exist_ok=True)
     todo, skipped = pending_jobs(jobs, out_dir)
@@ -309,8 +374,8 @@ def run_ray_batch(jobs, out_dir, source: ModelSource, options: RayOptions | None
     if todo:
         connected = _connect(ray, options.address)
         try:
-            _stream(ray, build_dataset(ray, todo, out_dir, source, options, crash_once=crash_once), out_dir,
-                    summary, len(todo), progress)
+            ds = build_dataset(ray, todo, out_dir, source, options, crash_once=crash_once, pid_dir=pid_dir)
+            _stream(ray, ds, out_dir, summary, len(todo), progress)
         finally:
             if connected:
                 ray.shutdown()

@@ -8,11 +8,12 @@ from __future__ import annotations
 import json
 import sys
 
-RAY_FLAGS = ("stage1_actors", "stage2_actors", "gpus_per_actor")
+RAY_FLAGS = ("stage1_actors", "stage2_actors", "gpus_per_actor", "processes_per_actor")
 
 
 def add_ray_args(p) -> None:
-    """``--ray [ADDRESS]``, ``--stage1-actors``, ``--stage2-actors``, ``--gpus-per-actor`` (``batch``)."""
+    """``--ray [ADDRESS]``, ``--stage1-actors``, ``--stage2-actors``, ``--gpus-per-actor``,
+    ``--processes-per-actor`` (``batch``)."""
     g = p.add_argument_group('across machines with Ray Data (pip install ".[ray]" in the checkout; docs/batch.md)')
     g.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS",
                    help="run the jobs as a Ray Data pipeline on the cluster at ADDRESS (without one: RAY_ADDRESS's "
@@ -24,7 +25,13 @@ def add_ray_args(p) -> None:
                         "default 1)")
     g.add_argument("--gpus-per-actor", type=float, default=None,
                    help="GPUs each actor reserves (default: 1 on a cluster with GPUs, 0 without: the CPU; a "
-                        "fraction shares a GPU; more than 1 is not supported)")
+                        "fraction shares a GPU; K > 1: the actor runs K processes on K GPUs of its node, each video "
+                        "split over them with Ulysses; K must divide both DiTs' attention heads; not yet run on "
+                        "GPUs)")
+    g.add_argument("--processes-per-actor", type=int, default=None, metavar="K",
+                   help="processes of each actor, which make each video together (Ulysses over K ranks): K GPUs "
+                        "on a cluster with GPUs (as --gpus-per-actor K), K CPU processes (gloo) with "
+                        "--gpus-per-actor 0 or without GPUs; default 1")
 
 
 def check_ray_args(args) -> None:
@@ -38,13 +45,14 @@ def check_ray_args(args) -> None:
 
     if torchrun_world_size() > 1:
         raise ValueError("--ray runs the batch from one process (the driver): start it without torchrun")
-    # each actor runs its stage of one video on its own device (--gpus-per-actor above 1 is refused likewise)
+    # an actor's group (--gpus-per-actor K) is its own world, with Ulysses over all of it
     for flag, on in (("--ulysses-degree", getattr(args, "ulysses", None) not in (None, 1)),
                      ("--cfg-degree 2", getattr(args, "cfg_parallel", False)),
                      ("--fsdp", getattr(args, "fsdp", False))):
         if on:
-            raise ValueError(f"{flag} is not supported with --ray: each actor runs on one device; scale with "
-                             "--stage1-actors and --stage2-actors")
+            raise ValueError(f"{flag} is not supported with --ray: an actor splits each video over its own "
+                             "processes (--gpus-per-actor K, --processes-per-actor K); scale with --stage1-actors "
+                             "and --stage2-actors")
 
 
 def model_source(args, jobs):
@@ -71,10 +79,11 @@ def run_ray_command(args, jobs, out_dir: str) -> int:
 
     gpus = args.gpus_per_actor
     if gpus is None and args.device is not None:  # --device says which the actors use
-        gpus = 0 if args.device == "cpu" else 1
+        gpus = 0 if args.device == "cpu" else (args.processes_per_actor or 1)
     pools = {name: 1 if getattr(args, name) is None else getattr(args, name)
              for name in ("stage1_actors", "stage2_actors")}
-    options = RayOptions(address=args.ray or None, gpus_per_actor=gpus, **pools)
+    options = RayOptions(address=args.ray or None, gpus_per_actor=gpus,
+                         processes_per_actor=args.processes_per_actor, **pools)
     if args.tiny:
         print("swift-i2v: using the tiny RANDOM-WEIGHT models (--tiny).", file=sys.stderr)
     try:
@@ -89,7 +98,8 @@ def run_ray_command(args, jobs, out_dir: str) -> int:
         report = dict(jobs=len(jobs), ok=summary.ok, failed=summary.failed, skipped=summary.skipped,
                       seconds=round(summary.seconds, 3), out_dir=out_dir, random_weights=args.tiny,
                       ray=dict(address=options.address, stage1_actors=options.stage1_actors,
-                               stage2_actors=options.stage2_actors, gpus_per_actor=options.gpus_per_actor))
+                               stage2_actors=options.stage2_actors, gpus_per_actor=options.gpus_per_actor,
+                               processes_per_actor=options.processes))
         with open(args.report, "w") as f:
             json.dump(report, f, indent=2)
     return 1 if summary.failed else 0

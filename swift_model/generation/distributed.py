@@ -398,7 +398,8 @@ def check_pipeline(pipe, par: Parallelism) -> None:
     """``ValueError`` when ``pipe`` cannot run with ``par``: Ulysses must divide both DiTs' heads; FSDP needs
     the models resident on the device in every phase (the ``fast`` memory profile: each rank then holds its
     shards, not whole models; the other profiles move whole models in and out per phase)."""
-    check_heads_of({"Stage I": pipe.stage1, "Stage II": pipe.stage2}, par.ulysses)
+    dits = {"Stage I": pipe.stage1, "Stage II": pipe.stage2}
+    check_heads_of({name: dit for name, dit in dits.items() if dit is not None}, par.ulysses)  # a part: one DiT
     check_fsdp_memory(par.fsdp, pipe.memory.profile)
 
 

@@ -21,7 +21,8 @@ from typing import Iterator
 import torch
 
 from ..io.files import read_json, read_tensors
-from .vae_geometry import MAX_TENSOR_ELEMENTS, PeakBytes, fit_tiles
+from .live_storage import LiveStorageTracker
+from .vae_geometry import MAX_TENSOR_ELEMENTS, fit_tiles
 from .vae_tiling import Tile, TileBlender, check_tile, spatial_tiles, to_uint8
 
 # Architecture of the public VAEs (diffusers config values), used when building from an original Wan file.
@@ -444,16 +445,16 @@ class WanVAE:
         n, T = _MEASURE_SIDE, _MEASURE_FRAMES
         if kind == "decode":
             z = torch.empty(1, self.z_dim, T, n, n, device="meta")
-            with PeakBytes("meta") as peak:
+            with LiveStorageTracker("meta", round_to=1) as peak:  # to the byte: nothing is allocated
                 for _ in meta._tile_frames(z, Tile(0, 0, 0, 0, n, 0, n)):
                     pass
         else:
             # the clip on the host, as the bridge's: the encoder's pre-hook moves each chunk to the device
             video = torch.zeros(1, 3, self.num_frames(T), n * self.spatial_factor, n * self.spatial_factor,
                                 dtype=self.dtype)
-            with PeakBytes("meta") as peak:
+            with LiveStorageTracker("meta", round_to=1) as peak:  # to the byte: nothing is allocated
                 meta.model.encode(video)
-        return peak.peak / (n * n), peak.largest / (n * n)
+        return peak.peak_bytes / (n * n), peak.largest / (n * n)
 
     def num_frames(self, latent_frames: int) -> int:
         """Pixel frames of ``latent_frames`` latent frames (``1 + 4 * (T - 1)``)."""

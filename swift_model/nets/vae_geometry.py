@@ -11,24 +11,20 @@ temporal chunks of whole frames, with no overlap at all.
 
 :meth:`WanVAE.work_bytes_per_pixel <swift_model.nets.vae.WanVAE.work_bytes_per_pixel>` gives the bytes per latent
 pixel: it runs a pass on a small tile of a copy of the VAE's architecture on the ``meta`` device (shapes only: no
-memory, no data) and counts the peak of the bytes alive at once (:class:`PeakBytes`), and the largest tensor per latent
-pixel, which caps a tile's area at :data:`MAX_TENSOR_ELEMENTS`. Every figure is an **estimate**: the caching allocator's fragmentation and
-library workspaces are not counted.
+memory, no data) and counts the peak of the bytes alive at once
+(:class:`~swift_model.nets.live_storage.LiveStorageTracker`, to the byte), and the largest tensor per latent pixel,
+which caps a tile's area at :data:`MAX_TENSOR_ELEMENTS`. Every figure is an **estimate**: the caching allocator's
+fragmentation and library workspaces are not counted.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-import weakref
-
-import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from .vae_tiling import spans
 
-__all__ = ["MAX_TENSOR_ELEMENTS", "PeakBytes", "fit_tiles", "tiling_cost"]
+__all__ = ["MAX_TENSOR_ELEMENTS", "fit_tiles", "tiling_cost"]
 
 # The most elements one tensor of a tiled pass may have. A CUDA convolution whose input or output needs 64-bit
 # indexing is split along the batch to fit 32-bit indexing; with a batch of one it cannot be, and PyTorch then
@@ -105,36 +101,3 @@ def fit_tiles(height: int, width: int, *, overlap: int, max_pixels: int,
     return best
 
 
-class PeakBytes(TorchDispatchMode):
-    """Counts the bytes of the storages alive on one device type while the mode is active, and their peak; and
-    the most elements of one tensor an operation returned there (``largest``).
-
-    A storage is counted when an operation first returns it and uncounted when it is freed (a
-    ``weakref.finalize``). Made for the ``meta`` device, where a pass allocates nothing, so it can be run at
-    any size to read its working set.
-    """
-
-    def __init__(self, device_type: str = "meta") -> None:
-        super().__init__()
-        self.device_type = device_type
-        self.live = 0
-        self.peak = 0
-        self.largest = 0
-        self._sizes: dict[int, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.device.type == self.device_type:
-                self.largest = max(self.largest, t.numel())
-                st = t.untyped_storage()
-                key = id(st)
-                if key not in self._sizes:
-                    self._sizes[key] = st.nbytes()
-                    self.live += st.nbytes()
-                    self.peak = max(self.peak, self.live)
-                    weakref.finalize(st, self._free, key)
-        return out
-
-    def _free(self, key: int) -> None:
-        self.live -= self._sizes.pop(key, 0)

@@ -1,8 +1,9 @@
 """Counting a run on fake tensors (planning layer): live device bytes, FLOPs, and the replay of repeated calls.
 
-- :class:`LiveStorageTracker`: a dispatch mode that sees every storage created on one device type and, through
-  a weakref finalizer, its release (sizes rounded up to the CUDA allocator's 512 bytes): the bytes alive at
-  once and their peak.
+- :class:`~swift_model.nets.live_storage.LiveStorageTracker` (from the nets layer, which measures the VAE's
+  passes with it): a dispatch mode that sees every storage created on one device type and, through a weakref
+  finalizer, its release (sizes rounded up to the CUDA allocator's 512 bytes): the bytes alive at once and their
+  peak.
 - :class:`Counters`: that tracker, ``torch.utils.flop_counter.FlopCounterMode`` (our attention op counts
   allowed token pairs only) and the FLOPs of replayed calls.
 - :class:`Replay`: a transformer block, the VAE encoder or decoder called again with inputs of the same shapes
@@ -18,77 +19,13 @@ workspaces (cuBLAS, cuDNN) and the CPU side are not counted.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import weakref
 
 import torch
 import torch.utils._pytree as pytree
 from torch.overrides import TorchFunctionMode
-from torch.utils._python_dispatch import TorchDispatchMode
 
-ALLOCATOR_ROUND = 512  # the CUDA caching allocator rounds every block up to 512 bytes
-
-
-class LiveStorageTracker(TorchDispatchMode):
-    """Counts the bytes of the storages alive on one device type, and their peak.
-
-    Every tensor an operation returns is looked at; a storage seen for the first time on ``device_type`` is
-    added (its size rounded up to :data:`ALLOCATOR_ROUND`) and a ``weakref.finalize`` on it subtracts it when
-    the storage is freed. Works on real and fake tensors alike. :meth:`track` adds tensors created before the
-    mode was entered (weights).
-    """
-
-    def __init__(self, device_type: str = "cuda") -> None:
-        super().__init__()
-        self.device_type = device_type
-        self.live_bytes = 0
-        self.peak_bytes = 0
-        self.ops = 0
-        self._live: dict[int, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops += 1
-        out = func(*args, **(kwargs or {}))
-        for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.track(t)
-        return out
-
-    def track(self, *tensors: torch.Tensor) -> None:
-        """Count the storages of ``tensors`` (those on the tracked device type, once each)."""
-        for t in tensors:
-            # a fake tensor's device without a dispatch
-            if (getattr(t, "fake_device", None) or t.device).type != self.device_type:
-                continue
-            st = t.untyped_storage()
-            key = id(st)
-            if key in self._live:
-                continue
-            n = -(-st.nbytes() // ALLOCATOR_ROUND) * ALLOCATOR_ROUND
-            self._live[key] = n
-            self.live_bytes += n
-            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
-            weakref.finalize(st, self._free, key)
-
-    def _free(self, key: int) -> None:
-        self.live_bytes -= self._live.pop(key, 0)
-
-    def bump(self, bytes_alive: int) -> None:
-        """Record that ``bytes_alive`` bytes were alive at some moment (a replayed call's transient peak)."""
-        self.peak_bytes = max(self.peak_bytes, bytes_alive)
-
-    @contextlib.contextmanager
-    def section(self):
-        """Measure the peak of the body alone; yields a dict that gets ``peak`` when the body ends."""
-        saved = self.peak_bytes
-        self.peak_bytes = self.live_bytes
-        result = {}
-        try:
-            yield result
-        finally:
-            result["peak"] = self.peak_bytes
-            self.peak_bytes = max(saved, self.peak_bytes)
+from ..nets.live_storage import LiveStorageTracker
 
 
 def _signature(x):

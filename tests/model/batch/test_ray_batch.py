@@ -6,6 +6,10 @@ Stage I result through a Stage II worker, gives the frames ``run_job`` gives (th
 weights, one torch thread). The Ray tests (marked ``distributed``: a local cluster starts worker processes;
 skipped where Ray cannot be imported) run the pipeline on a local two-CPU cluster: the same videos and records as
 the plain batch, a Stage II actor killed once (its job retried, no second video or record), bad jobs recorded.
+Actors of two processes each (``processes_per_actor=2``: a gloo group per actor, Ulysses over its two ranks) are
+tested twice, also marked ``distributed``: their worker code in this process against ``run_job`` (the frames
+before the codec, to fp32 rounding), and on the local cluster against the plain batch (videos and records), with
+no helper process left once the batch is done.
 """
 
 from __future__ import annotations
@@ -16,12 +20,13 @@ import os
 import pickle
 import signal
 import sys
+import time
 
 import numpy as np
 import pytest
 import torch
 
-from helpers import recorded_video_frames, write_png
+from helpers import assert_frames_match, recorded_video_frames, write_png
 from swift_model.batch.jobs import read_jobs
 from swift_model.batch.ray_pipeline import (ModelSource, RayOptions, Stage1Worker, Stage2Worker, pack_handoff,
                                             run_ray_batch, unpack_handoff)
@@ -140,25 +145,42 @@ def test_pipeline_parts_refuse_the_other_parts_phases(tmp_path):
 
 
 def test_ray_options_and_a_missing_ray(tmp_path, monkeypatch, capsys):
-    """Bad pool settings are refused naming the setting; an actor over several GPUs is refused in one line; without
+    """Bad pool settings are refused naming the setting (a fractional GPU count above 1, processes that are not
+    one per GPU); processes per actor that do not divide both DiTs' heads are refused from the configs alone; without
     Ray the batch says how to install it (before anything is written)."""
     for kw, needle in ((dict(stage1_actors=0), "stage1_actors must be an int >= 1"),
                        (dict(stage2_actors=1.5), "stage2_actors must be an int >= 1"),
                        (dict(gpus_per_actor=-1), "gpus_per_actor must be a number >= 0"),
-                       (dict(gpus_per_actor=2), "--gpus-per-actor 2: an actor over several GPUs"),
+                       (dict(gpus_per_actor=2.5), "--gpus-per-actor 2.5: an actor over several GPUs runs one "
+                                                  "process per GPU"),
+                       (dict(processes_per_actor=0), "processes_per_actor must be an int >= 1"),
+                       (dict(gpus_per_actor=2, processes_per_actor=3), "--processes-per-actor 3 with --gpus-per-"),
+                       (dict(gpus_per_actor=1, processes_per_actor=2), "an actor on GPUs runs one process per GPU"),
                        (dict(cpus_per_actor=0), "cpus_per_actor must be a number > 0")):
         with pytest.raises(ValueError, match=needle):
             RayOptions(**kw)
+    assert [RayOptions(**kw).processes for kw in (dict(), dict(gpus_per_actor=0.5), dict(gpus_per_actor=2),
+                                                  dict(gpus_per_actor=0, processes_per_actor=2))] == [1, 1, 2, 2]
+    TINY.check_processes(2)  # the tiny DiTs have 4 heads
+    with pytest.raises(ValueError, match="3 processes per actor split each DiT call's attention heads, and the "
+                                         "Stage I DiT has 4 heads"):
+        TINY.check_processes(3)
     # the command line: the flags need --ray, one line each, before any weight or cluster
     base = ["batch", "--tiny", "--jobs", str(_job_file_path(tmp_path)), "--out-dir", str(tmp_path / "out"),
             "--quiet"]
     for extra, needle in ((["--stage1-actors", "2"], "--stage1-actors needs --ray"),
                           (["--gpus-per-actor", "1"], "--gpus-per-actor needs --ray"),
-                          (["--ray", "--gpus-per-actor", "2"], "--gpus-per-actor 2: an actor over several GPUs"),
+                          (["--processes-per-actor", "2"], "--processes-per-actor needs --ray"),
+                          (["--ray", "--gpus-per-actor", "1.5"], "--gpus-per-actor 1.5: an actor over several GPUs"),
+                          (["--ray", "--device", "cpu", "--processes-per-actor", "-1"],
+                           "processes_per_actor must be an int >= 1"),
+                          (["--ray", "--device", "cpu", "--processes-per-actor", "3"],
+                           "3 processes per actor split each DiT call's attention heads"),
+                          (["--ray", "--gpus-per-actor", "3"], "3 processes per actor split each DiT call's"),
                           (["--ray", "--stage2-actors", "0"], "stage2_actors must be an int >= 1"),
                           (["--ray", "--ulysses-degree", "2"], "--ulysses-degree is not supported with --ray")):
         assert main(base + extra) == 2
-        err = capsys.readouterr().err.strip().splitlines()
+        err = [line for line in capsys.readouterr().err.strip().splitlines() if "--tiny" not in line]  # the note
         assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
     assert main(base + ["--ray"]) == 2
@@ -192,10 +214,11 @@ def _deadline(seconds: int):
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    """A local two-CPU Ray cluster for the module (started once, shut down after)."""
+    """A local Ray cluster of four logical CPUs for the module (started once, shut down after): two actors of
+    two processes each reserve four (on a two-core machine: they take turns on the cores)."""
     ray = pytest.importorskip("ray", reason="Ray is not installed (pip install \".[ray]\")")
     pytest.importorskip("ray.data", reason="Ray Data is not installed (pip install \"ray[data]\")")
-    ray.init(num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=False, logging_level="WARNING")
+    ray.init(num_cpus=4, object_store_memory=100 * 2**20, include_dashboard=False, logging_level="WARNING")
     yield ray
     ray.shutdown()
 
@@ -241,3 +264,92 @@ def test_ray_batch_equals_the_plain_batch_through_a_crash(tmp_path, tiny_pipe, r
     # actors asking for a GPU on a cluster without one: refused, not waited for
     with _deadline(60), pytest.raises(ValueError, match="--gpus-per-actor 1: the Ray cluster has no GPU"):
         run_ray_batch(jobs, tmp_path / "gpu", TINY, RayOptions(gpus_per_actor=1), progress=False)
+
+
+# -- actors of two processes (distributed) -----------------------------------------------------------------------
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, dead but not yet reaped by its parent, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _helpers_gone(pid_dir, seconds: float) -> list[int]:
+    """The helpers (pid files in ``pid_dir``) still running after waiting up to ``seconds`` for them to end."""
+    pids = [int(name) for name in os.listdir(pid_dir)]
+    deadline = time.monotonic() + seconds
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return [p for p in pids if _alive(p)]
+
+
+@pytest.mark.distributed
+def test_two_process_workers_make_the_plain_batch_frames(tmp_path, tiny_pipe):
+    """A Stage I worker then a Stage II worker of two processes each (this process is rank 0, one helper each;
+    gloo, Ulysses over the two ranks) write ``run_job``'s frames to fp32 rounding and its records; the bad jobs
+    are error records agreed by both ranks, and the group goes on with the next job; each helper ends when its
+    worker closes the group."""
+    rng = np.random.default_rng()
+    jobs = _job_file(tmp_path, rng)
+    jobs = [jobs[2], jobs[0], jobs[3], jobs[1]]  # a failing job first: the group must go on after it
+    plain, split, pids = tmp_path / "plain", tmp_path / "split", tmp_path / "pids"
+    for folder in (plain, split, pids):
+        folder.mkdir()
+    with recorded_video_frames() as want_frames:
+        want = [run_job(tiny_pipe, job, plain) for job in jobs]
+    with _deadline(120):
+        s1 = Stage1Worker(TINY, "cpu", 1, str(split), 2, str(pids))
+        assert s1.pipe.parallel.world_size == s1.pipe.parallel.ulysses == 2
+        rows = [s1({"id": job.id, "job": pickle.dumps(job)}) for job in jobs]
+        s1.group.close()  # one default process group per process: Stage II's group comes after
+        s2 = Stage2Worker(TINY, "cpu", 1, str(split), 2, str(pids))
+        with recorded_video_frames() as got_frames:
+            got = [json.loads(s2(row)["record"]) for row in rows]
+        s2.group.close()
+    assert [r["status"] for r in want] == ["error", "ok", "error", "ok"]
+    for g, w in zip(got, want):
+        _same_record(g, w)
+    assert "corrupt.png" in got[0]["error"] and "nowhere.png" in got[2]["error"]
+    assert len(got_frames) == len(want_frames) == 2
+    for g, w in zip(got_frames, want_frames):
+        assert_frames_match(g, w)
+    assert sorted(os.listdir(split)) == ["a.mp4", "b.mp4"]
+    assert len(os.listdir(pids)) == 2 and _helpers_gone(pids, 10) == []
+
+
+@pytest.mark.distributed
+def test_ray_batch_with_two_process_actors(tmp_path, tiny_pipe, ray_cluster):
+    """On a local cluster, actors of two processes each (``processes_per_actor=2`` on the CPU) write the plain
+    batch's records and videos (decoded frames equal, or within the codec's answer to a 1-level difference of
+    fp32 rounding), through a Stage II actor killed after writing a video (its helper ends with it, Ray restarts
+    it with a new helper and reruns the job: one video and one record each); every helper process has ended once
+    the batch is done."""
+    from swift_model.io.video import read_mp4
+
+    jobs = _job_file(tmp_path, np.random.default_rng())
+    plain, on_ray, pids = tmp_path / "plain", tmp_path / "ray", tmp_path / "pids"
+    plain.mkdir()
+    pids.mkdir()
+    want = run_batch(tiny_pipe, jobs, plain, progress=False)
+    marker = tmp_path / "crash-once"
+    marker.touch()
+    with _deadline(RAY_TIMEOUT_S):
+        got = run_ray_batch(jobs, on_ray, TINY, RayOptions(gpus_per_actor=0, processes_per_actor=2),
+                            progress=False, crash_once=str(marker), pid_dir=str(pids))
+    assert not marker.exists()  # a Stage II actor did die
+    assert (got.ok, got.failed, got.skipped) == (want.ok, want.failed, 0) == (2, 2, 0)
+    records, plain_records = ResultsLog(on_ray).records(), ResultsLog(plain).last()
+    assert sorted(r["id"] for r in records) == ["a", "b", "corrupt", "missing"]
+    for rec in records:
+        _same_record(rec, plain_records[rec["id"]])
+    assert sorted(os.listdir(on_ray)) == ["a.mp4", "b.mp4", RESULTS_FILE]
+    for name in ("a.mp4", "b.mp4"):
+        g, w = (read_mp4(str(folder / name)).astype(np.int16) for folder in (on_ray, plain))
+        assert g.shape == w.shape == (5, 64, 128, 3), name
+        assert np.abs(g - w).mean() < 0.5, (name, np.abs(g - w).mean())
+    assert len(os.listdir(pids)) >= 3  # a helper per actor, and one more for the restarted Stage II actor
+    assert _helpers_gone(pids, 30) == []
