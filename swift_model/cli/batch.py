@@ -13,7 +13,7 @@ import os
 import sys
 
 from .args import add_compile_arg, add_generation_args, add_model_args, request_from_args
-from .batch_ray import add_ray_args, check_ray_args, run_ray_command
+from .batch_ray import add_ray_args, check_ray_args, model_source, run_ray_command
 
 
 def add_commands(sub) -> None:
@@ -76,22 +76,14 @@ def _make_out_dir(out_dir: str) -> None:
 
 
 def _load(args, jobs, device):
-    """The pipeline of ``args`` on ``device`` (each rank its own whole copy)."""
-    from ..generation.distributed import env_rank, memory_plan
-    from ..generation.pipeline import SwiftI2VPipeline
+    """The pipeline of ``args`` on ``device`` (each rank its own whole copy): the models :func:`model_source` names,
+    as every Ray actor loads its part of them."""
+    from ..generation.distributed import env_rank
+    from ..generation.pipeline import PARTS
 
-    memory = memory_plan(args.memory)
-    if args.tiny:
-        if env_rank() == 0:
-            print("swift-i2v: using the tiny RANDOM-WEIGHT models (--tiny).", file=sys.stderr)
-        return SwiftI2VPipeline.tiny(seed=0, stage2_kind=args.stage2_kind, device=device, vae_dtype=args.vae_dtype,
-                                     memory=memory, compile=args.compile)
-    needs_text = any(job.request.prompt_embeds is None for job in jobs)
-    return SwiftI2VPipeline.from_pretrained(
-        args.stage1, args.stage2, stage1_lora=args.stage1_lora, lora_scale=args.lora_scale,
-        stage1_lora_2=getattr(args, "stage1_lora_2", None),
-        stage2_kind=args.stage2_kind, text_encoder=args.text_encoder, load_text_encoder=needs_text, device=device,
-        memory=memory, vae_dtype=args.vae_dtype)
+    if args.tiny and env_rank() == 0:
+        print("swift-i2v: using the tiny RANDOM-WEIGHT models (--tiny).", file=sys.stderr)
+    return model_source(args, jobs).load(PARTS, device)
 
 
 def run_batch_command(args) -> int:

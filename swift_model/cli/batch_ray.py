@@ -56,20 +56,20 @@ def check_ray_args(args) -> None:
 
 
 def model_source(args, jobs):
-    """The models every actor loads: the keyword arguments the plain batch loads its pipeline with."""
+    """The models of ``batch``: what the plain batch loads its pipeline from (``cli/batch.py``) and every Ray actor
+    its part of them, one definition for both."""
     from ..batch.ray_pipeline import ModelSource
     from ..generation.distributed import memory_plan
 
-    memory = memory_plan(args.memory)
+    common = dict(stage2_kind=args.stage2_kind, vae_dtype=args.vae_dtype, memory=memory_plan(args.memory),
+                  compile=args.compile)
     if args.tiny:
-        return ModelSource(dict(seed=0, stage2_kind=args.stage2_kind, vae_dtype=args.vae_dtype, memory=memory),
-                           tiny=True)
+        return ModelSource(dict(seed=0, **common), tiny=True)
     # the text encoder is loaded only when some job has a prompt without its embeddings
     needs_text = any(job.request.prompt_embeds is None for job in jobs)
     return ModelSource(dict(stage1=args.stage1, stage2=args.stage2, stage1_lora=args.stage1_lora,
                             lora_scale=args.lora_scale, stage1_lora_2=getattr(args, "stage1_lora_2", None),
-                            stage2_kind=args.stage2_kind, text_encoder=args.text_encoder,
-                            load_text_encoder=needs_text, memory=memory, vae_dtype=args.vae_dtype))
+                            text_encoder=args.text_encoder, load_text_encoder=needs_text, **common))
 
 
 def run_ray_command(args, jobs, out_dir: str) -> int:

@@ -177,3 +177,17 @@ def test_torchrun_batch_splits_jobs_over_two_replicas(tmp_path):
     degrees = ("world_size", "ulysses_degree", "cfg_degree", "data_parallel_degree", "fsdp")
     assert tuple(report[k] for k in degrees) == (2, 1, 1, 2, False)
     assert sorted(os.listdir(two)) == ["results.jsonl", "v0.mp4", "v1.mp4", "v2.mp4"]
+
+
+def test_batch_and_ray_load_the_same_models():
+    """The plain batch and every Ray actor load from one description of the models (``model_source``), and every
+    model argument reaches it (``--compile`` included, for checkpoints and the tiny models alike)."""
+    from swift_model.cli.batch_ray import model_source
+    from swift_model.cli.main import build_parser
+
+    base = ["batch", "--jobs", "j.jsonl", "--out-dir", "out", "--compile", "--memory", "24gb"]
+    for extra in (["--tiny"], ["--stage1", "s1", "--stage2", "s2", "--stage1-lora", "l.safetensors"]):
+        source = model_source(build_parser().parse_args(base + extra), [])
+        assert source.kwargs["compile"] is True and source.kwargs["memory"].profile == "24gb", source
+        assert source.tiny == (extra == ["--tiny"])
+    assert source.kwargs["stage1_lora"] == "l.safetensors" and source.kwargs["load_text_encoder"] is False
