@@ -48,7 +48,8 @@
 #   b-ops       fused-op GB/s vs a device-to-device copy, vs the reference                   90   ~25
 #   b-bwd       forward+backward, the same implementations                                   150  ~80
 #   vae         2K Wan2.2 VAE decode, 3 latent frames, bf16, random weights (needs diffusers) 120  ~40
-#   t-mem       pytest -m gpu: the memory estimate vs max_memory_allocated, VAE encode       150  ~60
+#   t-mem       pytest -m gpu: the memory estimate vs max_memory_allocated, VAE encode,      150  ~70
+#               24gb from files (page-locked buffers, LoRA on the GPU), encoders read onto it
 #   e2e         the whole generation at 2560x1408x17 (E2E_FRAMES), random-weight             300  ~90
 #               presets, --memory auto: seconds and achieved TFLOP/s per phase (the
 #               plan's FLOPs over the time) beside a bf16 GEMM (benchmarks/e2e.py)
@@ -174,7 +175,8 @@ step vae 120 "${CHECK[@]}" vae
 if [ "$DRY" = 0 ]; then
     # the memory plan against the device: measured peak vs swift-i2v plan's estimate; VAE encode of a CPU clip
     step t-mem 150 "$PY" -m pytest -q -p no:cacheprovider -rfEs -m gpu tests/model/planning/test_planner.py \
-        tests/model/generation/test_pipeline.py
+        tests/model/generation/test_pipeline.py tests/model/generation/test_host_memory.py \
+        tests/model/nets/test_encoder_readers.py
 else
     skip t-mem "dry run: no GPU"
 fi

@@ -1,5 +1,5 @@
-"""``swift-i2v plan``: a memory and FLOP estimate per phase of a ``generate`` run, on fake tensors (no GPU, no
-weights read). It takes ``generate``'s command line as is and checks it as ``generate`` does."""
+"""``swift-i2v plan``: a memory (device and host) and FLOP estimate per phase of a ``generate`` run, on fake
+tensors (no GPU, no weights read). It takes ``generate``'s command line as is and checks it as ``generate`` does."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from .args import add_generation_args, add_model_args, request_from_args
 
 def add_commands(sub) -> None:
     """Add ``plan`` to the CLI's subparsers."""
-    pl = sub.add_parser("plan", help="estimate device memory, FLOPs and host-to-device bytes per phase of a "
-                        "generate run, on fake tensors (no GPU, no weights read); takes generate's arguments")
+    pl = sub.add_parser("plan", help="estimate device memory, host memory (RAM), FLOPs and host-to-device bytes "
+                        "per phase of a generate run, on fake tensors (no GPU, no weights read); takes generate's "
+                        "arguments")
     add_model_args(pl, plan=True)
     # generate's arguments that do not change the estimate are accepted (hidden), so a command line plans as is
     add_generation_args(pl, frames=81, width=2560, height=1408, need_out=False, hidden=True)
@@ -68,9 +69,15 @@ def run_plan(args) -> int:
         print(f"per rank (rank 0 of {par['world_size']}: ulysses {par['ulysses']}, cfg-parallel "
               f"{'on' if par['cfg_parallel'] else 'off'}, fsdp {'on' if par['fsdp'] else 'off'}); every figure is "
               f"an ESTIMATE of one rank, FLOPs are that rank's")
-    print(f"{'phase':<14} {peak:>9} {'TFLOP':>10} {'to device GiB':>14}")
+    print(f"{'phase':<14} {peak:>9} {'TFLOP':>10} {'to device GiB':>14} {'host GiB':>9} {'mapped GiB':>11}")
+    print(f"{'loading':<14} {'':>9} {'':>10} {'':>14} {_gib(i['host_load_bytes']):>9}")
     for name, p in result.phases.items():
-        print(f"{name:<14} {_gib(p['peak_bytes']):>9} {p['flops'] / 1e12:>10.1f} {_gib(p['h2d_bytes']):>14}")
-    print(f"{'whole run':<14} {_gib(result.peak_bytes):>9} {result.flops / 1e12:>10.1f}")
-    print("not counted: the CUDA context, library workspaces, allocator fragmentation")
+        print(f"{name:<14} {_gib(p['peak_bytes']):>9} {p['flops'] / 1e12:>10.1f} {_gib(p['h2d_bytes']):>14} "
+              f"{_gib(p['host_peak_bytes']):>9} {_gib(p['mapped_bytes']):>11}")
+    print(f"{'whole run':<14} {_gib(result.peak_bytes):>9} {result.flops / 1e12:>10.1f} {'':>14} "
+          f"{_gib(result.host_peak_bytes):>9}")
+    print("host: pageable and page-locked memory of the process's tensors; mapped: weight-file pages read through a "
+          "memory map (the OS page cache, not resident memory)")
+    print("not counted: the CUDA context, library workspaces, allocator fragmentation, the Python process itself "
+          "(about 1-3 GiB of host memory)")
     return 0

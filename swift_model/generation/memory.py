@@ -16,7 +16,10 @@ Profiles (:data:`PROFILES`):
 - ``fast``: everything resident for the whole run (80 GB cards; repeated runs);
 - ``balanced`` (the default): one DiT on the device at a time, each encoder and VAE only in the phases that
   use it; whatever a phase does not use is evicted before the phase starts;
-- ``24gb``: as ``balanced``, but both DiTs stream their blocks and the text encoder runs on the CPU.
+- ``24gb``: as ``balanced``, but both DiTs stream their blocks, and host memory is kept small (a 24 GB card
+  usually sits in a 32 GB machine): the Stage I DiT's blocks are read from its weight files on each use
+  (:attr:`MemoryProfile.blocks_from_files`: never whole in host memory), and the encoders are read from their
+  files onto the device for the phase that runs them and dropped after it (:attr:`MemoryProfile.read_on_use`).
 
 Each profile also sets the DiTs' inference chunk (:attr:`MemoryProfile.token_chunk`): long sequences (Stage I's whole clip)
 run each block's per-token work in chunks of that many tokens, so the working set does not grow with the clip
@@ -71,6 +74,15 @@ class MemoryProfile:
             windows at 2560x1408 hold 14080. The smaller the chunk, the smaller the FFN's transient ([chunk,
             ffn_dim] twice) and the smaller the matmuls: 4096 rows still keep a GPU's matmul units busy on
             5120-wide weights.
+        blocks_from_files: the streamed DiTs whose blocks are read from their weight files' mapped pages on each
+            use instead of being held in host memory (when loaded from files:
+            :meth:`SwiftI2VPipeline.from_pretrained <swift_model.generation.pipeline.SwiftI2VPipeline.from_pretrained>`
+            loads them with ``blocks_from_files``). Stage I only: it runs a few passes per video (its steps, twice
+            with guidance), while Stage II runs one per CSG window and step (about 40 at 2560x1408x81), which from
+            files would be bound by the disk or the host's copies; its packed blocks stay in host memory.
+        read_on_use: the components read from their files when a phase uses them and dropped after it (neither
+            in host nor device memory in between; when loaded from files with ``deferred`` weights): the
+            encoders, which run once per video.
         device_goal_gib: the device peak (GiB, as ``swift-i2v plan`` estimates it) the profile plans for; the VAE
             passes size their tiles to fit under it beside what the phase keeps resident
             (:mod:`swift_model.generation.vae_budget`). ``None``: the VAEs' fixed tiles.
@@ -83,6 +95,8 @@ class MemoryProfile:
     text_encoder_on_cpu: bool
     token_chunk: int
     device_goal_gib: float | None = None
+    blocks_from_files: tuple[str, ...] = ()
+    read_on_use: tuple[str, ...] = ()
 
 
 def _profiles(*profiles: MemoryProfile) -> dict[str, MemoryProfile]:
@@ -99,10 +113,13 @@ PROFILES: dict[str, MemoryProfile] = _profiles(
     MemoryProfile("balanced", "one DiT on the GPU at a time, each encoder and VAE only while it runs (the default)",
                   everything_resident=False, stream_dits=False, text_encoder_on_cpu=False, token_chunk=16384,
                   device_goal_gib=60.0),
-    # UMT5-XXL (~11 GB in bf16) runs once per prompt: on the CPU
-    MemoryProfile("24gb", "as balanced, with the DiT blocks streamed from CPU memory and the text encoder on the "
-                  "CPU", everything_resident=False, stream_dits=True, text_encoder_on_cpu=True, token_chunk=4096,
-                  device_goal_gib=22.0),
+    # UMT5-XXL (10.6 GiB in bf16) and the Stage II DiT (9.3 GiB) cannot both stay in a 32 GB machine's memory
+    # beside the rest: the encoders are read from their files for the phase that runs them, on the GPU
+    MemoryProfile("24gb", "as balanced, with the DiT blocks streamed to the GPU block by block (Stage I's read "
+                  "from its weight files on each use) and the encoders read from their files for their phase: "
+                  "24 GB cards in 32 GB machines", everything_resident=False, stream_dits=True,
+                  text_encoder_on_cpu=False, token_chunk=4096, device_goal_gib=22.0,
+                  blocks_from_files=("stage1", "stage1_2"), read_on_use=("text_encoder", "image_encoder")),
 )
 DEFAULT_PROFILE = "balanced"
 
@@ -196,6 +213,16 @@ class MemoryPlan:
         if self.sharded_dits and component in DITS:
             return "cpu"
         return "device" if self.settings.everything_resident else "cpu"
+
+    def blocks_from_files(self, component: str) -> bool:
+        """Whether ``component`` (a DiT) streams blocks read from its weight files on each use
+        (:attr:`MemoryProfile.blocks_from_files`)."""
+        return self.settings.stream_dits and component in self.settings.blocks_from_files
+
+    def reads_on_use(self, component: str) -> bool:
+        """Whether ``component`` is read from its files for the phases that use it and dropped after them
+        (:attr:`MemoryProfile.read_on_use`)."""
+        return component in self.settings.read_on_use
 
     def turns(self, component: str) -> tuple[str, ...]:
         """The components ``component`` takes turns on the device with (:data:`TURNS`, itself included), or

@@ -138,15 +138,21 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    try:  # not on every platform (native Windows has no resource module)
+def _peak_rss() -> int:
+    """The process's peak resident memory so far (0 where the platform does not say: native Windows has no
+    resource module). It includes pages of weight files read through memory maps, which the plan leaves out."""
+    try:
         import resource
     except ImportError:  # pragma: no cover
         return 0
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(kib * (1 if sys.platform == "darwin" else 1024))
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return _peak_rss()
 
 
 def _tqdm(enabled: bool, **kw):
@@ -354,7 +360,10 @@ class SwiftI2VPipeline:
             stage2_kind: ``"refine"`` (public 5B, training-free) or ``"swift"`` (widened input).
             text_encoder: folder of the UMT5 encoder + tokenizer (default: ``stage1``'s).
             load_text_encoder: False to run from precomputed prompt embeddings only.
-            memory: the memory profile (see the class); it also decides where each model is loaded to.
+            memory: the memory profile (see the class); it also decides where each model is loaded to, and what is
+                not loaded at all: under ``24gb`` the Stage I blocks stay in their files (read on each use) and the
+                encoders are read from theirs for the phase that runs them (see
+                :class:`~swift_model.generation.memory.MemoryProfile`).
             vae_dtype: dtype of both VAEs, ``"bf16"``/``"fp32"`` (default: bf16 on a GPU, fp32 on the CPU).
             parts: the parts to load (:data:`PARTS`): ``("stage1",)`` reads the Stage I DiT, its encoders and the
                 VAEs; ``("stage2",)`` the Stage II DiT and the VAEs (every header is checked either way).
@@ -386,11 +395,12 @@ class SwiftI2VPipeline:
         s1 = s2 = image = None
         if "stage1" in parts:
             s1 = load_dit(checked.stage1, device=load_dev("stage1"), dtype=dtype, lora=stage1_lora,
-                          lora_scale=lora_scale, stage="stage1")
+                          lora_scale=lora_scale, stage="stage1", blocks_from_files=plan.blocks_from_files("stage1"))
         s1_2 = None
         if "stage1" in parts and checked.stage1_2 is not None:  # the low-noise expert, with its own LoRA or none
             s1_2 = load_dit(checked.stage1_2, device=load_dev("stage1_2"), dtype=dtype, lora=stage1_lora_2,
-                            lora_scale=lora_scale, stage="stage1")
+                            lora_scale=lora_scale, stage="stage1",
+                            blocks_from_files=plan.blocks_from_files("stage1_2"))
         # A public checkpoint used as the method's network is widened (the extra channels start at zero),
         # decided from the headers so that the weights are read once.
         if "stage2" in parts:
@@ -400,9 +410,11 @@ class SwiftI2VPipeline:
         vae2 = WanVAE.from_pretrained(stage2, device=load_dev("vae2"), dtype=vae_dtype)
         text = None
         if load_text_encoder:
-            text = TextEncoder.from_pretrained(text_encoder or stage1, device="cpu", dtype=dtype)
+            text = TextEncoder.from_pretrained(text_encoder or stage1, device="cpu", dtype=dtype,
+                                               deferred=plan.reads_on_use("text_encoder"))
         if s1 is not None and getattr(s1.config, "image_dim", None):
-            image = ImageEncoder.from_pretrained(stage1, device="cpu", dtype=dtype)
+            image = ImageEncoder.from_pretrained(stage1, device="cpu", dtype=dtype,
+                                                 deferred=plan.reads_on_use("image_encoder"))
         return cls(s1, s2, vae1, vae2, text, image, stage2_kind=stage2_kind, device=dev, memory=plan, stage1_2=s1_2,
                    boundary_ratio=checked.boundary_ratio if s1_2 is not None else None,
                    compile=compile)
@@ -515,6 +527,7 @@ class SwiftI2VPipeline:
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         self.residency.h2d_bytes.clear()
+        self.residency.mapped_bytes.clear()
         self._compile_mark = compile_totals(self.dits().values())  # this run's compilation is reported
         seconds: dict[str, float] = {}
         state = GenerationState()
@@ -566,7 +579,8 @@ class SwiftI2VPipeline:
                     stage1_size=[r.width // 4, r.height // 4], latent_frames=run.stage2_shape[1],
                     max_window_tokens=run.csg.max_window_tokens, device=str(self.device),
                     random_weights=self.random_weights, memory=self.memory.profile,
-                    h2d_bytes=dict(self.residency.h2d_bytes), **self.parallel.report(),
+                    h2d_bytes=dict(self.residency.h2d_bytes), mapped_bytes=dict(self.residency.mapped_bytes),
+                    host_peak_rss_bytes=_peak_rss(), **self.parallel.report(),
                     compile=compile_report(self.dits().values(), getattr(self, "_compile_mark", None)))
 
     def run_phase(self, name: str, run: PreparedRun, state: GenerationState) -> None:

@@ -10,11 +10,14 @@ work on fake tensors too (the planner's): :func:`set_tensor_data` and :func:`ten
 from __future__ import annotations
 
 import contextlib
+import warnings
+import weakref
 from typing import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
+from ..nets.placeholders import assign_weights, drop_weights, is_placeholder
 from .memory import PHASES, MemoryPlan
 
 
@@ -43,11 +46,13 @@ def tensor_device(t: torch.Tensor) -> torch.device:
 @torch.no_grad()
 def move_module(module: nn.Module, device: torch.device, skip: str | None = None) -> int:
     """Move ``module``'s parameters and buffers (outside ``skip``) to ``device`` in place (``.data``, so the
-    Parameter objects, and any hooks on the module, stay); returns the bytes copied to a non-CPU device."""
+    Parameter objects, and any hooks on the module, stay); returns the bytes copied to a non-CPU device. Weights
+    not in memory (:func:`~swift_model.nets.placeholders.placeholder` s: blocks read from their files on use,
+    encoders read on use) stay as they are."""
     moved = 0
     for _mod, _attr, t in module_tensors(module, skip):
         src = tensor_device(t)
-        if src != device:
+        if src != device and not is_placeholder(t):
             if device.type != "cpu":
                 moved += t.numel() * t.element_size()
             if hasattr(t, "fake_device"):  # a fake tensor (the planner) has no data to copy: one allocation
@@ -70,48 +75,110 @@ def _align(n: int, a: int = 256) -> int:
     return (n + a - 1) // a * a
 
 
+def _unregister(ptr: int) -> None:
+    with contextlib.suppress(Exception):  # the process may be shutting down
+        torch.cuda.cudart().cudaHostUnregister(ptr)
+
+
+def host_buffer(nbytes: int, pinned: bool) -> torch.Tensor:
+    """A host byte buffer of exactly ``nbytes`` (at least 1), page-locked when ``pinned`` (so that copies from it
+    to a GPU are asynchronous).
+
+    Page-locking registers an ordinary allocation with the driver (``cudaHostRegister``) instead of allocating
+    through PyTorch's pinned-memory allocator, which rounds every request up to a power of two (a 770 MiB block
+    of a 14B DiT would take 1 GiB); the registration ends when the buffer's storage is freed. Where the driver
+    refuses, the buffer stays pageable (copies from it are then synchronous) and a warning says so.
+    """
+    buf = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+    if not pinned:
+        return buf
+    storage = buf.untyped_storage()
+    cudart = torch.cuda.cudart()
+    err = cudart.cudaHostRegister(storage.data_ptr(), storage.nbytes(), 0)
+    if err != cudart.cudaError.success:
+        warnings.warn(f"could not page-lock a {nbytes / 2**20:.0f} MiB host buffer ({err}); its copies to the GPU "
+                      "will be synchronous", RuntimeWarning, stacklevel=2)
+        return buf
+    # unregistered when the storage goes (a weakref callback runs before its memory is released)
+    weakref.finalize(storage, _unregister, storage.data_ptr())
+    return buf
+
+
+def named_block_tensors(block: nn.Module):
+    """``(name inside the block, owner, attribute, tensor)`` of every parameter and buffer of ``block``."""
+    for mod_name, mod in block.named_modules():
+        for attr, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
+            yield (f"{mod_name}.{attr}" if mod_name else attr), mod, attr, t
+
+
 class BlockStreamer:
     """Streams the weights of a sequence of modules (a DiT's transformer blocks) to the device block by block.
 
-    Every block's parameters and buffers are packed into one host buffer (pinned when CUDA is present, so the
-    copy is asynchronous) and the block's tensors become views of it. ``slots`` device buffers, each the size
-    of the largest block, hold the blocks being used: before block ``i`` runs (its ``forward``, or
-    ``context_kv`` for a DiT's cross-attention cache) its weights are copied into a slot and its tensors point
-    there, and block ``i + 1``'s copy is started on a side CUDA stream so it overlaps block ``i``'s compute
-    (the side stream first waits for the work queued so far, so it never overwrites a slot still being read;
-    the compute stream waits for the copy's event before using a block). A block evicted from its slot points
-    back at its host buffer. On a CPU (or with fake tensors) the same code runs with synchronous copies.
+    Where the block weights come from:
+
+    - by default every block's parameters and buffers are packed into one host buffer of its exact size
+      (page-locked when CUDA is present, so the copy is asynchronous: :func:`host_buffer`) and the block's
+      tensors become views of it;
+    - with a ``source`` (a DiT loaded with ``blocks_from_files``: its ``block_source``), the blocks are never in
+      host memory: their tensors are placeholders between uses (:mod:`swift_model.nets.placeholders`), and each
+      load reads the block from the
+      weight files' mapped pages (``source.read``) into one of ``slots`` staging buffers of the block's exact
+      size (page-locked), copies it to the device and lets the source finish it there (``source.finish``: a
+      LoRA merged on the device). A staging buffer is refilled only once its previous copy has completed.
+
+    ``slots`` device buffers, each the size of the largest block, hold the blocks being used: before block ``i``
+    runs (its ``forward``, or ``context_kv`` for a DiT's cross-attention cache) its weights are copied into a
+    slot and its tensors point there, and block ``i + 1``'s copy is started on a side CUDA stream so it overlaps
+    block ``i``'s compute (the side stream first waits for the work queued so far, so it never overwrites a slot
+    still being read; the compute stream waits for the copy's event before using a block). A block evicted from
+    its slot points back at its host buffer (or at its placeholders). On a CPU (or with fake tensors) the same
+    code runs with synchronous copies.
 
     At most ``slots`` blocks have their weights on the device at any time (:attr:`max_resident` records it),
-    and every block use that misses the slots costs one copy (:attr:`h2d_bytes` counts the bytes).
+    and every block use that misses the slots costs one copy (:attr:`h2d_bytes` counts the bytes;
+    :attr:`mapped_bytes` the bytes a source read from its files).
 
     Args:
         blocks: the modules to stream (e.g. ``dit.blocks``); each must keep its weights in its own tensors.
         device: the compute device.
         slots: device buffers (>= 1; 2 overlaps one copy with one block's compute).
         methods: methods besides ``forward`` that read a block's weights (patched on each block instance).
+        source: where the blocks' weights are read from on each load (see above); ``None``: packed host buffers.
     """
 
     def __init__(self, blocks: Sequence[nn.Module], device, slots: int = 2,
-                 methods: Iterable[str] = ("context_kv",)) -> None:
+                 methods: Iterable[str] = ("context_kv",), source=None) -> None:
         if slots < 1:
             raise ValueError(f"slots must be >= 1, got {slots}")
         self.blocks = list(blocks)
         self.device = _indexed(torch.device(device))
         self.num_slots = slots
+        self.source = source
+        if source is not None and source.num_blocks != len(self.blocks):
+            raise ValueError(f"the block source holds {source.num_blocks} blocks, the model {len(self.blocks)}")
         # Real CUDA only: fake CUDA tensors (the planner) and CPUs take the synchronous path.
         self._cuda = self.device.type == "cuda" and torch.cuda.is_available()
         self._layouts: list[list[tuple[torch.Tensor, int]]] = []
+        self._names: list[list[str]] = []
         self._host: list[torch.Tensor] = []
         self._host_views: list[list[torch.Tensor]] = []  # built once: a load or an eviction only re-points
         self._slot_views: dict[tuple[int, int], list[torch.Tensor]] = {}
         self.block_bytes: list[int] = []
         for blk in self.blocks:
-            entries, off = [], 0
-            for _mod, _attr, t in module_tensors(blk):
+            if source is not None:
+                drop_weights(blk)  # at rest a block holds no memory: placeholders of its tensors' shapes
+            entries, names, off = [], [], 0
+            for name, _mod, _attr, t in named_block_tensors(blk):
                 entries.append((t, off))
+                names.append(name)
                 off = _align(off + t.numel() * t.element_size())
-            host = torch.empty(max(off, 1), dtype=torch.uint8, pin_memory=self._cuda)
+            self._layouts.append(entries)
+            self._names.append(names)
+            self.block_bytes.append(off)
+            if source is not None:
+                self._host_views.append([t.data for t, _o in entries])
+                continue
+            host = host_buffer(off, pinned=self._cuda)
             views = []
             for t, o in entries:
                 view = self._view(host, t, o)
@@ -119,9 +186,13 @@ class BlockStreamer:
                 set_tensor_data(t, view)  # the block now lives in its host buffer
                 views.append(view)
             self._host_views.append(views)
-            self._layouts.append(entries)
             self._host.append(host)
-            self.block_bytes.append(off)
+        size = max(self.block_bytes, default=1)
+        # a source's staging buffers: one per slot, so that a block can be read while the previous one copies
+        self._staging = [host_buffer(size, pinned=self._cuda) for _ in range(slots)] if source is not None else []
+        self._staging_done: list[object | None] = [None] * len(self._staging)
+        self._next_staging = 0
+        self.mapped_bytes = 0
         self._slots: list[torch.Tensor] = []
         self._slot_block: list[int | None] = [None] * slots
         self._slot_used = [0] * slots
@@ -163,6 +234,11 @@ class BlockStreamer:
         """Device bytes of the slots (``slots`` x the largest block)."""
         return sum(s.numel() for s in self._slots)
 
+    @property
+    def host_bytes(self) -> int:
+        """Host bytes this streamer holds: the packed blocks, or a source's staging buffers."""
+        return sum(b.numel() for b in (*self._host, *self._staging))
+
     def resume(self) -> "BlockStreamer":
         """Allocate the device slots and start streaming (the hooks act only while streaming)."""
         if not self.active:
@@ -173,8 +249,8 @@ class BlockStreamer:
         return self
 
     def suspend(self) -> None:
-        """Stop streaming: every block points back at its host buffer and the device slots are freed (the
-        host buffers and hooks stay, so :meth:`resume` starts again without repacking)."""
+        """Stop streaming: every block points back at its host buffer (or its placeholders) and the device slots
+        are freed (the host buffers and hooks stay, so :meth:`resume` starts again without repacking)."""
         if self.active:
             self.release()
             self._slots = []
@@ -184,12 +260,28 @@ class BlockStreamer:
     def _enter(self, i: int) -> None:
         """Block ``i`` is about to run: make its weights resident, and start the copy of the next block."""
         if not self.active:
+            if self.source is not None:  # its weights are placeholders: running it would compute with zeros
+                raise RuntimeError("this DiT's blocks are read from its files only while it streams (inside a "
+                                   "phase of a memory profile that streams it); it cannot run outside one")
             return
         self._load(i)
         if self._cuda and i in self._events:
             torch.cuda.current_stream(self.device).wait_event(self._events.pop(i))
         if self.num_slots > 1 and i + 1 < len(self.blocks):
             self._load(i + 1)
+
+    def _staged(self, i: int) -> tuple[torch.Tensor, int]:
+        """Block ``i`` read by the source into the next staging buffer (once that buffer's last copy is done):
+        the buffer and its index."""
+        k = self._next_staging
+        self._next_staging = (k + 1) % len(self._staging)
+        if self._staging_done[k] is not None:
+            self._staging_done[k].synchronize()  # its previous block is still being copied out of it
+            self._staging_done[k] = None
+        buf = self._staging[k]
+        self.source.read(i, [(n, self._view(buf, t, o)) for n, (t, o) in zip(self._names[i], self._layouts[i])])
+        self.mapped_bytes += self.source.stored_bytes // max(self.source.num_blocks, 1)
+        return buf, k
 
     def _load(self, i: int) -> None:
         self._clock += 1
@@ -205,18 +297,25 @@ class BlockStreamer:
             self._events.pop(old, None)
         nbytes = self.block_bytes[i]
         dst = self._slots[s][:nbytes]
-        if self._cuda:
-            self._stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(self._stream):
-                dst.copy_(self._host[i][:nbytes], non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record(self._stream)
-            self._events[i] = ev
-        else:
-            dst.copy_(self._host[i][:nbytes])
         views = self._slot_views.get((i, s))
         if views is None:
             views = self._slot_views[i, s] = [self._view(self._slots[s], t, o) for t, o in self._layouts[i]]
+        src, k = self._staged(i) if self.source is not None else (self._host[i], None)
+        if self._cuda:
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._stream):
+                dst.copy_(src[:nbytes], non_blocking=True)
+                if self.source is not None:
+                    self.source.finish(i, list(zip(self._names[i], views)))
+                ev = torch.cuda.Event()
+                ev.record(self._stream)
+            self._events[i] = ev
+            if k is not None:
+                self._staging_done[k] = ev
+        else:
+            dst.copy_(src[:nbytes])
+            if self.source is not None:
+                self.source.finish(i, list(zip(self._names[i], views)))
         for (t, _o), v in zip(self._layouts[i], views):
             set_tensor_data(t, v)
         self._slot_block[s] = i
@@ -227,7 +326,7 @@ class BlockStreamer:
         self.max_resident = max(self.max_resident, self.resident)
 
     def _point_home(self, i: int) -> None:
-        """Block ``i``'s tensors point back at its host buffer."""
+        """Block ``i``'s tensors point back at its host buffer (or at placeholders, with a source)."""
         for (t, _o), v in zip(self._layouts[i], self._host_views[i]):
             set_tensor_data(t, v)
 
@@ -244,7 +343,7 @@ class BlockStreamer:
 
     def close(self) -> None:
         """Suspend and remove the hooks and method patches. The blocks stay on the CPU (in their host
-        buffers)."""
+        buffers), or as placeholders (with a source)."""
         self.suspend()
         for h in self._handles:
             h.remove()
@@ -253,6 +352,19 @@ class BlockStreamer:
                 delattr(blk, name)
         self._handles.clear()
         self._patched.clear()
+
+
+def _refuse_dropped(module: nn.Module, _args) -> None:
+    if any(is_placeholder(t) for t in module.parameters()):
+        raise RuntimeError(f"the {type(module).__name__}'s weights are read from its files only for the phases that "
+                           "use it (memory profile with read_on_use); it cannot run outside them")
+
+
+def _guard_dropped(module: nn.Module) -> None:
+    """A forward pre-hook (once) that refuses to run ``module`` while its weights are dropped."""
+    if not getattr(module, "_guards_dropped_weights", False):
+        module.register_forward_pre_hook(_refuse_dropped)
+        module._guards_dropped_weights = True
 
 
 class Residency:
@@ -265,25 +377,53 @@ class Residency:
     :attr:`h2d_bytes` counts the bytes each phase copied to the device (whole modules and streamed blocks);
     :attr:`resident` lists, per phase, the components with weights on the device during it.
     :attr:`streamers` holds a :class:`BlockStreamer` per streamed component, kept across phases and runs (its
-    host buffers are packed once); it streams only during the phases that stream its component.
+    host buffers are packed once); it streams only during the phases that stream its component. A streamed DiT
+    with a ``block_source`` (loaded with ``blocks_from_files``) streams from its files.
+
+    A component the plan :meth:`reads on use <MemoryPlan.reads_on_use>` and whose module has a
+    ``weight_reader`` (an encoder loaded with ``deferred`` weights) is read onto the device by that reader when
+    a phase brings it in (the bytes count in :attr:`h2d_bytes`) and dropped (placeholders:
+    :mod:`swift_model.nets.placeholders`) when a phase evicts it, instead of being copied to and from host memory;
+    calling it while dropped raises.
     """
 
     def __init__(self, plan: MemoryPlan, device) -> None:
         self.plan = plan
         self.device = _indexed(torch.device(device))
         self.h2d_bytes: dict[str, int] = {}
+        self.mapped_bytes: dict[str, int] = {}  # per phase: bytes streamers read from weight files
         self.resident: dict[str, list[str]] = {}
         self.streamers: dict[str, BlockStreamer] = {}
         self.current: str | None = None
         self._moved = 0  # bytes the current phase has copied in as whole modules (phase start and switches)
-        self._streamed: dict[str, int] = {}  # each streamer's h2d_bytes when the current phase started using it
+        self._streamed: dict[str, tuple[int, int]] = {}  # each streamer's (h2d, mapped) bytes when the phase began
         self._turn: dict[tuple[str, ...], str | None] = {}  # turn group -> its member on the device now
 
     def place_initial(self, components: Mapping[str, nn.Module | None]) -> None:
         """Put every component where the plan keeps it outside any phase (all on the device under ``fast``)."""
         for name, m in components.items():
-            if m is not None:
+            if m is None:
+                continue
+            if self._reads_on_use(name, m):
+                _guard_dropped(m)
+            if self._reads_on_use(name, m) and self.plan.initial(name) != "device":
+                drop_weights(m)  # read from its files by the first phase that uses it
+            else:
                 move_module(m, self.device if self.plan.initial(name) == "device" else torch.device("cpu"))
+
+    def _reads_on_use(self, name: str, m: nn.Module) -> bool:
+        return self.plan.reads_on_use(name) and getattr(m, "weight_reader", None) is not None
+
+    def _to_host(self, name: str, m: nn.Module, runs_here: bool = False) -> None:
+        """Component ``name`` off the device: dropped (read again on its next use) or copied to the CPU;
+        ``runs_here``: the phase runs it on the CPU, so a dropped one is read there."""
+        if not self._reads_on_use(name, m):
+            move_module(m, torch.device("cpu"))
+        elif not runs_here:
+            drop_weights(m)
+            move_module(m, torch.device("cpu"))  # what is not dropped (non-persistent buffers) leaves too
+        elif any(is_placeholder(t) or tensor_device(t).type != "cpu" for t in m.parameters()):
+            assign_weights(m, m.weight_reader(torch.device("cpu")))
 
     @contextlib.contextmanager
     def phase(self, phase: str, components: Mapping[str, nn.Module | None]):
@@ -297,18 +437,21 @@ class Residency:
         deferred = self._deferred(phase, present)
         for name, m in present.items():
             if name in deferred:
-                move_module(m, torch.device("cpu"))  # comes in when the phase switches to it
+                self._to_host(name, m)  # comes in when the phase switches to it
             else:
                 self._moved += self._bring(phase, name, m)
         self._note_resident(phase, present)
         try:
             yield phase
         finally:
-            moved = self._moved
+            moved, mapped = self._moved, 0
             for name, s in self.streamers.items():
-                moved += s.h2d_bytes - self._streamed.get(name, s.h2d_bytes)
+                h2d0, mapped0 = self._streamed.get(name, (s.h2d_bytes, s.mapped_bytes))
+                moved += s.h2d_bytes - h2d0
+                mapped += s.mapped_bytes - mapped0
                 s.suspend()
             self.h2d_bytes[phase] = self.h2d_bytes.get(phase, 0) + moved
+            self.mapped_bytes[phase] = self.mapped_bytes.get(phase, 0) + mapped
             self.current = None
 
     def _deferred(self, phase: str, present: Mapping[str, nn.Module]) -> set[str]:
@@ -327,6 +470,16 @@ class Residency:
         """Bring component ``name`` in as ``phase`` places it (whole, or its blocks streamed); the bytes of whole
         tensors copied (a streamer counts its blocks itself)."""
         where = self.plan.placement(phase, name)
+        source = getattr(m, "block_source", None)
+        if source is not None and where == "device":
+            raise ValueError(f"the {name} DiT was loaded with its blocks left in its files (blocks_from_files), "
+                             f"which only a memory profile that streams it can run; phase {phase!r} of "
+                             f"{self.plan.profile!r} places it {where!r}")
+        if where == "device" and self._reads_on_use(name, m) and any(is_placeholder(t) for t in m.parameters()):
+            state = m.weight_reader(self.device)
+            assign_weights(m, state)
+            move_module(m, self.device)  # what is not read (non-persistent buffers: position ids) comes along
+            return sum(t.numel() * t.element_size() for t in {id(t): t for t in state.values()}.values())
         if where == "device":
             return move_module(m, self.device)
         if where != "stream":
@@ -337,8 +490,8 @@ class Residency:
             if s is not None:
                 s.close()
             move_module(m.blocks, torch.device("cpu"))
-            s = self.streamers[name] = BlockStreamer(m.blocks, self.device, self.plan.stream_blocks)
-        self._streamed.setdefault(name, s.h2d_bytes)
+            s = self.streamers[name] = BlockStreamer(m.blocks, self.device, self.plan.stream_blocks, source=source)
+        self._streamed.setdefault(name, (s.h2d_bytes, s.mapped_bytes))
         s.resume()
         return moved
 
@@ -366,7 +519,7 @@ class Residency:
             if other != name and m is not None:
                 if other in self.streamers:
                     self.streamers[other].suspend()
-                move_module(m, torch.device("cpu"))
+                self._to_host(other, m)
         if self.device.type == "cuda" and torch.cuda.is_available():
             torch.cuda.empty_cache()  # the expert that left makes room for the one that comes
         self._moved += self._bring(self.current, name, components[name])
@@ -380,7 +533,7 @@ class Residency:
             raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
         for name, m in components.items():
             if m is not None and self.plan.placement(phase, name) == "cpu":
-                move_module(m, torch.device("cpu"))
+                self._to_host(name, m, runs_here=self.plan.runs_on_cpu(phase, name))
         if self.device.type == "cuda" and torch.cuda.is_available():
             torch.cuda.empty_cache()
 

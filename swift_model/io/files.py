@@ -10,14 +10,18 @@ neutral ``"checkpoint"`` otherwise) and, where there is one, the key or field:
 - :func:`weight_files`: the weight files of a folder (the shards an index names, all of them present);
 - :class:`TensorFiles`: the tensors of one or more files, opened lazily: names, shapes and dtypes come from
   the headers (safetensors) or a meta-device unpickling (``.pth``) without reading any data, and each tensor
-  is read on its own when asked for, straight onto the target device (safetensors memory-maps the file);
+  is read on its own when asked for, straight onto the target device (safetensors memory-maps the file), or
+  given as a view of the file's mapped pages (:meth:`TensorFiles.mapped`: no copy, no resident memory of ours);
 - :func:`read_tensors`: a whole small file as a dict (LoRAs, encoders, the VAE, prompt embeddings).
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
+import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +155,40 @@ def _torch_load(path: Path, stage: str | None, *, meta: bool) -> dict:
     return sd
 
 
+class _MappedSafetensors:
+    """One safetensors file mapped into memory read-only-by-use: :meth:`view` gives a tensor over a stored
+    tensor's bytes, no copy (the pages are the file's, read by the OS when touched and dropped by it under
+    memory pressure: page cache, not memory of ours)."""
+
+    def __init__(self, path: Path, stage: str | None) -> None:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            header = json.loads(f.read(n)) if 0 < n < (1 << 30) else None
+            size = os.fstat(f.fileno()).st_size
+            if not isinstance(header, dict) or size < 8 + n:
+                raise CheckpointError("cannot map as a safetensors file (bad header)", file=path, stage=stage)
+            # a private (copy-on-write) mapping: pages are shared with the page cache until written, which we
+            # never do; writable, so torch.frombuffer takes it without a warning
+            self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) if size else None
+        self.path, self.stage, self._base, self._header = path, stage, 8 + n, header
+
+    def view(self, key: str) -> torch.Tensor:
+        entry = self._header[key]
+        dtype = _ST_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise CheckpointError(f"dtype {entry['dtype']} cannot be read", file=self.path, stage=self.stage, key=key)
+        start, end = entry["data_offsets"]
+        shape = tuple(entry["shape"])
+        count = (end - start) // dtype.itemsize
+        if count == 0:
+            return torch.empty(shape, dtype=dtype)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "non-writable buffer": the map is writable, this is belt and braces
+            flat = torch.frombuffer(self._map, dtype=dtype, count=count, offset=self._base + start)
+        return flat.view(shape)
+
+
 class TensorFiles:
     """The tensors of one checkpoint spread over one or more files, read lazily.
 
@@ -173,6 +211,7 @@ class TensorFiles:
         self._where: dict[str, Path] = {}
         self._st: dict[Path, Any] = {}
         self._pt: dict[Path, dict] = {}
+        self._maps: dict[Path, _MappedSafetensors] = {}
         for f in self.files:
             if not f.is_file():
                 raise CheckpointNotFoundError("file not found", file=f, stage=stage)
@@ -238,6 +277,20 @@ class TensorFiles:
                 raise CheckpointError(f"cannot read the tensor ({exc})", file=f, stage=self.stage, key=key) from None
         t = self._pt[f][key]
         return t if self.meta else t.to(self.device)
+
+    def mapped(self, key: str) -> torch.Tensor:
+        """``key`` as stored (its dtype, on the CPU), as a view of the file's memory-mapped pages: nothing is
+        copied, and the pages are the operating system's to keep or drop (what a copy or cast of the view reads
+        is read from disk when not cached). A ``.pth`` file is mapped by ``torch.load(mmap=True)``; an old
+        non-zip one, which cannot be mapped, was read whole when opened."""
+        f = self._where[key]
+        if self.meta:
+            raise RuntimeError("TensorFiles.mapped() needs files opened with meta=False")
+        if f in self._st:
+            if f not in self._maps:
+                self._maps[f] = _MappedSafetensors(f, self.stage)
+            return self._maps[f].view(key)
+        return self._pt[f][key]
 
     def nbytes(self, key: str) -> int:
         """Bytes of ``key``'s data as stored."""

@@ -20,6 +20,8 @@ Two steps, so that a caller can decide before any weight is read:
 2. :func:`load_dit` reads each tensor once through safetensors' memory map, straight onto the target device,
    widens the patch embedding when asked, merges any LoRA there and casts to the target dtype, so the peak
    is the model itself. It also backs :meth:`WanDiT.from_pretrained <swift_model.WanDiT.from_pretrained>`.
+   With ``blocks_from_files=True`` it reads everything but the transformer blocks, which a
+   :class:`~swift_model.loading.block_source.FileBlockSource` then reads from the files on each use.
 
 Every error names the file, the ``stage`` label given by the caller (``"stage1"``/``"stage2"``;
 ``"checkpoint"`` otherwise) and the key or field (:class:`~swift_model.io.files.CheckpointError`). Tensors of an
@@ -45,6 +47,7 @@ from ..io.files import (DEFAULT_STAGE, WEIGHT_SUFFIXES, CheckpointError, Checkpo
                     read_json, weight_files)
 from ..io.keys import (WAN_TO_DIFFUSERS, block_index, detect_format, diffusers_to_wan_name, format_keys,
                    is_legacy_unused_key, strip_export_prefix, to_diffusers_keys, to_wan_keys, wan_to_diffusers_name)
+from .block_source import FileBlockSource, split_block_deltas
 from .experts import check_one_dit
 from .lora import LoraDeltas
 
@@ -328,6 +331,7 @@ def load_dit(
     stage: str | None = None,
     model_cls=None,
     progress: bool = False,
+    blocks_from_files: bool = False,
 ):
     """Build a :class:`~swift_model.WanDiT` from a checkpoint (see the module docstring for the formats).
 
@@ -347,6 +351,15 @@ def load_dit(
         stage: label for errors (``"stage1"``, ``"stage2"``; default ``"checkpoint"``).
         model_cls: the class to build (default :class:`WanDiT`; :meth:`WanDiT.from_pretrained` passes its own).
         progress: show a progress bar over the tensors.
+        blocks_from_files: read no tensor of the transformer blocks (``blocks.*``): everything else is loaded
+            as above, while the block parameters stay on the meta device (in the target dtype, fp32 where
+            kept fp32) and ``model.block_source`` is a :class:`~swift_model.loading.block_source.FileBlockSource`
+            that reads a block from the files into given buffers and merges its LoRA deltas on the device,
+            each time the block is used. The blocks then never occupy host memory of ours: what a pass over
+            them reads lives in the files' memory-mapped pages, the OS page cache's to keep or drop. The LoRA
+            is parsed and checked against the whole model now; its non-block deltas must all apply at load,
+            and its block deltas are checked to name block parameters the files store (they apply when each
+            block is finished).
 
     Raises:
         CheckpointNotFoundError (a FileNotFoundError): path or weight files missing.
@@ -379,6 +392,14 @@ def load_dit(
     expected = {n: tuple(p.shape) for n, p in model.state_dict().items()}
     deltas = LoraDeltas.build(lora, lora_scale, expected, device, stage=stage) if lora is not None else None
     src = TensorFiles(info.files, stage=stage, device=device)
+    source = None
+    if blocks_from_files:
+        block_deltas = None
+        if deltas is not None:
+            deltas, block_deltas = split_block_deltas(deltas)
+        # the same TensorFiles (opened with data) serves the blocks' mapped reads later
+        source = FileBlockSource(src, info.names, cfg.num_layers, lora=block_deltas, stage=stage)
+        expected = {n: s for n, s in expected.items() if block_index(n) is None}
     names = expected
     if progress:
         from tqdm.auto import tqdm
@@ -395,8 +416,24 @@ def load_dit(
         sd[n] = t.to(torch.float32 if keeps_fp32(n) else dtype)
     if deltas is not None:
         deltas.check_all_used()
-    model.load_state_dict(sd, strict=True, assign=True)
+    if source is None:
+        model.load_state_dict(sd, strict=True, assign=True)
+        return model.eval().requires_grad_(False)
+    missing, _unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    if any(block_index(n) is None for n in missing):  # only the blocks may be left out
+        raise CheckpointError(f"non-block parameters left unloaded: {format_keys(missing)}", file=info.path,
+                              stage=stage)
+    _cast_meta_blocks(model, dtype)
+    model.block_source = source
     return model.eval().requires_grad_(False)
+
+
+def _cast_meta_blocks(model, dtype: torch.dtype) -> None:
+    """Give the (meta, unloaded) block parameters the dtypes a full load gives them."""
+    for name, p in model.blocks.named_parameters(prefix="blocks"):
+        target = torch.float32 if keeps_fp32(name) else dtype
+        if p.dtype != target:
+            p.data = p.data.to(target)
 
 
 # The loader behind WanDiT.from_pretrained (see swift_model.nets.dit: the module layer does not import this one).

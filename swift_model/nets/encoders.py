@@ -12,7 +12,9 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ..io.files import CheckpointError, read_json, read_tensors
+from ..io.files import CheckpointError, TensorFiles, read_json, read_tensors, weight_files
+from ..io.keys import format_keys
+from .placeholders import state_slots
 
 TEXT_LEN = 512  # Wan pads every prompt to 512 tokens (zeros past the prompt's length)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -136,6 +138,14 @@ def _load_into(model_cls, config, state: dict, dtype, what: str):
         prefix = next((k[: -len(first)] for k in own if k.endswith("." + first)), "")
     cast: dict[int, torch.Tensor] = {}  # tied weights (UMT5's shared embedding) stay one tensor
     state = {prefix + k: cast.setdefault(id(v), v.to(dtype)) for k, v in state.items()}
+    _check_state(own, state, what)
+    model.load_state_dict(state, strict=True, assign=True)
+    _fill_position_ids(model)
+    return model
+
+
+def _check_state(own: dict, state: dict, what: str) -> None:
+    """``ValueError`` unless ``state`` has exactly the keys of the model's state dict ``own``, with its shapes."""
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
@@ -143,13 +153,17 @@ def _load_into(model_cls, config, state: dict, dtype, what: str):
     for k, v in state.items():
         if tuple(v.shape) != tuple(own[k].shape):
             raise ValueError(f"not a {what} checkpoint: {k} has shape {tuple(v.shape)}, expected {tuple(own[k].shape)}")
-    model.load_state_dict(state, strict=True, assign=True)
-    for name, buf in list(model.named_buffers()):
-        if buf.is_meta:  # non-persistent buffers (position ids) are not in the state dict
-            mod_name, _, attr = name.rpartition(".")
-            mod = model.get_submodule(mod_name)
-            mod.register_buffer(attr, torch.arange(buf.shape[-1]).expand(buf.shape).clone(), persistent=False)
-    return model
+
+
+def _fill_position_ids(model, device=None) -> None:
+    """Create the non-persistent buffers still on the meta device (CLIP's position ids: ``arange``, not in any
+    checkpoint) on ``device`` (the CPU by default)."""
+    for mod in model.modules():
+        for attr in list(mod._non_persistent_buffers_set):
+            buf = mod._buffers.get(attr)
+            if buf is not None and buf.is_meta:
+                ids = torch.arange(buf.shape[-1], device=device).expand(buf.shape).clone()
+                mod.register_buffer(attr, ids, persistent=False)
 
 
 def umt5_config_from_original(state: dict):
@@ -245,6 +259,119 @@ def convert_clip_vision_original(state: dict) -> dict:
     return out
 
 
+# -- deferred weights ----------------------------------------------------------------------------------------
+# An encoder loaded with ``deferred=True`` is built on the meta device (no memory) and carries a
+# ``weight_reader(device)`` that reads its state dict from the checkpoint files straight onto ``device``, tensor by
+# tensor from the files' mapped pages, when a phase needs it;
+# :func:`~swift_model.nets.placeholders.assign_weights` puts such a state in and
+# :func:`~swift_model.nets.placeholders.drop_weights` drops it again afterwards.
+
+
+def _to_target(t: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` on ``device``, floating-point tensors in ``dtype`` (one copy or cast, straight from ``t``)."""
+    return t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device=device)
+
+
+def _build_meta(model_cls, config, dtype: torch.dtype, device=None):
+    """``model_cls(config)`` on the meta device (no memory, no random init), its weights in ``dtype``, with the
+    non-persistent buffers created on ``device`` (the CPU by default)."""
+    with torch.device("meta"):
+        model = model_cls(config)
+    model.to(dtype)
+    _fill_position_ids(model, device)
+    return model
+
+
+def _tie_groups(model) -> list[list[str]]:
+    """The state-dict keys of ``model`` grouped by tensor: one group per parameter or buffer, a tied parameter's
+    names together (in state-dict order)."""
+    groups: dict[int, list[str]] = {}
+    for key, (_, _, cur, _) in state_slots(model).items():
+        groups.setdefault(id(cur), []).append(key)
+    return list(groups.values())
+
+
+def _read_groups(groups: list[list[str]], sources: list, get, device, dtype: torch.dtype) -> dict:
+    """``key -> tensor`` for every key of ``groups``: group ``i`` read once as ``get(sources[i])`` (a mapped view),
+    copied onto ``device`` in ``dtype``; groups with the very same source share the copy."""
+    # id(view) -> (view, copy): the view is held so that its id cannot be reused by another view in this call
+    read: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    out = {}
+    for keys, src in zip(groups, sources):
+        view = get(src)
+        if id(view) not in read:
+            read[id(view)] = (view, _to_target(view, device, dtype))
+        for k in keys:
+            out[k] = read[id(view)][1]
+    return out
+
+
+def _deferred_original(model_cls, path: str, stage: str, config_of, convert, dtype, device, what: str):
+    """An encoder of an original Wan file built on the meta device with a ``weight_reader``: the config comes from
+    the file's structure (shapes only: a meta-device unpickling or the safetensors header) and the renaming is
+    checked from it as the eager load checks it."""
+    heads = TensorFiles([path], stage=stage, meta=True)
+    structure = {k: heads.get(k) for k in heads.keys()}  # meta tensors: shapes and dtypes, no data
+    config = config_of(structure)
+    model = _build_meta(model_cls, config, dtype, device)
+    _check_state(model.state_dict(), convert(structure), what)
+    groups = _tie_groups(model)
+
+    def weight_reader(device) -> dict:
+        """The encoder's state dict read from its file onto ``device``, tensor by tensor from the mapped file."""
+        files = TensorFiles([path], stage=stage)
+        views = convert({k: files.mapped(k) for k in files.keys()})  # renamed views (the q/k/v split too)
+        return _read_groups(groups, [g[0] for g in groups], views.__getitem__, device, dtype)
+
+    model.weight_reader = weight_reader
+    return model
+
+
+def _key_mapping(own: list[str], stored: set[str]):
+    """How the model's keys are named in the files: as they are, under a prefix the files add (a transformers-4
+    ``CLIPVisionModel`` stores ``vision_model.*``), or without the model's first name part; the one naming most
+    of ``own`` in ``stored``."""
+    maps = [lambda k: k, lambda k: k.split(".", 1)[-1]]
+    for probe in own[:1]:
+        for p in {s[: -len(probe)] for s in stored if s.endswith("." + probe)}:
+            maps.append(lambda k, p=p: p + k)
+    return max(maps, key=lambda f: sum(f(k) in stored for k in own))
+
+
+def _deferred_transformers(model_cls, folder: str, stage: str, dtype, device, what: str):
+    """An encoder of a transformers model folder built on the meta device from its ``config.json`` with a
+    ``weight_reader``. The files' headers must hold every weight with the model's shape (extra tensors, e.g. the
+    text tower of a whole CLIP, are ignored, as transformers ignores them)."""
+    config = model_cls.config_class.from_pretrained(folder)
+    model = _build_meta(model_cls, config, dtype, device)
+    paths, _, _ = weight_files(folder, stage=stage)
+    heads = TensorFiles(paths, stage=stage, meta=True)
+    own = model.state_dict()
+    groups = _tie_groups(model)
+    name = _key_mapping(list(own), set(heads.keys()))
+    sources, missing = [], []
+    for keys in groups:
+        src = next((name(k) for k in keys if name(k) in heads), None)
+        if src is None:
+            missing.extend(keys)
+            continue
+        if heads.shape(src) != tuple(own[keys[0]].shape):
+            raise CheckpointError(f"not a {what} checkpoint: shape {heads.shape(src)}, the config gives "
+                                  f"{tuple(own[keys[0]].shape)}", file=heads.file_of(src), stage=stage, key=src)
+        sources.append(src)
+    if missing:
+        raise ValueError(f"not a {what} checkpoint: {', '.join(p.name for p in heads.files)} in {folder} lack "
+                         f"{format_keys(missing)}")
+
+    def weight_reader(device) -> dict:
+        """The encoder's state dict read from its files onto ``device``, tensor by tensor from the mapped files."""
+        files = TensorFiles(paths, stage=stage)
+        return _read_groups(groups, sources, files.mapped, device, dtype)
+
+    model.weight_reader = weight_reader
+    return model
+
+
 class TextEncoder:
     """UMT5 encoder + tokenizer producing Wan prompt embeddings ``[1, 512, dim]`` (zeros past the prompt)."""
 
@@ -258,13 +385,30 @@ class TextEncoder:
         return int(self.model.config.d_model)
 
     @classmethod
-    def from_pretrained(cls, path: str, *, device=None, dtype=torch.float32) -> "TextEncoder":
+    def from_pretrained(cls, path: str, *, device=None, dtype=torch.float32, deferred: bool = False) -> "TextEncoder":
         """Load UMT5 (transformers ``UMT5EncoderModel``) and its tokenizer from a checkpoint folder: diffusers
         (``text_encoder/`` + ``tokenizer/``), a transformers model folder, or an original Wan folder
-        (``models_t5_umt5-xxl-enc-bf16.pth`` + the tokenizer folder ``google/umt5-xxl``)."""
+        (``models_t5_umt5-xxl-enc-bf16.pth`` + the tokenizer folder ``google/umt5-xxl``).
+
+        Args:
+            path: the checkpoint folder.
+            device: where the weights go (``deferred``: ignored, the weights stay on the meta device).
+            dtype: the weights' dtype (``deferred``: the dtype the reader gives them).
+            deferred: build the model on the meta device and read nothing: ``model.weight_reader(device)``
+                then reads its state dict from the files onto ``device`` (see :func:`~swift_model.nets.placeholders.assign_weights`). The files
+                are checked against the config from their headers now.
+        """
         from transformers import AutoTokenizer, UMT5EncoderModel
 
         layout, model_path, tok_dir = locate_text_encoder(path)
+        if deferred:
+            what = f"UMT5 encoder ({model_path})"
+            if layout == "original":
+                model = _deferred_original(UMT5EncoderModel, model_path, "text encoder", umt5_config_from_original,
+                                           convert_umt5_original, dtype, device, what)
+            else:
+                model = _deferred_transformers(UMT5EncoderModel, model_path, "text encoder", dtype, device, what)
+            return cls(model, AutoTokenizer.from_pretrained(tok_dir))
         if layout == "original":
             state = read_tensors(model_path, stage="text encoder")
             model = _load_into(UMT5EncoderModel, umt5_config_from_original(state), convert_umt5_original(state),
@@ -315,12 +459,26 @@ class ImageEncoder:
         return int(self.model.config.hidden_size)
 
     @classmethod
-    def from_pretrained(cls, path: str, *, device=None, dtype=torch.float32) -> "ImageEncoder":
+    def from_pretrained(cls, path: str, *, device=None, dtype=torch.float32, deferred: bool = False) -> "ImageEncoder":
         """Load the CLIP vision tower from a diffusers folder (``image_encoder/``), a transformers model folder,
-        or an original Wan2.1 I2V folder (``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth``)."""
+        or an original Wan2.1 I2V folder (``models_clip_open-clip-xlm-roberta-large-vit-huge-14.pth``).
+
+        ``deferred``: as in :meth:`TextEncoder.from_pretrained` (meta-device weights and a
+        ``model.weight_reader``); the position ids, which no file holds, are created on ``device`` (the CPU by
+        default) and move with the module (the residency moves them to the device with the weights).
+        """
         from transformers import CLIPVisionModel
 
         layout, model_path = locate_image_encoder(path)
+        if deferred:
+            what = f"CLIP vision ({model_path})"
+            if layout == "original":
+                model = _deferred_original(CLIPVisionModel, model_path, "image encoder",
+                                           clip_vision_config_from_original, convert_clip_vision_original,
+                                           dtype, device, what)
+            else:
+                model = _deferred_transformers(CLIPVisionModel, model_path, "image encoder", dtype, device, what)
+            return cls(model, int(model.config.image_size))
         if layout == "original":
             state = read_tensors(model_path, stage="image encoder")
             config = clip_vision_config_from_original(state)

@@ -524,6 +524,7 @@ class WanVAE:
                 if f0 != F:
                     raise RuntimeError(f"VAE decode: {T} latent frames gave {f0} frames, expected {F}")
                 yield tile, out
+                del out  # the consumer is done with it: freed before the next tile's is made
         finally:
             bar.close()
 
@@ -550,6 +551,7 @@ class WanVAE:
         blender = self.decode_blender(tuple(z.shape), uint8=uint8)
         for tile, pixels in self.decode_tiles(z, blender.tiles, progress=progress):
             blender.add(tile, pixels)
+            del pixels  # before the next tile's output is made: one tile's clip on the host at a time
         return blender.result()
 
     def _frame_spans(self, latent_frames: int, chunk: int) -> list[tuple[int, int]]:

@@ -72,6 +72,7 @@ def blend_on_rank0(tiles: list, run: Callable[[list], Iterable], shape_of: Calla
                     dist.recv(buf, src=dist.get_global_rank(group, owner), group=group)
                     out = buf.cpu()
                 blender.add(tile, out)
+                del out  # one tile's clip on the host at a time
                 bar.update(1)
         finally:
             bar.close()

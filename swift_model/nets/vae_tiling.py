@@ -131,6 +131,9 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.movedim(-4, -1) + 1) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
 
 
+FINALISE_FRAMES = 8  # frames of a band weighted, divided or converted at once (bounds the blend's temporaries)
+
+
 class TileBlender:
     """Sums tile outputs with their blend weights into one output on the host and finalises it band by band.
 
@@ -200,7 +203,11 @@ class TileBlender:
                 self._acc[k] = (torch.zeros(*self.lead, b1 - b0, self.width), torch.zeros(b1 - b0, self.width))
             acc, wsum = self._acc[k]
             w = wt[b0 - ty0:b1 - ty0]
-            acc[..., x0:x1] += out[..., b0 - ty0:b1 - ty0, :] * w
+            # a few frames at a time: the product is a temporary the size of what it sees (the same sums, in the
+            # same order, as one whole-tile product)
+            for f0 in range(0, acc.shape[2], FINALISE_FRAMES):
+                f1 = f0 + FINALISE_FRAMES
+                acc[:, :, f0:f1, :, x0:x1] += out[:, :, f0:f1, b0 - ty0:b1 - ty0, :] * w
             wsum[:, x0:x1] += w
         self._added.add(tile.index)
         for k in range(len(self.bands)):
@@ -210,11 +217,14 @@ class TileBlender:
     def _finalise(self, k: int) -> None:
         b0, b1 = self.bands[k]
         acc, wsum = self._acc.pop(k)
-        band = acc / wsum
-        if self.uint8:
-            self.output[:, :, b0:b1] = to_uint8(band)
-        else:
-            self.output[..., b0:b1, :] = band
+        # a few frames at a time: the division and the conversion make temporaries the size of what they see,
+        # and a band may be every row of an 81-frame 2K clip (3.3 GiB in float32)
+        for f0 in range(0, acc.shape[2], FINALISE_FRAMES):
+            band = acc[:, :, f0:f0 + FINALISE_FRAMES] / wsum
+            if self.uint8:
+                self.output[:, f0:f0 + FINALISE_FRAMES, b0:b1] = to_uint8(band)
+            else:
+                self.output[:, :, f0:f0 + FINALISE_FRAMES, b0:b1, :] = band
         self._final[k] = True
 
     def result(self) -> torch.Tensor:

@@ -14,10 +14,20 @@ group and a model of FSDP2's shards (:mod:`swift_model.planning.ranks`). Per pha
 - ``peak_bytes``: the most device bytes alive at once (weights, activations, caches);
 - ``flops``: ``torch.utils.flop_counter.FlopCounterMode``'s count (our attention op counts allowed token pairs
   only);
-- ``h2d_bytes``: bytes copied to the device: weights brought in by the plan, blocks streamed by ``24gb``.
+- ``h2d_bytes``: bytes copied to the device: weights brought in by the plan, blocks streamed by ``24gb``;
+- ``host_peak_bytes``: the most host bytes alive at once, pageable and page-locked alike (weights kept in host
+  memory, the streamers' packed blocks and staging buffers, which are page-locked at their exact size, and the
+  phase's host work: the decode's blended frames). Pages of weight files read through a memory map are the
+  operating system's page cache, not resident memory of the run: ``mapped_bytes`` counts the bytes read that way
+  (a ``24gb`` Stage I's blocks, each use);
+
+and for the run: ``host_load_bytes``, the host memory the loader fills before the first phase (every weight it
+reads to the CPU), and ``host_peak_bytes``, the larger of that and every phase's (models are built on the planner's
+side as :func:`~swift_model.planning.host.as_loaded` says a loader leaves them).
 
 Everything here is an **estimate**: the caching allocator's fragmentation, the CUDA context, library workspaces
-(cuBLAS, cuDNN) and the CPU side are not counted.
+(cuBLAS, cuDNN), the Python process itself (the interpreter, PyTorch's and CUDA's libraries: about 1-3 GiB of
+host memory) and the loader's one-tensor transients are not counted.
 """
 
 from __future__ import annotations
@@ -36,6 +46,7 @@ from ..nets.dit import WanDiT
 from ..nets.spec import ModelSpec
 from ..nets.vae import default_dtype as default_vae_dtype
 from ..nets.vae import parse_dtype as parse_vae_dtype
+from .host import as_loaded, loaded_host_bytes
 from .ranks import ShardedBlocksModel, fake_process_group
 from .tracker import Counters, GpuAttentionMode, Replay
 
@@ -47,7 +58,7 @@ class PlanResult:
     """What :func:`plan_generation` estimates (every number is an estimate)."""
 
     profile: str
-    phases: dict  # phase -> {"peak_bytes", "flops", "h2d_bytes"}
+    phases: dict  # phase -> {"peak_bytes", "flops", "h2d_bytes", "host_peak_bytes", "mapped_bytes"}
     info: dict
     # the layout of the ranks; with several, every figure is rank 0's (see planning.ranks)
     parallel: dict = dataclasses.field(default_factory=lambda: dict(world_size=1, ulysses=1, cfg_parallel=False,
@@ -61,9 +72,15 @@ class PlanResult:
     def flops(self) -> int:
         return sum(p["flops"] for p in self.phases.values())
 
+    @property
+    def host_peak_bytes(self) -> int:
+        """The most host bytes alive at once over the loading and the phases planned."""
+        return max(self.info.get("host_load_bytes", 0), *(p["host_peak_bytes"] for p in self.phases.values()))
+
     def to_json(self) -> dict:
-        """``{"profile", "phases": {name: {"peak_bytes", "flops", "h2d_bytes"}}, "peak_bytes", "flops",
-        "world_size", "parallel": {...}}`` (figures per rank: rank 0's). ``parallel`` names the degrees as
+        """``{"profile", "phases": {name: {"peak_bytes", "flops", "h2d_bytes", "host_peak_bytes", "mapped_bytes"}},
+        "peak_bytes", "flops", "host_peak_bytes", "host_load_bytes", "world_size", "parallel": {...}}`` (figures per
+        rank: rank 0's; host figures per process). ``parallel`` names the degrees as
         ``generate --report`` does (``world_size``, ``ulysses_degree``, ``cfg_degree``, ``data_parallel_degree``,
         ``fsdp``), and keeps the earlier ``ulysses`` and ``cfg_parallel``."""
         par = self.parallel
@@ -71,7 +88,8 @@ class PlanResult:
         degrees = dict(world_size=par["world_size"], ulysses_degree=par["ulysses"], cfg_degree=cfg,
                        data_parallel_degree=par["world_size"] // (par["ulysses"] * cfg), fsdp=par["fsdp"])
         return dict(profile=self.profile, phases={k: dict(v) for k, v in self.phases.items()},
-                    peak_bytes=self.peak_bytes, flops=self.flops, world_size=par["world_size"],
+                    peak_bytes=self.peak_bytes, flops=self.flops, host_peak_bytes=self.host_peak_bytes,
+                    host_load_bytes=self.info.get("host_load_bytes", 0), world_size=par["world_size"],
                     parallel=dict(degrees, ulysses=par["ulysses"], cfg_parallel=par["cfg_parallel"]))
 
 
@@ -176,6 +194,7 @@ def _fake_pipeline(spec, plan, device, dtype, vae_dtype, degrees, guided: bool, 
         pipe = SwiftI2VPipeline.from_spec(spec, device="cpu" if device == "cpu" else device, memory=plan,
                                           dtype=dtype, vae_dtype=vae_dtype, materialize=_fake_storage,
                                           random_weights=False)
+        as_loaded(pipe.components(), plan)  # what the loader leaves in files under this plan
     shards = []
     if degrees["world_size"] > 1:
         # rank 0 of the layout: the same groups as a real run, collectives that move no data
@@ -204,19 +223,24 @@ def _replays(pipe: SwiftI2VPipeline, counters: Counters) -> list[Replay]:
 def _run_phases(pipe, run, counters: Counters, wanted, device: str, fake_mode, fsdp: bool, shards) -> tuple:
     """Every phase of ``run`` under the counters (stand-ins for the phases not ``wanted``): per phase its
     figures, its timing and the components resident on the device."""
-    tracker = counters.tracker
+    tracker, host = counters.tracker, counters.host
     phases, timings, resident = {}, {}, {}
     # the weights already on the device (all of them under "fast", placed when the pipeline is built; on a CPU
-    # plan, every weight, as a real CPU run has them) count from the start
-    tracker.track(*[t for m in pipe.components().values() if m is not None
-                    for t in (*m.parameters(), *m.buffers())], *shards)
+    # plan, every weight, as a real CPU run has them) count from the start, and those in host memory on the host
+    weights = [t for m in pipe.components().values() if m is not None for t in (*m.parameters(), *m.buffers())]
+    tracker.track(*weights, *shards)
+    host.track(*weights)
     state = GenerationState()
-    with fake_mode, tracker, counters.flop_counter, GpuAttentionMode():
+    with contextlib.ExitStack() as modes:
+        for mode in (fake_mode, tracker, *([host] if host is not tracker else []), counters.flop_counter,
+                     GpuAttentionMode()):
+            modes.enter_context(mode)
         if device != "cpu":
             # the sharded DiTs are where the sharding put them (as after distribute() in a real run)
             pipe.residency.place_initial({c: m for c, m in pipe.components().items()
                                           if not (fsdp and c in pipe.dits())})
         pipe.residency.h2d_bytes.clear()
+        pipe.residency.mapped_bytes.clear()
         for name in PHASES:
             if name not in wanted:
                 _stand_in(pipe, run, state, name)
@@ -224,12 +248,14 @@ def _run_phases(pipe, run, counters: Counters, wanted, device: str, fake_mode, f
             flops0, ops0, t0 = counters.flops(), tracker.ops, time.perf_counter()
             # the phase's count starts once the previous phase's weights have left, as on the device
             pipe.residency.evict(name, pipe.components())
-            with tracker.section() as sec:
+            with tracker.section() as sec, host.section() as host_sec:
                 pipe.run_phase(name, run, state)
             timings[name] = (tracker.ops - ops0, round(time.perf_counter() - t0, 2))
             resident[name] = list(pipe.residency.resident.get(name, ()))
             phases[name] = dict(peak_bytes=int(sec["peak"]), flops=int(counters.flops() - flops0),
-                                h2d_bytes=int(pipe.residency.h2d_bytes.get(name, 0)))
+                                h2d_bytes=int(pipe.residency.h2d_bytes.get(name, 0)),
+                                host_peak_bytes=int(host_sec["peak"]),
+                                mapped_bytes=int(pipe.residency.mapped_bytes.get(name, 0)))
     return phases, timings, resident
 
 
@@ -281,13 +307,14 @@ def plan_generation(spec: ModelSpec, request: GenerationRequest | None = None, *
         # host bookkeeping (the image, the schedules, the CSG plan) on real tensors, before the fake mode
         run = pipe.prepare(_request_for(spec, request))
         replays = _replays(pipe, counters) if replay else []
+        load_bytes = loaded_host_bytes(pipe.components(), plan)
         figures, timings, resident = _run_phases(pipe, run, counters, wanted, device, fake_mode, degrees["fsdp"],
                                                  shards)
     info = dict(**request.settings(), segments=run.csg.num_segments, stage2_kind=spec.stage2_kind,
                 dtype=str(dtype).replace("torch.", ""), vae_dtype=str(vae_dtype).replace("torch.", ""),
                 device=device, stage1=spec.stage1.name, stage2=spec.stage2.name, latent_frames=run.stage2_shape[1],
                 replayed_calls=sum(r.hits for r in replays), executed_calls=sum(r.misses for r in replays),
-                timings=timings, resident=resident)
+                timings=timings, resident=resident, host_load_bytes=load_bytes)
     layout = {k: degrees[k] for k in ("world_size", "ulysses", "cfg_parallel", "fsdp")}
     return PlanResult(plan.profile, {p: figures[p] for p in PHASES if p in figures}, info, layout)
 

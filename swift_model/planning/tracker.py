@@ -145,13 +145,19 @@ class Replay:
         return pytree.tree_unflatten(leaves, rec["spec"])
 
 
+HOST_ROUND = 64  # PyTorch's CPU allocator aligns to 64 bytes; the page-locked buffers are registered exactly
+
+
 class Counters:
-    """The tracker and the FLOP counter of one plan, plus the FLOPs of replayed calls."""
+    """The trackers (device, and host unless the device is the CPU) and the FLOP counter of one plan, plus the
+    FLOPs of replayed calls."""
 
     def __init__(self, device_type: str) -> None:
         from torch.utils.flop_counter import FlopCounterMode
 
         self.tracker = LiveStorageTracker(device_type)
+        # host memory: a CPU plan's device is the host; pageable allocations are 64-byte aligned (no 512 rounding)
+        self.host = self.tracker if device_type == "cpu" else LiveStorageTracker("cpu", round_to=HOST_ROUND)
         self.flop_counter = FlopCounterMode(display=False)
         self.extra_flops = 0
 

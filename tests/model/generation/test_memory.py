@@ -22,12 +22,17 @@ def test_profiles_as_the_issue_defines_them():
             assert fast.placement(phase, comp) == "device"
             used = comp in USES[phase]
             assert bal.placement(phase, comp) == ("device" if used else "cpu")
-            want = "cpu" if not used else ("stream" if comp in ("stage1", "stage1_2", "stage2") else
-                                           "cpu" if comp == "text_encoder" else "device")
+            want = "cpu" if not used else ("stream" if comp in ("stage1", "stage1_2", "stage2") else "device")
             assert small.placement(phase, comp) == want
         # balanced and 24gb never hold both DiTs on the device in one phase
         for plan in (bal, small):
             assert [plan.placement(phase, d) for d in ("stage1", "stage2")].count("cpu") >= 1
+    # 24gb keeps host memory small: Stage I's blocks stay in its files, the encoders are read for their phase
+    for comp in COMPONENTS:
+        assert small.blocks_from_files(comp) == (comp in ("stage1", "stage1_2"))
+        assert small.reads_on_use(comp) == (comp in ("text_encoder", "image_encoder"))
+        assert not (fast.blocks_from_files(comp) or bal.blocks_from_files(comp))
+        assert not (fast.reads_on_use(comp) or bal.reads_on_use(comp))
     assert MemoryPlan.of(None).profile == "balanced" and MemoryPlan.of(small) is small
     with pytest.raises(ValueError, match="memory must be one of"):
         MemoryPlan("32gb")
@@ -120,7 +125,7 @@ def image():
 
 
 def test_24gb_pipeline_equals_resident_pipeline(image):
-    """The 24gb path (blocks streamed, text encoder on the CPU) gives the latents of the resident path, bit for
+    """The 24gb path (blocks streamed) gives the latents of the resident path, bit for
     bit on the CPU, with at most the planned number of blocks resident."""
     kw = dict(frames=5, width=128, height=64, progress=False)
     fast = SwiftI2VPipeline.tiny(seed=0, device="cpu", memory="fast").generate(image, "a fox", **kw)
