@@ -22,13 +22,18 @@ def reference_video(stage1_latents: torch.Tensor, vae1, image: torch.Tensor, hei
     """
     if image.dim() != 3 or tuple(image.shape) != (3, height, width):
         raise ValueError(f"image must be [3, {height}, {width}], got {tuple(image.shape)}")
-    chunks = []
+    # written chunk by chunk into the one host video (a list of chunks and their concatenation would hold the
+    # 2K clip twice: 3.3 GiB in float32 at 81 frames)
+    video = torch.empty(1, 3, vae1.num_frames(stage1_latents.shape[2]), height, width)
+    f0 = 0
     for chunk in vae1.decode_stream(stage1_latents[:1]):
-        b, c, f, h, w = chunk.shape
         frames = chunk[0].permute(1, 0, 2, 3)  # [f, 3, h, w]: interpolate frame by frame
         up = F.interpolate(frames.float(), size=(height, width), mode="bicubic", align_corners=False).clamp_(-1, 1)
-        chunks.append(up.permute(1, 0, 2, 3).cpu())
-    video = torch.cat(chunks, 1)[None]
+        video[0, :, f0:f0 + up.shape[0]] = up.permute(1, 0, 2, 3)
+        f0 += up.shape[0]
+        del chunk, frames, up
+    if f0 != video.shape[2]:
+        raise RuntimeError(f"bridge: the Stage I decode gave {f0} frames, expected {video.shape[2]}")
     video[0, :, 0] = image.to(video.dtype).cpu()
     return video
 

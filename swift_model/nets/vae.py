@@ -252,6 +252,7 @@ class WanVAE:
         self._std = torch.tensor(cfg.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self._stats: dict = {}  # (device, dtype) -> (mean, std) there
         self._num_dec_convs = sum(isinstance(m, WanCausalConv3d) for m in model.decoder.modules())
+        self._num_enc_convs = sum(isinstance(m, WanCausalConv3d) for m in model.encoder.modules())
         self.tile_latent = tile_latent
         self.tile_overlap = tile_overlap
         self.encode_tile_min_pixels = encode_tile_min_pixels
@@ -453,8 +454,30 @@ class WanVAE:
             video = torch.zeros(1, 3, self.num_frames(T), n * self.spatial_factor, n * self.spatial_factor,
                                 dtype=self.dtype)
             with LiveStorageTracker("meta", round_to=1) as peak:  # to the byte: nothing is allocated
-                meta.model.encode(video)
+                meta._encode_chunks(video)
         return peak.peak_bytes / (n * n), peak.largest / (n * n)
+
+    def _encode_chunks(self, video: torch.Tensor) -> torch.Tensor:
+        """The posterior mean of ``video`` ``[B, 3, F, H, W]`` (any device and dtype), as the library's
+        ``encode(...).latent_dist.mode()`` computes it without tiling (frame 0, then 4 frames at a time through
+        one causal cache, then ``quant_conv``), but each chunk cast, moved to the device and patchified on its own:
+        the clip is never copied whole on the host (the library's cast and patchify of a 2K clip at 81 frames would
+        be two more 1.6 GiB copies). The same values: the cast and the patchify are elementwise or copies of each
+        frame, and the encoder sees the same chunks."""
+        from diffusers.models.autoencoders.autoencoder_kl_wan import patchify
+
+        model, dev, dt = self.model, self.device, self.dtype
+        cache = [None] * self._num_enc_convs
+        outs = []
+        for i in range(1 + (video.shape[2] - 1) // 4):
+            f0, f1 = (0, 1) if i == 0 else (1 + 4 * (i - 1), 1 + 4 * i)
+            x = video[:, :, f0:f1].to(dev, dt)
+            if self.patch > 1:
+                x = patchify(x, patch_size=self.patch)
+            outs.append(model.encoder(x, feat_cache=cache, feat_idx=[0]))
+            del x
+        h = model.quant_conv(torch.cat(outs, 2))
+        return h.chunk(2, dim=1)[0]  # the Gaussian's mean: its mode
 
     def num_frames(self, latent_frames: int) -> int:
         """Pixel frames of ``latent_frames`` latent frames (``1 + 4 * (T - 1)``)."""
@@ -577,8 +600,7 @@ class WanVAE:
         self._check_tiles(tiles, video.shape[3] // sf, video.shape[4] // sf, "encode_tiles")
         for tile in tiles:
             # cast where the clip is; the encoder's pre-hook moves each chunk to the device
-            x = video[:, :, :, tile.y0 * sf:tile.y1 * sf, tile.x0 * sf:tile.x1 * sf].to(dtype=self.dtype)
-            z = self.model.encode(x).latent_dist.mode()  # the library clears its caches after each call
+            z = self._encode_chunks(video[:, :, :, tile.y0 * sf:tile.y1 * sf, tile.x0 * sf:tile.x1 * sf])
             yield tile, self.normalize(z.float()).cpu()
 
     @torch.no_grad()
@@ -590,10 +612,7 @@ class WanVAE:
         self._check_video(video)
         B, _, F, H, W = video.shape
         if not self.encode_is_tiled(H, W):
-            # cast where the clip is; the encoder's pre-hook moves each chunk to the device (the same values as
-            # moving the whole clip first: the cast and the library's patchify are elementwise or copies)
-            z = self.model.encode(video.to(dtype=self.dtype)).latent_dist.mode()
-            return self.normalize(z.float())
+            return self.normalize(self._encode_chunks(video).float())
         blender = self.encode_blender(tuple(video.shape))
         for tile, z in self.encode_tiles(video, blender.tiles):
             blender.add(tile, z)
@@ -631,8 +650,9 @@ class WanVAE:
                             ) -> Iterator[torch.Tensor]:
         """Decoded frames of the first sample as uint8 chunks ``[f, H, W, 3]`` on the CPU, for a video writer.
 
-        The blend finalises output rows to uint8 as soon as no tile still to come covers them, so the host
-        holds the uint8 video and a float32 band of one tile row, not a float32 copy of the video.
+        The blend finalises each cell of the output (between tile edges) to uint8 as soon as no tile still to come
+        covers it, so the host holds the uint8 video, one tile's clip and the open overlaps in float32, not a
+        float32 copy of the video.
         """
         self._check_latents(z)
         spans = self._frame_spans(z.shape[2], chunk)

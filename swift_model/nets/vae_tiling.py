@@ -4,8 +4,8 @@ A latent of ``h x w`` is covered by overlapping rectangular tiles (:func:`spatia
 tile is decoded (or encoded) on its own; its output is weighted by linear ramps over the overlaps with its
 neighbours (:meth:`Tile.weight`) and summed into a host buffer by a :class:`TileBlender`, which divides by the
 summed weights. The blender works in any order of tiles (a parallel decode adds tiles as ranks finish them)
-and finalises a band of output rows as soon as every tile covering it has been added, so its float32 working
-buffer is one band of tile rows, not the whole output.
+and finalises each cell of the output (between tile edges) as soon as every tile covering it has been added, so
+its float32 working memory is the tile being added and the overlaps still open, not the whole output.
 
 Single-process and multi-process decodes use the same three pieces: ``tiles = spatial_tiles(...)``; each
 worker runs its share (e.g. ``tiles[rank::world]``) through the VAE; one process calls
@@ -135,19 +135,22 @@ FINALISE_FRAMES = 8  # frames of a band weighted, divided or converted at once (
 
 
 class TileBlender:
-    """Sums tile outputs with their blend weights into one output on the host and finalises it band by band.
+    """Sums tile outputs with their blend weights into one output on the host and finalises it cell by cell.
 
     The output is ``[B, C, F, H, W]`` float32 (``uint8=False``) or ``[B, F, H, W, C]`` uint8 (``uint8=True``,
-    values in ``[-1, 1]`` mapped to ``0..255``), with ``H, W = latent size * scale``. The output rows are cut
-    into bands at every tile-row edge; a band keeps a float32 accumulator (and a weight sum) only from the
-    first tile that touches it until the last tile covering it is added, then it is divided by its weight sum
-    and written to the output. Tiles may come in any order and from any process; each tile is added once.
+    values in ``[-1, 1]`` mapped to ``0..255``), with ``H, W = latent size * scale``. The output is cut into cells
+    at every tile edge (rows into bands, columns into spans); a cell keeps a float32 accumulator (and a weight
+    sum) only from the first tile that touches it until the last tile covering it is added, then it is divided by
+    its weight sum and written to the output. A cell that one tile alone covers (the inside of a tile, away from
+    its overlaps) goes to the output straight from that tile's output, with the same arithmetic and no
+    accumulator: the float32 working memory is the tile's output and the overlaps still open. Tiles may come in
+    any order and from any process; each tile is added once.
 
     Args:
         tiles: the complete tiling (:func:`spatial_tiles`).
         batch, channels, frames: the leading sizes of every tile output ``[B, C, F, th*scale, tw*scale]``.
         scale: output pixels per latent pixel (the VAE's spatial factor for a decode, 1 for an encode).
-        uint8: store finished bands as uint8 frames (a decode for video files) instead of float32.
+        uint8: store finished cells as uint8 frames (a decode for video files) instead of float32.
     """
 
     def __init__(self, tiles: list[Tile], batch: int, channels: int, frames: int, *, scale: int = 1,
@@ -164,27 +167,31 @@ class TileBlender:
             self.output = torch.empty(batch, frames, self.height, self.width, channels, dtype=torch.uint8)
         else:
             self.output = torch.empty(batch, channels, frames, self.height, self.width)
-        edges = sorted({t.y0 * scale for t in self.tiles} | {t.y1 * scale for t in self.tiles})
-        self.bands = list(zip(edges[:-1], edges[1:]))  # output row spans; each inside every tile row it meets
-        # For each band: the indices of the tiles covering it (all must be added before it is final).
-        self._cover = [{t.index for t in self.tiles if t.y0 * scale < b1 and t.y1 * scale > b0}
-                       for b0, b1 in self.bands]
-        self._acc: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        rows = sorted({t.y0 * scale for t in self.tiles} | {t.y1 * scale for t in self.tiles})
+        cols = sorted({t.x0 * scale for t in self.tiles} | {t.x1 * scale for t in self.tiles})
+        self.bands = list(zip(rows[:-1], rows[1:]))  # output row spans; each inside every tile row it meets
+        self.spans = list(zip(cols[:-1], cols[1:]))  # output column spans, likewise
+        # For each cell (band, span): the indices of the tiles covering it (all must be added before it is final).
+        self._cover = {(k, j): {t.index for t in self.tiles if t.y0 * scale < b1 and t.y1 * scale > b0
+                                and t.x0 * scale < c1 and t.x1 * scale > c0}
+                       for k, (b0, b1) in enumerate(self.bands) for j, (c0, c1) in enumerate(self.spans)}
+        self._acc: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self._added: set[int] = set()
-        self._final = [False] * len(self.bands)
+        self._final: set[tuple[int, int]] = set()
 
     @property
     def complete(self) -> bool:
         """Whether every tile has been added (then the whole output is final)."""
-        return all(self._final)
+        return len(self._final) == len(self._cover)
 
     def final_rows(self) -> list[tuple[int, int]]:
-        """The output row spans ``[r0, r1)`` that are final (no tile still to come covers them)."""
-        return [b for b, done in zip(self.bands, self._final) if done]
+        """The output row spans ``[r0, r1)`` that are final across the whole width (no tile still to come
+        covers them)."""
+        return [b for k, b in enumerate(self.bands) if all((k, j) in self._final for j in range(len(self.spans)))]
 
     def add(self, tile: Tile, out: torch.Tensor) -> None:
         """Add one tile's output ``[B, C, F, th*scale, tw*scale]`` (float32; moved to the CPU if elsewhere),
-        weighted by :meth:`Tile.weight`, and finalise the bands it completes."""
+        weighted by :meth:`Tile.weight`, and finalise the cells it completes."""
         if tile.index >= len(self.tiles) or self.tiles[tile.index] != tile:
             raise ValueError(f"TileBlender.add: tile {tile} is not part of this tiling")
         if tile.index in self._added:
@@ -195,37 +202,42 @@ class TileBlender:
             raise ValueError(f"TileBlender.add: tile {tile.index} output must be {want}, got {tuple(out.shape)}")
         out = out.to("cpu", torch.float32)
         wt = tile.weight(s)
-        ty0, x0, x1 = tile.y0 * s, tile.x0 * s, tile.x1 * s
-        for k, (b0, b1) in enumerate(self.bands):
-            if tile.index not in self._cover[k]:
+        ty0, tx0 = tile.y0 * s, tile.x0 * s
+        self._added.add(tile.index)
+        for (k, j), cover in self._cover.items():
+            if tile.index not in cover:
                 continue
-            if k not in self._acc:
-                self._acc[k] = (torch.zeros(*self.lead, b1 - b0, self.width), torch.zeros(b1 - b0, self.width))
-            acc, wsum = self._acc[k]
-            w = wt[b0 - ty0:b1 - ty0]
+            (b0, b1), (c0, c1) = self.bands[k], self.spans[j]
+            w = wt[b0 - ty0:b1 - ty0, c0 - tx0:c1 - tx0]
+            src = out[..., b0 - ty0:b1 - ty0, c0 - tx0:c1 - tx0]
+            if cover == {tile.index}:
+                # this tile alone: (0 + out * w) / (0 + w), what an accumulator would hold, without one
+                self._write(k, j, lambda f0, f1, src=src, w=w: (src[:, :, f0:f1] * w) / w)
+                continue
+            if (k, j) not in self._acc:
+                self._acc[k, j] = (torch.zeros(*self.lead, b1 - b0, c1 - c0), torch.zeros(b1 - b0, c1 - c0))
+            acc, wsum = self._acc[k, j]
             # a few frames at a time: the product is a temporary the size of what it sees (the same sums, in the
             # same order, as one whole-tile product)
             for f0 in range(0, acc.shape[2], FINALISE_FRAMES):
-                f1 = f0 + FINALISE_FRAMES
-                acc[:, :, f0:f1, :, x0:x1] += out[:, :, f0:f1, b0 - ty0:b1 - ty0, :] * w
-            wsum[:, x0:x1] += w
-        self._added.add(tile.index)
-        for k in range(len(self.bands)):
-            if not self._final[k] and self._cover[k] <= self._added:
-                self._finalise(k)
+                acc[:, :, f0:f0 + FINALISE_FRAMES] += src[:, :, f0:f0 + FINALISE_FRAMES] * w
+            wsum += w
+            if cover <= self._added:
+                acc, wsum = self._acc.pop((k, j))
+                self._write(k, j, lambda f0, f1, acc=acc, wsum=wsum: acc[:, :, f0:f1] / wsum)
 
-    def _finalise(self, k: int) -> None:
-        b0, b1 = self.bands[k]
-        acc, wsum = self._acc.pop(k)
-        # a few frames at a time: the division and the conversion make temporaries the size of what they see,
-        # and a band may be every row of an 81-frame 2K clip (3.3 GiB in float32)
-        for f0 in range(0, acc.shape[2], FINALISE_FRAMES):
-            band = acc[:, :, f0:f0 + FINALISE_FRAMES] / wsum
+    def _write(self, k: int, j: int, values) -> None:
+        """Write cell ``(k, j)`` to the output, ``values(f0, f1)`` giving its float32 frames ``[f0, f1)``: a few
+        frames at a time, so that the division and the conversion make small temporaries (a cell may be every
+        row of an 81-frame 2K clip, 3.3 GiB in float32)."""
+        (b0, b1), (c0, c1) = self.bands[k], self.spans[j]
+        for f0 in range(0, self.lead[2], FINALISE_FRAMES):
+            f1 = f0 + FINALISE_FRAMES
             if self.uint8:
-                self.output[:, f0:f0 + FINALISE_FRAMES, b0:b1] = to_uint8(band)
+                self.output[:, f0:f1, b0:b1, c0:c1] = to_uint8(values(f0, f1))
             else:
-                self.output[:, :, f0:f0 + FINALISE_FRAMES, b0:b1, :] = band
-        self._final[k] = True
+                self.output[:, :, f0:f1, b0:b1, c0:c1] = values(f0, f1)
+        self._final.add((k, j))
 
     def result(self) -> torch.Tensor:
         """The blended output (see the class docstring); ``RuntimeError`` before every tile has been added."""

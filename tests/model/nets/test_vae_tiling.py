@@ -295,12 +295,18 @@ def test_encode_tiling_threshold(vae16, vae48, monkeypatch):
         assert not vae.encode_is_tiled(352, 640)  # the Stage I conditioning encode
         assert not vae.encode_is_tiled(720, 1280)  # the threshold itself
         assert vae.encode_is_tiled(1408, 2560)  # the bridge's 2K encode
-    # The 640x352 encode is one library call on the whole frame.
+    # The 640x352 encode is one pass over the whole frame (chunked in time only), and it computes exactly what the
+    # library's own encode computes, for a clip of several chunks too (frame 0, then 4 at a time)
     calls = []
-    real = vae16.model.encode
-    monkeypatch.setattr(vae16.model, "encode", lambda x: calls.append(tuple(x.shape)) or real(x))
-    z = vae16.encode(torch.rand(1, 3, 1, 352, 640) * 2 - 1)
+    real = vae16._encode_chunks
+    monkeypatch.setattr(vae16, "_encode_chunks", lambda x: calls.append(tuple(x.shape)) or real(x))
+    video = torch.rand(1, 3, 1, 352, 640) * 2 - 1
+    z = vae16.encode(video)
     assert calls == [(1, 3, 1, 352, 640)] and z.shape == (1, 16, 1, 44, 80)
+    for vae, frames in ((vae16, 1), (vae16, 9), (vae48, 9)):
+        video = torch.rand(1, 3, frames, 64, 96) * 2 - 1
+        want = vae.normalize(vae.model.encode(video.to(vae.dtype)).latent_dist.mode().float())
+        assert torch.equal(vae.encode(video), want)
 
 
 @torch.no_grad()
