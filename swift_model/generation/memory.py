@@ -105,7 +105,7 @@ def _profiles(*profiles: MemoryProfile) -> dict[str, MemoryProfile]:
 
 # The profiles, by name (the CLI's --memory choices, in this order).
 PROFILES: dict[str, MemoryProfile] = _profiles(
-    MemoryProfile("fast", "everything on the GPU for the whole run (80 GB cards: about 68 GiB at 2560x1408 "
+    MemoryProfile("fast", "everything on the GPU for the whole run (80 GB cards: about 67 GiB at 2560x1408 "
                   "with the presets, estimated; repeated runs; the default with --fsdp, where each rank holds its "
                   "weight shards)", everything_resident=True,
                   stream_dits=False, text_encoder_on_cpu=False, token_chunk=32768,

@@ -100,13 +100,17 @@ class PlanResult:
 
 def _fake_storage(module: torch.nn.Module, dtype: torch.dtype | None) -> torch.nn.Module:
     """A fake CPU tensor for every meta parameter and buffer of ``module`` (call inside the fake mode; ``to_empty``
-    would try to swap the tensors); floating-point ones cast to ``dtype`` when given. Assigning a registered
+    would try to swap the tensors), a tied parameter one tensor as in the real model; floating-point ones cast to
+    ``dtype`` when given. Assigning a registered
     parameter or buffer's name replaces it in place (a buffer keeps its persistence)."""
+    made: dict[int, torch.nn.Parameter] = {}  # tied parameters (UMT5's shared embedding) stay one tensor
     for mod in module.modules():
         for name, p in list(mod.named_parameters(recurse=False)):
-            target = dtype if dtype is not None and p.is_floating_point() else p.dtype
-            setattr(mod, name, torch.nn.Parameter(torch.empty(p.shape, dtype=target, device="cpu"),
-                                                  requires_grad=False))
+            if id(p) not in made:
+                target = dtype if dtype is not None and p.is_floating_point() else p.dtype
+                made[id(p)] = torch.nn.Parameter(torch.empty(p.shape, dtype=target, device="cpu"),
+                                                 requires_grad=False)
+            setattr(mod, name, made[id(p)])
         for name, b in list(mod.named_buffers(recurse=False)):
             setattr(mod, name, torch.empty(b.shape, dtype=b.dtype, device="cpu"))
     return module
@@ -189,12 +193,15 @@ def _layout(memory, request: GenerationRequest, world_size, ulysses, cfg_paralle
 
 def _fake_pipeline(spec, plan, device, dtype, vae_dtype, degrees, guided: bool, fake_mode,
                    ranks: contextlib.ExitStack):
-    """The pipeline of ``spec`` on fake tensors, on rank 0 of the layout; returns it and the FSDP shards."""
+    """The pipeline of ``spec`` on fake tensors, on rank 0 of the layout; returns it, the FSDP shards and the host
+    bytes its loader fills (:func:`~swift_model.planning.host.loaded_host_bytes`: whole DiTs under ``--fsdp``,
+    which each rank loads before keeping its shards)."""
     with fake_mode:
         pipe = SwiftI2VPipeline.from_spec(spec, device="cpu" if device == "cpu" else device, memory=plan,
                                           dtype=dtype, vae_dtype=vae_dtype, materialize=_fake_storage,
                                           random_weights=False)
         as_loaded(pipe.components(), plan)  # what the loader leaves in files under this plan
+    load_bytes = loaded_host_bytes(pipe.components(), plan)
     shards = []
     if degrees["world_size"] > 1:
         # rank 0 of the layout: the same groups as a real run, collectives that move no data
@@ -205,7 +212,7 @@ def _fake_pipeline(spec, plan, device, dtype, vae_dtype, degrees, guided: bool, 
             with fake_mode:
                 for dit in pipe.dits().values():
                     shards += ShardedBlocksModel(dit, degrees["world_size"], pipe.device).shards
-    return pipe, shards
+    return pipe, shards, load_bytes
 
 
 def _replays(pipe: SwiftI2VPipeline, counters: Counters) -> list[Replay]:
@@ -302,12 +309,12 @@ def plan_generation(spec: ModelSpec, request: GenerationRequest | None = None, *
     counters = Counters(device)
     fake_mode = FakeTensorMode(allow_non_fake_inputs=True)
     with contextlib.ExitStack() as ranks:
-        pipe, shards = _fake_pipeline(spec, plan, device, dtype, vae_dtype, degrees, request.guided, fake_mode, ranks)
+        pipe, shards, load_bytes = _fake_pipeline(spec, plan, device, dtype, vae_dtype, degrees, request.guided,
+                                                  fake_mode, ranks)
         check_pipeline(pipe, pipe.parallel)
         # host bookkeeping (the image, the schedules, the CSG plan) on real tensors, before the fake mode
         run = pipe.prepare(_request_for(spec, request))
         replays = _replays(pipe, counters) if replay else []
-        load_bytes = loaded_host_bytes(pipe.components(), plan)
         figures, timings, resident = _run_phases(pipe, run, counters, wanted, device, fake_mode, degrees["fsdp"],
                                                  shards)
     info = dict(**request.settings(), segments=run.csg.num_segments, stage2_kind=spec.stage2_kind,

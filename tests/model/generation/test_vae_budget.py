@@ -30,8 +30,8 @@ def preset_pipe():
     req = GenerationRequest(frames=81, width=2560, height=1408)
     degrees, plan = _layout("fast", req, 1, None, False, False)
     with contextlib.ExitStack() as ranks:
-        pipe, _ = _fake_pipeline(ModelSpec.preset(), plan, "cuda", torch.bfloat16, torch.bfloat16, degrees, False,
-                                 FakeTensorMode(allow_non_fake_inputs=True), ranks)
+        pipe, _, _ = _fake_pipeline(ModelSpec.preset(), plan, "cuda", torch.bfloat16, torch.bfloat16, degrees, False,
+                                    FakeTensorMode(allow_non_fake_inputs=True), ranks)
     return pipe
 
 
@@ -55,12 +55,12 @@ def _passes(pipe, frames: int, width: int = 2560, height: int = 1408) -> dict:
 
 def test_preset_tiles_per_profile_fit_the_goal_and_do_not_depend_on_the_length(preset_pipe):
     """At 2560x1408 (estimates): the bridge's passes run on whole frames; only the 2K decode is tiled, with at
-    most 15% of its work redundant under ``fast`` and 5% under ``balanced`` and ``24gb`` (two tiles: a whole
+    most 11% of its work redundant under ``fast`` (three full-height tiles) and 5% under ``balanced`` and ``24gb`` (two tiles: a whole
     frame has tensors past 32-bit indexing); every pass's tile working set plus what its phase keeps resident
     fits the profile's goal less the reserve, no tensor is past 32-bit indexing, and 81 and 241 frames get the
     same decode tiles."""
     pipe = preset_pipe
-    want_decode = {"fast": (4, 1.15), "balanced": (2, 1.06), "24gb": (2, 1.06)}
+    want_decode = {"fast": (3, 1.11), "balanced": (2, 1.06), "24gb": (2, 1.06)}
     for profile, (count, cost) in want_decode.items():
         pipe.memory = MemoryPlan(profile)
         goal = pipe.memory.settings.device_goal_gib * GiB * (1 - RESERVE)
