@@ -105,19 +105,21 @@ def _profiles(*profiles: MemoryProfile) -> dict[str, MemoryProfile]:
 
 # The profiles, by name (the CLI's --memory choices, in this order).
 PROFILES: dict[str, MemoryProfile] = _profiles(
-    MemoryProfile("fast", "everything on the GPU for the whole run (80 GB cards: about 67 GiB at 2560x1408 "
-                  "with the presets, estimated; repeated runs; the default with --fsdp, where each rank holds its "
-                  "weight shards)", everything_resident=True,
+    MemoryProfile("fast", "everything on the GPU for the whole run (80 GB cards: about 67 GiB of GPU memory and "
+                  "12 GiB of RAM at 2560x1408 with the presets, estimated; repeated runs; the default with --fsdp, "
+                  "where each rank holds its weight shards)", everything_resident=True,
                   stream_dits=False, text_encoder_on_cpu=False, token_chunk=32768,
                   device_goal_gib=72.0),  # an 80 GB card, less the CUDA context and library workspaces
-    MemoryProfile("balanced", "one DiT on the GPU at a time, each encoder and VAE only while it runs (the default)",
+    MemoryProfile("balanced", "one DiT on the GPU at a time, each encoder and VAE only while it runs, every model "
+                  "in RAM (about 34 GiB of GPU memory and 57 GiB of RAM with the presets, estimated; the default)",
                   everything_resident=False, stream_dits=False, text_encoder_on_cpu=False, token_chunk=16384,
                   device_goal_gib=60.0),
     # UMT5-XXL (10.6 GiB in bf16) and the Stage II DiT (9.3 GiB) cannot both stay in a 32 GB machine's memory
     # beside the rest: the encoders are read from their files for the phase that runs them, on the GPU
     MemoryProfile("24gb", "as balanced, with the DiT blocks streamed to the GPU block by block (Stage I's read "
                   "from its weight files on each use) and the encoders read from their files for their phase: "
-                  "24 GB cards in 32 GB machines", everything_resident=False, stream_dits=True,
+                  "24 GB cards in 32 GB machines (about 20 GiB of GPU memory and 16 GiB of RAM with the presets, "
+                  "estimated)", everything_resident=False, stream_dits=True,
                   text_encoder_on_cpu=False, token_chunk=4096, device_goal_gib=22.0,
                   blocks_from_files=("stage1", "stage1_2"), read_on_use=("text_encoder", "image_encoder")),
 )
