@@ -145,31 +145,33 @@ def _csv_rows(path: str, text: str):
     """``(line, {field: value})`` of each non-blank row of a CSV file with a header row; empty cells are left
     out (the default applies). The line is the row's first line (a quoted cell may span lines)."""
     reader = csv.reader(text.splitlines(keepends=True), strict=True)  # strict: an unclosed quote is an error
-    try:
-        header = next(reader)
-    except StopIteration:
+    header = _next_row(reader, path, 1, "malformed CSV header")
+    if header is None:
         return
-    except csv.Error as exc:
-        raise ValueError(f"{path}:1: malformed CSV header ({exc})") from None
     header = [h.strip() for h in header]
     _check_names(path, 1, header)
     if len(set(header)) != len(header):
         dup = next(h for h in header if header.count(h) > 1)
         raise ValueError(f"{path}:1: column {dup!r} twice in the header")
     start = reader.line_num + 1
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as exc:
-            raise ValueError(f"{path}:{start}: malformed CSV ({exc})") from None
+    while (row := _next_row(reader, path, start, "malformed CSV")) is not None:
         line, start = start, reader.line_num + 1
         if not any(cell.strip() for cell in row):
             continue
         if len(row) != len(header):
             raise ValueError(f"{path}:{line}: {len(row)} cells, the header has {len(header)}")
         yield line, {h: _cell(path, line, h, c) for h, c in zip(header, row) if c.strip()}
+
+
+def _next_row(reader, path: str, line: int, what: str) -> list[str] | None:
+    """The reader's next row, or ``None`` at the end; ``ValueError`` naming the file, ``line`` and ``what`` for
+    malformed CSV."""
+    try:
+        return next(reader)
+    except StopIteration:
+        return None
+    except csv.Error as exc:
+        raise ValueError(f"{path}:{line}: {what} ({exc})") from None
 
 
 def _cell(path: str, line: int, name: str, cell: str):

@@ -22,13 +22,20 @@ from .memory import PHASES, MemoryPlan
 
 
 
-def module_tensors(module: nn.Module, skip: str | None = None):
-    """``(owner, attribute, tensor)`` of every parameter and buffer of ``module`` (outside ``skip.*``)."""
+def named_tensors(module: nn.Module, skip: str | None = None):
+    """``(name inside module, owner, attribute, tensor)`` of every parameter and buffer of ``module`` (outside
+    ``skip.*``)."""
     for mod_name, mod in module.named_modules():
         if skip is not None and (mod_name == skip or mod_name.startswith(skip + ".")):
             continue
-        for attr, p in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
-            yield mod, attr, p
+        for attr, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
+            yield (f"{mod_name}.{attr}" if mod_name else attr), mod, attr, t
+
+
+def module_tensors(module: nn.Module, skip: str | None = None):
+    """``(owner, attribute, tensor)`` of every parameter and buffer of ``module`` (outside ``skip.*``)."""
+    for _name, mod, attr, t in named_tensors(module, skip):
+        yield mod, attr, t
 
 
 def set_tensor_data(t: torch.Tensor, new: torch.Tensor) -> None:
@@ -104,13 +111,6 @@ def host_buffer(nbytes: int, pinned: bool) -> torch.Tensor:
     return buf
 
 
-def named_block_tensors(block: nn.Module):
-    """``(name inside the block, owner, attribute, tensor)`` of every parameter and buffer of ``block``."""
-    for mod_name, mod in block.named_modules():
-        for attr, t in [*mod.named_parameters(recurse=False), *mod.named_buffers(recurse=False)]:
-            yield (f"{mod_name}.{attr}" if mod_name else attr), mod, attr, t
-
-
 class BlockStreamer:
     """Streams the weights of a sequence of modules (a DiT's transformer blocks) to the device block by block.
 
@@ -168,7 +168,7 @@ class BlockStreamer:
             if source is not None:
                 drop_weights(blk)  # at rest a block holds no memory: placeholders of its tensors' shapes
             entries, names, off = [], [], 0
-            for name, _mod, _attr, t in named_block_tensors(blk):
+            for name, _mod, _attr, t in named_tensors(blk):
                 entries.append((t, off))
                 names.append(name)
                 off = _align(off + t.numel() * t.element_size())
